@@ -1,0 +1,31 @@
+package outbox
+
+import (
+	"fmt"
+
+	"gorm.io/gorm"
+)
+
+// dialect holds what differs between databases. Adding a database means
+// adding one value here (and its DDL), not touching the store's logic.
+type dialect struct {
+	name string
+	// skipLocked is appended to the claim's inner SELECT so that concurrent
+	// publishers skip each other's rows instead of waiting on them. SQLite
+	// has one writer at a time and needs none.
+	skipLocked string
+}
+
+var dialects = map[string]dialect{
+	"postgres": {name: "postgres", skipLocked: " FOR UPDATE SKIP LOCKED"},
+	"sqlite":   {name: "sqlite"},
+}
+
+func dialectOf(db *gorm.DB) (dialect, error) {
+	name := db.Dialector.Name()
+	d, ok := dialects[name]
+	if !ok {
+		return dialect{}, fmt.Errorf("outbox: database %q is not supported (supported: postgres, sqlite)", name)
+	}
+	return d, nil
+}

@@ -1,0 +1,71 @@
+package outbox
+
+import (
+	"context"
+	"time"
+
+	"gorm.io/gorm"
+)
+
+// Enqueue writes messages to the outbox on tx, the transaction that writes the
+// domain rows, so that both commit or roll back together. Many messages are
+// written with one multi-row INSERT.
+//
+// Call it inside db.Transaction, or from a model's GORM hook (AfterCreate,
+// AfterUpdate, AfterDelete, AfterSave) with the tx the hook is given. Outside a
+// transaction it returns ErrNoTransaction unless AllowWithoutTransaction was
+// set. A message that cannot be sent (bad topic, empty header key, payload
+// that cannot be encoded or is too large) is refused with an error naming the
+// problem, and nothing is written: return the error and the transaction rolls
+// back whole.
+func Enqueue(tx *gorm.DB, msgs ...Message) error {
+	p, err := pluginOf(tx)
+	if err != nil {
+		return err
+	}
+	return p.store.enqueue(tx, msgs)
+}
+
+func (s *GormStore) enqueue(tx *gorm.DB, msgs []Message) error {
+	if len(msgs) == 0 {
+		return nil
+	}
+	if !s.cfg.allowNoTx && !inTransaction(tx) {
+		return ErrNoTransaction
+	}
+	now := time.Now().UTC()
+	rows := make([]*OutboxMessage, len(msgs))
+	for i, m := range msgs {
+		row, err := s.cfg.toRow(m, now)
+		if err != nil {
+			return err
+		}
+		rows[i] = row
+	}
+	ctx := tx.Statement.Context
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	return s.Save(ctx, tx, rows...)
+}
+
+// SaveToOutbox is the design document's call: it writes one message for topic
+// on tx through store, with the same validation and encoding as Enqueue.
+// store is usually the one from StoreOf(db).
+func SaveToOutbox(ctx context.Context, tx *gorm.DB, store Store, topic string, payload any, headers map[string]string) error {
+	m := Message{Topic: topic, Payload: payload, Headers: headers}
+	if gs, ok := store.(*GormStore); ok {
+		return gs.enqueue(tx.WithContext(ctx), []Message{m})
+	}
+	// Another Store: validate and encode with the plugin's settings when
+	// registered, the defaults otherwise.
+	cfg, _ := newConfig(nil)
+	if p, err := pluginOf(tx); err == nil {
+		cfg = p.cfg
+	}
+	row, err := cfg.toRow(m, time.Now().UTC())
+	if err != nil {
+		return err
+	}
+	return store.Save(ctx, tx, row)
+}

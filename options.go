@@ -1,0 +1,82 @@
+package outbox
+
+import (
+	"fmt"
+	"regexp"
+)
+
+// DefaultTableName is the outbox table's name unless WithTableName says otherwise.
+const DefaultTableName = "outbox_messages"
+
+// DefaultMaxPayloadBytes matches sarama's default Producer.MaxMessageBytes:
+// a larger payload would only be refused later by the producer, so it is
+// refused at enqueue, where the caller can still act on it.
+const DefaultMaxPayloadBytes = 1_000_000
+
+// Option configures the Plugin and the Store it creates.
+type Option func(*config)
+
+type config struct {
+	table           string
+	migrate         bool
+	encoder         Encoder
+	maxPayloadBytes int
+	allowNoTx       bool
+}
+
+func newConfig(opts []Option) (config, error) {
+	c := config{
+		table:           DefaultTableName,
+		migrate:         true,
+		encoder:         JSONEncoder{},
+		maxPayloadBytes: DefaultMaxPayloadBytes,
+	}
+	for _, o := range opts {
+		o(&c)
+	}
+	if err := validateTableName(c.table); err != nil {
+		return c, err
+	}
+	if c.encoder == nil {
+		return c, fmt.Errorf("outbox: encoder is nil")
+	}
+	if c.maxPayloadBytes <= 0 {
+		return c, fmt.Errorf("outbox: maximum payload size must be positive, got %d", c.maxPayloadBytes)
+	}
+	return c, nil
+}
+
+// WithTableName sets the outbox table's name (default "outbox_messages").
+// It must be a plain SQL identifier, optionally schema-qualified
+// ("events.outbox"), because it is spliced into SQL.
+func WithTableName(name string) Option { return func(c *config) { c.table = name } }
+
+// WithoutMigration stops Plugin from creating or altering the table, for
+// applications that own their migrations (see DDL).
+func WithoutMigration() Option { return func(c *config) { c.migrate = false } }
+
+// WithEncoder replaces the JSON encoder used for payloads that are neither
+// []byte nor string.
+func WithEncoder(e Encoder) Option { return func(c *config) { c.encoder = e } }
+
+// WithMaxPayloadBytes refuses, at enqueue, payloads larger than n bytes
+// (default DefaultMaxPayloadBytes). Keep it at or below the producer's and the
+// topic's maximum message size.
+func WithMaxPayloadBytes(n int) Option { return func(c *config) { c.maxPayloadBytes = n } }
+
+// AllowWithoutTransaction lets Enqueue write outside a transaction
+// (SkipDefaultTransaction, or a plain *gorm.DB). The event is then no longer
+// atomic with the domain rows: a crash between the two writes loses one of them.
+func AllowWithoutTransaction() Option { return func(c *config) { c.allowNoTx = true } }
+
+var identifier = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$`)
+
+func validateTableName(name string) error {
+	if name == "" {
+		return fmt.Errorf("outbox: table name is empty")
+	}
+	if !identifier.MatchString(name) {
+		return fmt.Errorf("outbox: table name %q is not a plain SQL identifier (letters, digits and _, optionally schema.table)", name)
+	}
+	return nil
+}

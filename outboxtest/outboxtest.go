@@ -1,0 +1,230 @@
+// Package outboxtest has the helpers the outbox's own tests use, for yours:
+// a fresh PostgreSQL schema or SQLite file per test, an in-process Kafka
+// broker (kfake) over TCP, and a consumer that reads what reached it with a
+// client other than the producer's (franz-go).
+package outboxtest
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/glebarez/sqlite"
+	"github.com/google/uuid"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
+	"gorm.io/driver/postgres"
+	"gorm.io/gorm"
+	"gorm.io/gorm/logger"
+)
+
+// PostgresDSNEnv names the variable that points the tests at a PostgreSQL
+// server; DefaultPostgresDSN is used when it is unset.
+const (
+	PostgresDSNEnv     = "OUTBOX_TEST_POSTGRES_DSN"
+	DefaultPostgresDSN = "host=127.0.0.1 port=5432 user=postgres dbname=test sslmode=disable"
+)
+
+// PostgresDSN returns the DSN of the test server.
+func PostgresDSN() string {
+	if dsn := os.Getenv(PostgresDSNEnv); dsn != "" {
+		return dsn
+	}
+	return DefaultPostgresDSN
+}
+
+// Unavailable fails the test on CI (CI=true), where the server must be
+// there, and skips it elsewhere with what to start.
+func Unavailable(t testing.TB, what string, err error) {
+	t.Helper()
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("%s is needed and not reachable: %v", what, err)
+	}
+	t.Skipf("%s is not reachable (%v): start it to run this test", what, err)
+}
+
+// Postgres returns a *gorm.DB whose search_path is a schema of its own,
+// dropped when the test ends, so that tests share nothing.
+func Postgres(t testing.TB, cfg *gorm.Config) *gorm.DB {
+	t.Helper()
+	admin, err := sql.Open("pgx", PostgresDSN())
+	if err == nil {
+		err = pingWithin(admin, 5*time.Second)
+	}
+	if err != nil {
+		Unavailable(t, "PostgreSQL at "+PostgresDSN(), err)
+	}
+	schema := "t_" + strings.ReplaceAll(uuid.NewString(), "-", "")[:20]
+	if _, err := admin.Exec(`CREATE SCHEMA ` + schema); err != nil {
+		t.Fatalf("creating schema: %v", err)
+	}
+	t.Cleanup(func() {
+		_, _ = admin.Exec(`DROP SCHEMA ` + schema + ` CASCADE`)
+		_ = admin.Close()
+	})
+	db, err := gorm.Open(postgres.Open(PostgresDSN()+" search_path="+schema), quiet(cfg))
+	if err != nil {
+		t.Fatalf("opening PostgreSQL: %v", err)
+	}
+	closeOnCleanup(t, db)
+	return db
+}
+
+// SQLite returns a *gorm.DB on a new database file in the test's temporary
+// directory, in WAL mode with a busy timeout, as an application should use it.
+func SQLite(t testing.TB, cfg *gorm.Config) *gorm.DB {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "outbox.db")
+	db, err := gorm.Open(sqlite.Open(SQLiteDSN(path)), quiet(cfg))
+	if err != nil {
+		t.Fatalf("opening SQLite: %v", err)
+	}
+	closeOnCleanup(t, db)
+	return db
+}
+
+// SQLiteDSN is the DSN the outbox recommends for SQLite: WAL so readers do
+// not block the writer, a busy timeout so writers wait instead of failing, and
+// immediate transactions so a transaction never fails to upgrade to a writer.
+func SQLiteDSN(path string) string {
+	return "file:" + path + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_txlock=immediate"
+}
+
+func quiet(cfg *gorm.Config) *gorm.Config {
+	if cfg == nil {
+		cfg = &gorm.Config{}
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = logger.Default.LogMode(logger.Silent)
+	}
+	return cfg
+}
+
+func closeOnCleanup(t testing.TB, db *gorm.DB) {
+	t.Cleanup(func() {
+		if sqlDB, err := db.DB(); err == nil {
+			_ = sqlDB.Close()
+		}
+	})
+}
+
+func pingWithin(db *sql.DB, d time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	return db.PingContext(ctx)
+}
+
+// Kafka starts an in-process Kafka cluster (kfake) that listens on TCP,
+// with topics of partitions partitions each, and returns its addresses.
+// It is closed when the test ends.
+func Kafka(t testing.TB, partitions int32, topics ...string) (*kfake.Cluster, []string) {
+	t.Helper()
+	opts := []kfake.Opt{kfake.NumBrokers(1), kfake.DefaultNumPartitions(int(partitions))}
+	if len(topics) > 0 {
+		opts = append(opts, kfake.SeedTopics(partitions, topics...))
+	}
+	c, err := kfake.NewCluster(opts...)
+	if err != nil {
+		t.Fatalf("starting kfake: %v", err)
+	}
+	t.Cleanup(c.Close)
+	return c, c.ListenAddrs()
+}
+
+// Consume reads topic from the beginning with franz-go until it has n
+// records or timeout passes, and returns what it read.
+func Consume(t testing.TB, addrs []string, topic string, n int, timeout time.Duration) []*kgo.Record {
+	t.Helper()
+	recs, err := ConsumeRecords(addrs, topic, n, timeout)
+	if err != nil {
+		t.Fatalf("consuming %s: %v", topic, err)
+	}
+	return recs
+}
+
+// ConsumeRecords is Consume for code without a testing.TB (examples, commands).
+func ConsumeRecords(addrs []string, topic string, n int, timeout time.Duration) ([]*kgo.Record, error) {
+	cl, err := kgo.NewClient(kgo.SeedBrokers(addrs...), kgo.ConsumeTopics(topic),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
+	if err != nil {
+		return nil, err
+	}
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	var out []*kgo.Record
+	for len(out) < n {
+		fs := cl.PollFetches(ctx)
+		if ctx.Err() != nil {
+			break
+		}
+		if errs := fs.Errors(); len(errs) > 0 {
+			return out, fmt.Errorf("fetch: %v", errs[0].Err)
+		}
+		out = append(out, fs.Records()...)
+	}
+	return out, nil
+}
+
+// Header returns the value of a record's header, and whether it has it.
+func Header(r *kgo.Record, key string) (string, bool) {
+	for _, h := range r.Headers {
+		if h.Key == key {
+			return string(h.Value), true
+		}
+	}
+	return "", false
+}
+
+// Count returns how many records topic holds, from its partitions' end
+// offsets: it tells that nothing more than expected reached the broker.
+func Count(t testing.TB, addrs []string, topic string) int64 {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(addrs...))
+	if err != nil {
+		t.Fatalf("kgo client: %v", err)
+	}
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	meta := kmsg.NewPtrMetadataRequest()
+	mt := kmsg.NewMetadataRequestTopic()
+	mt.Topic = kmsg.StringPtr(topic)
+	meta.Topics = append(meta.Topics, mt)
+	mresp, err := meta.RequestWith(ctx, cl)
+	if err != nil {
+		t.Fatalf("metadata: %v", err)
+	}
+	req := kmsg.NewPtrListOffsetsRequest()
+	rt := kmsg.NewListOffsetsRequestTopic()
+	rt.Topic = topic
+	for _, mtopic := range mresp.Topics {
+		for _, p := range mtopic.Partitions {
+			rp := kmsg.NewListOffsetsRequestTopicPartition()
+			rp.Partition = p.Partition
+			rp.Timestamp = -1 // the end
+			rt.Partitions = append(rt.Partitions, rp)
+		}
+	}
+	req.Topics = append(req.Topics, rt)
+	resp, err := req.RequestWith(ctx, cl)
+	if err != nil {
+		t.Fatalf("list offsets: %v", err)
+	}
+	var n int64
+	for _, rtopic := range resp.Topics {
+		for _, p := range rtopic.Partitions {
+			if p.ErrorCode != 0 {
+				t.Fatalf("list offsets of %s/%d: error code %d", topic, p.Partition, p.ErrorCode)
+			}
+			n += p.Offset
+		}
+	}
+	return n
+}

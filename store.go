@@ -1,0 +1,330 @@
+package outbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"gorm.io/gorm"
+)
+
+// Store persists outbox messages. GormStore is the implementation for the
+// databases GORM drives; the interface is what PublishFromOutbox and
+// SaveToOutbox need, so that a test or another backend can stand in.
+type Store interface {
+	// Save writes messages on tx, the caller's transaction.
+	Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessage) error
+	// Claim takes up to limit due pending messages, oldest first, for lease,
+	// in its own short transaction, and returns them with the claim's token.
+	Claim(ctx context.Context, limit int, lease time.Duration) (token string, msgs []*OutboxMessage, err error)
+	// MarkPublished records a successful send of messages still held by token.
+	MarkPublished(ctx context.Context, token string, ids []uuid.UUID) error
+	// MarkFailed records failed sends of messages still held by token.
+	MarkFailed(ctx context.Context, token string, failures []Failure) error
+	// Release hands messages held by token back, due now, with no attempt counted.
+	Release(ctx context.Context, token string, ids []uuid.UUID) error
+}
+
+// OutboxStore is the design document's name for Store.
+type OutboxStore = Store
+
+// Failure is the outcome of one failed send, as MarkFailed stores it.
+type Failure struct {
+	ID            uuid.UUID
+	Err           string
+	NextAttemptAt time.Time
+	// Dead moves the message to StateDead instead of scheduling a retry.
+	Dead bool
+}
+
+// GormStore is the Store for PostgreSQL and SQLite, through GORM.
+type GormStore struct {
+	db      *gorm.DB
+	cfg     config
+	dialect dialect
+	columns string // the columns Claim and List return, quoted
+}
+
+// PostgresOutboxStore is the design document's name for the store on
+// PostgreSQL; it is a GormStore.
+type PostgresOutboxStore = GormStore
+
+// NewStore returns the store for db's dialect, with the same options as Plugin.
+// Most applications get theirs from StoreOf after db.Use(Plugin(...)).
+func NewStore(db *gorm.DB, opts ...Option) (*GormStore, error) {
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return nil, err
+	}
+	return newStore(db, cfg)
+}
+
+// NewPostgresOutboxStore returns the store for a PostgreSQL db, and an error
+// for any other database.
+func NewPostgresOutboxStore(db *gorm.DB, opts ...Option) (*PostgresOutboxStore, error) {
+	if name := db.Dialector.Name(); name != "postgres" {
+		return nil, fmt.Errorf("outbox: NewPostgresOutboxStore needs a postgres database, got %q", name)
+	}
+	return NewStore(db, opts...)
+}
+
+func newStore(db *gorm.DB, cfg config) (*GormStore, error) {
+	d, err := dialectOf(db)
+	if err != nil {
+		return nil, err
+	}
+	s := &GormStore{db: db.Session(&gorm.Session{NewDB: true}), cfg: cfg, dialect: d}
+	cols := []string{"id", "topic", "message_key", "payload", "headers", "state", "attempts",
+		"last_error", "next_attempt_at", "claim_token", "created_at", "published_at"}
+	for i, c := range cols {
+		cols[i] = s.quote(c)
+	}
+	s.columns = strings.Join(cols, ", ")
+	return s, nil
+}
+
+// StoreOf returns the store that Plugin registered on db.
+func StoreOf(db *gorm.DB) (*GormStore, error) {
+	p, err := pluginOf(db)
+	if err != nil {
+		return nil, err
+	}
+	return p.store, nil
+}
+
+// TableName is the outbox table this store reads and writes.
+func (s *GormStore) TableName() string { return s.cfg.table }
+
+func (s *GormStore) quote(name string) string { return s.db.Statement.Quote(name) }
+
+func (s *GormStore) table() string { return s.quote(s.cfg.table) }
+
+// CreateOutboxTable creates the table and its indexes, or adds what is missing.
+func (s *GormStore) CreateOutboxTable(ctx context.Context) error {
+	if err := s.db.WithContext(ctx).Table(s.cfg.table).AutoMigrate(&OutboxMessage{}); err != nil {
+		return fmt.Errorf("outbox: migrating table %s: %w", s.cfg.table, err)
+	}
+	return nil
+}
+
+// inTransaction reports whether tx runs inside a database transaction, which
+// is what makes the outbox rows commit or roll back with the domain rows.
+func inTransaction(tx *gorm.DB) bool {
+	_, ok := tx.Statement.ConnPool.(gorm.TxCommitter)
+	return ok
+}
+
+// ErrNoTransaction is returned when an enqueue is not inside a transaction
+// and AllowWithoutTransaction was not given.
+var ErrNoTransaction = errors.New("outbox: enqueue needs a transaction so that events commit with the domain rows " +
+	"(use db.Transaction, or do not use SkipDefaultTransaction; AllowWithoutTransaction permits it)")
+
+// insertColumns are written by Save; every other column takes its default.
+var insertColumns = []string{"id", "topic", "message_key", "payload", "headers", "state", "next_attempt_at", "created_at"}
+
+// maxRowsPerInsert keeps a multi-row INSERT's parameters far below
+// PostgreSQL's limit of 65535 (and SQLite's of 32766).
+const maxRowsPerInsert = 1000
+
+// Save implements Store. It writes all messages with multi-row INSERTs on
+// tx, through a new session so that nothing of the caller's statement
+// (its WHERE, Select or OnConflict) leaks into the outbox's.
+func (s *GormStore) Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessage) error {
+	if len(msgs) == 0 {
+		return nil
+	}
+	if tx == nil {
+		return fmt.Errorf("outbox: Save needs the caller's *gorm.DB transaction, got nil")
+	}
+	if !s.cfg.allowNoTx && !inTransaction(tx) {
+		return ErrNoTransaction
+	}
+	session := tx.Session(&gorm.Session{NewDB: true, SkipHooks: true, Context: ctx})
+	cols := make([]string, len(insertColumns))
+	for i, c := range insertColumns {
+		cols[i] = s.quote(c)
+	}
+	head := "INSERT INTO " + s.table() + " (" + strings.Join(cols, ", ") + ") VALUES "
+	row := "(" + strings.TrimSuffix(strings.Repeat("?, ", len(cols)), ", ") + ")"
+	for start := 0; start < len(msgs); start += maxRowsPerInsert {
+		chunk := msgs[start:min(start+maxRowsPerInsert, len(msgs))]
+		var sql strings.Builder
+		sql.WriteString(head)
+		args := make([]any, 0, len(chunk)*len(cols))
+		for i, m := range chunk {
+			if i > 0 {
+				sql.WriteString(", ")
+			}
+			sql.WriteString(row)
+			args = append(args, m.ID, m.Topic, m.Key, m.Payload, m.Headers, m.State, m.NextAttemptAt.UTC(), m.CreatedAt.UTC())
+		}
+		if err := session.Exec(sql.String(), args...).Error; err != nil {
+			return fmt.Errorf("outbox: writing %d messages to %s: %w", len(chunk), s.cfg.table, err)
+		}
+	}
+	return nil
+}
+
+// Claim implements Store. The claim is one UPDATE ... RETURNING: it moves
+// each row's next_attempt_at to the end of the lease and stamps the token, and
+// commits at once, so no transaction stays open while the broker is called.
+// A claim whose publisher dies simply expires and its rows are due again.
+func (s *GormStore) Claim(ctx context.Context, limit int, lease time.Duration) (string, []*OutboxMessage, error) {
+	if limit <= 0 {
+		return "", nil, fmt.Errorf("outbox: claim limit must be positive, got %d", limit)
+	}
+	token := uuid.NewString()
+	now := time.Now().UTC()
+	t := s.table()
+	sql := "UPDATE " + t + " SET " + s.quote("claim_token") + " = ?, " + s.quote("next_attempt_at") + " = ?" +
+		" WHERE " + s.quote("id") + " IN (SELECT " + s.quote("id") + " FROM " + t +
+		" WHERE " + s.quote("state") + " = ? AND " + s.quote("next_attempt_at") + " <= ?" +
+		" ORDER BY " + s.quote("id") + " LIMIT ?" + s.dialect.skipLocked + ")" +
+		" RETURNING " + s.columns
+	var msgs []*OutboxMessage
+	err := s.db.WithContext(ctx).Raw(sql, token, now.Add(lease), StatePending, now, limit).Scan(&msgs).Error
+	if err != nil {
+		return "", nil, fmt.Errorf("outbox: claiming messages from %s: %w", s.cfg.table, err)
+	}
+	// RETURNING has no order; the sender needs enqueue order.
+	sort.Slice(msgs, func(i, j int) bool { return lessID(msgs[i].ID, msgs[j].ID) })
+	return token, msgs, nil
+}
+
+func lessID(a, b uuid.UUID) bool { return string(a[:]) < string(b[:]) }
+
+// MarkPublished implements Store.
+func (s *GormStore) MarkPublished(ctx context.Context, token string, ids []uuid.UUID) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	err := s.db.WithContext(ctx).Table(s.cfg.table).
+		Where("id IN ? AND claim_token = ?", ids, token).
+		Updates(map[string]any{"state": StatePublished, "published_at": time.Now().UTC(), "claim_token": nil}).Error
+	if err != nil {
+		return fmt.Errorf("outbox: marking %d messages published in %s: %w", len(ids), s.cfg.table, err)
+	}
+	return nil
+}
+
+// MarkFailed implements Store. Failures are rare, so each is its own UPDATE,
+// all in one transaction.
+func (s *GormStore) MarkFailed(ctx context.Context, token string, failures []Failure) error {
+	if len(failures) == 0 {
+		return nil
+	}
+	err := s.db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+		for _, f := range failures {
+			state := StatePending
+			if f.Dead {
+				state = StateDead
+			}
+			err := tx.Table(s.cfg.table).Where("id = ? AND claim_token = ?", f.ID, token).
+				Updates(map[string]any{
+					"state":           state,
+					"attempts":        gorm.Expr(s.quote("attempts") + " + 1"),
+					"last_error":      f.Err,
+					"next_attempt_at": f.NextAttemptAt.UTC(),
+					"claim_token":     nil,
+				}).Error
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("outbox: recording %d failed sends in %s: %w", len(failures), s.cfg.table, err)
+	}
+	return nil
+}
+
+// Release implements Store.
+func (s *GormStore) Release(ctx context.Context, token string, ids []uuid.UUID) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	err := s.db.WithContext(ctx).Table(s.cfg.table).
+		Where("id IN ? AND claim_token = ?", ids, token).
+		Updates(map[string]any{"next_attempt_at": time.Now().UTC(), "claim_token": nil}).Error
+	if err != nil {
+		return fmt.Errorf("outbox: releasing %d claimed messages in %s: %w", len(ids), s.cfg.table, err)
+	}
+	return nil
+}
+
+// ListOptions filters List. The zero value lists the oldest 100 messages.
+type ListOptions struct {
+	State State  // "" for every state
+	Topic string // "" for every topic
+	Limit int    // 100 when zero
+}
+
+// List returns messages, oldest first.
+func (s *GormStore) List(ctx context.Context, opts ListOptions) ([]OutboxMessage, error) {
+	q := s.db.WithContext(ctx).Table(s.cfg.table)
+	if opts.State != "" {
+		q = q.Where("state = ?", opts.State)
+	}
+	if opts.Topic != "" {
+		q = q.Where("topic = ?", opts.Topic)
+	}
+	if opts.Limit <= 0 {
+		opts.Limit = 100
+	}
+	var out []OutboxMessage
+	if err := q.Order("id").Limit(opts.Limit).Find(&out).Error; err != nil {
+		return nil, fmt.Errorf("outbox: listing %s: %w", s.cfg.table, err)
+	}
+	return out, nil
+}
+
+// Requeue makes dead messages pending again with a fresh attempt budget,
+// due now. It returns how many it requeued; ids that are not dead are left
+// alone. The last error is kept for the record until the next attempt.
+func (s *GormStore) Requeue(ctx context.Context, ids ...uuid.UUID) (int64, error) {
+	if len(ids) == 0 {
+		return 0, nil
+	}
+	return s.requeue(ctx, s.db.WithContext(ctx).Table(s.cfg.table).Where("id IN ?", ids))
+}
+
+// RequeueDead requeues every dead message, or those of one topic if topic is not empty.
+func (s *GormStore) RequeueDead(ctx context.Context, topic string) (int64, error) {
+	q := s.db.WithContext(ctx).Table(s.cfg.table)
+	if topic != "" {
+		q = q.Where("topic = ?", topic)
+	}
+	return s.requeue(ctx, q)
+}
+
+func (s *GormStore) requeue(_ context.Context, q *gorm.DB) (int64, error) {
+	res := q.Where("state = ?", StateDead).Updates(map[string]any{
+		"state": StatePending, "attempts": 0, "next_attempt_at": time.Now().UTC(), "claim_token": nil,
+	})
+	if res.Error != nil {
+		return 0, fmt.Errorf("outbox: requeueing dead messages in %s: %w", s.cfg.table, res.Error)
+	}
+	return res.RowsAffected, nil
+}
+
+// Count returns how many messages are in each state.
+func (s *GormStore) Count(ctx context.Context) (map[State]int64, error) {
+	var rows []struct {
+		State State
+		N     int64
+	}
+	err := s.db.WithContext(ctx).Table(s.cfg.table).Select("state, count(*) AS n").Group("state").Scan(&rows).Error
+	if err != nil {
+		return nil, fmt.Errorf("outbox: counting %s: %w", s.cfg.table, err)
+	}
+	out := map[State]int64{}
+	for _, r := range rows {
+		out[r.State] = r.N
+	}
+	return out, nil
+}
