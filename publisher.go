@@ -69,7 +69,9 @@ func WithRetryPolicy(r RetryPolicy) PublisherOption {
 // WithMaxPause caps the publisher's own backoff while the broker or the
 // database is unreachable (default 5s): it bounds how long after the outage
 // ends the publisher resumes.
-func WithMaxPause(d time.Duration) PublisherOption { return func(c *publisherConfig) { c.maxPause = d } }
+func WithMaxPause(d time.Duration) PublisherOption {
+	return func(c *publisherConfig) { c.maxPause = d }
+}
 
 // WithLogger sets the logger (default slog.Default()).
 func WithLogger(l *slog.Logger) PublisherOption { return func(c *publisherConfig) { c.logger = l } }
