@@ -35,7 +35,7 @@ type OutboxMessage struct {
 	// ID is a UUIDv7: unique, and ordered by creation time, so that ordering
 	// by ID is ordering by enqueue time. It is also sent as the
 	// message-id header that consumers use to drop duplicates.
-	ID uuid.UUID `gorm:"type:uuid;primaryKey;index:,composite:pending,where:state = 'pending'"`
+	ID uuid.UUID `gorm:"type:uuid;primaryKey;not null;index:,composite:pending,where:state = 'pending'"`
 	// Topic is the destination (a Kafka topic).
 	Topic string `gorm:"size:249;not null"`
 	// Key decides the partition: messages with the same key keep their order.

@@ -228,3 +228,31 @@ func Count(t testing.TB, addrs []string, topic string) int64 {
 	}
 	return n
 }
+
+// RejectProduce makes the cluster answer every produce request with the
+// Kafka error code (see kerr) while reject returns true, as a broker that
+// refuses messages does; afterwards it produces normally again.
+func RejectProduce(c *kfake.Cluster, code int16, reject func() bool) {
+	c.ControlKey(int16(kmsg.Produce), func(kreq kmsg.Request) (kmsg.Response, error, bool) {
+		if !reject() {
+			c.DropControl()
+			return nil, nil, false
+		}
+		c.KeepControl()
+		req := kreq.(*kmsg.ProduceRequest)
+		resp := req.ResponseKind().(*kmsg.ProduceResponse)
+		for _, rt := range req.Topics {
+			st := kmsg.NewProduceResponseTopic()
+			st.Topic = rt.Topic
+			st.TopicID = rt.TopicID
+			for _, rp := range rt.Partitions {
+				sp := kmsg.NewProduceResponseTopicPartition()
+				sp.Partition = rp.Partition
+				sp.ErrorCode = code
+				st.Partitions = append(st.Partitions, sp)
+			}
+			resp.Topics = append(resp.Topics, st)
+		}
+		return resp, nil, true
+	})
+}
