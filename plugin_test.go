@@ -167,8 +167,8 @@ func describe(t *testing.T, db *gorm.DB, dialect, table string) string {
 	case "postgres":
 		var cols []struct {
 			ColumnName, DataType, IsNullable string
-			CharacterMaximumLength       *int
-			ColumnDefault                *string
+			CharacterMaximumLength           *int
+			ColumnDefault                    *string
 		}
 		if err := db.Raw(`SELECT column_name, data_type, is_nullable, character_maximum_length, column_default
 			FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = ? ORDER BY ordinal_position`, table).Scan(&cols).Error; err != nil {
