@@ -29,6 +29,5 @@ func NewConfig() *sarama.Config {
 	// Batches are already formed by the outbox; flushing at once keeps the
 	// commit-to-broker latency low.
 	cfg.Producer.Flush.Frequency = 0
-	cfg.Metadata.AllowAutoTopicCreation = false
 	return cfg
 }

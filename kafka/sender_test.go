@@ -1,0 +1,149 @@
+package kafka_test
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/IBM/sarama"
+	"github.com/google/uuid"
+
+	"github.com/gorm-outbox/outbox"
+	"github.com/gorm-outbox/outbox/kafka"
+	"github.com/gorm-outbox/outbox/outboxtest"
+)
+
+func TestNewConfigIsTheReliableOne(t *testing.T) {
+	cfg := kafka.NewConfig()
+	if !cfg.Producer.Idempotent || cfg.Producer.RequiredAcks != sarama.WaitForAll || cfg.Net.MaxOpenRequests != 1 ||
+		cfg.Producer.Retry.Max < 1 || !cfg.Producer.Return.Successes || !cfg.Version.IsAtLeast(sarama.V0_11_0_0) {
+		t.Fatalf("not the reliable producer: %+v", cfg.Producer)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestNewSenderRefusesAnInvalidConfig(t *testing.T) {
+	cfg := kafka.NewConfig()
+	cfg.Net.MaxOpenRequests = 5 // idempotence forbids it
+	if _, err := kafka.NewSender([]string{"127.0.0.1:1"}, cfg); err == nil {
+		t.Fatal("accepted an idempotent producer with 5 requests in flight")
+	}
+	if _, err := kafka.NewSender(nil, nil); err == nil {
+		t.Fatal("accepted no broker")
+	}
+}
+
+func msg(topic, key, payload string, headers map[string]string) *outbox.OutboxMessage {
+	id, _ := uuid.NewV7()
+	return &outbox.OutboxMessage{ID: id, Topic: topic, Key: key, Payload: []byte(payload), Headers: headers}
+}
+
+func TestSendKeepsKeyPayloadHeadersAndPartition(t *testing.T) {
+	_, addrs := outboxtest.Kafka(t, 4, "orders")
+	s, err := kafka.NewSender(addrs, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var batch []*outbox.OutboxMessage
+	for i := range 40 {
+		batch = append(batch, msg("orders", fmt.Sprint("order-", i%5), fmt.Sprint(i), map[string]string{"n": fmt.Sprint(i)}))
+	}
+	batch = append(batch, msg("orders", "", "keyless", nil))
+	if err := s.Send(t.Context(), batch); err != nil {
+		t.Fatal(err)
+	}
+	recs := outboxtest.Consume(t, addrs, "orders", len(batch), 10*time.Second)
+	if len(recs) != len(batch) {
+		t.Fatalf("consumed %d of %d", len(recs), len(batch))
+	}
+	byID := map[string]*outbox.OutboxMessage{}
+	for _, m := range batch {
+		byID[m.ID.String()] = m
+	}
+	partitions := map[string]int32{}
+	lastOfKey := map[string]int{}
+	for _, r := range recs {
+		id, _ := outboxtest.Header(r, kafka.MessageIDHeader)
+		m := byID[id]
+		if m == nil {
+			t.Fatalf("unknown message id %q", id)
+		}
+		if string(r.Key) != m.Key || string(r.Value) != string(m.Payload) {
+			t.Errorf("key/value %q/%q, want %q/%q", r.Key, r.Value, m.Key, m.Payload)
+		}
+		if m.Key == "" && r.Key != nil {
+			t.Errorf("an empty key was sent as %q, want no key", r.Key)
+		}
+		if v, _ := outboxtest.Header(r, "n"); v != m.Headers["n"] {
+			t.Errorf("header n = %q, want %q", v, m.Headers["n"])
+		}
+		if m.Key == "" {
+			continue
+		}
+		if p, ok := partitions[m.Key]; ok && p != r.Partition {
+			t.Errorf("key %s on partitions %d and %d", m.Key, p, r.Partition)
+		}
+		partitions[m.Key] = r.Partition
+		var n int
+		fmt.Sscan(string(r.Value), &n)
+		if last, ok := lastOfKey[m.Key]; ok && n < last {
+			t.Errorf("key %s: %d arrived after %d", m.Key, n, last)
+		}
+		lastOfKey[m.Key] = n
+	}
+}
+
+func TestSendReportsEachFailedMessage(t *testing.T) {
+	_, addrs := outboxtest.Kafka(t, 1, "exists")
+	s, err := kafka.NewSender(addrs, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ok1, bad, ok2 := msg("exists", "a", "1", nil), msg("not-created", "b", "2", nil), msg("exists", "c", "3", nil)
+	err = s.Send(t.Context(), []*outbox.OutboxMessage{ok1, bad, ok2})
+	var se *outbox.SendError
+	if !errors.As(err, &se) || len(se.Failed) != 1 || se.Failed[bad.ID] == nil {
+		t.Fatalf("err = %v, want a SendError for the one message to a missing topic", err)
+	}
+	if errors.Is(err, outbox.ErrBrokerUnavailable) {
+		t.Fatal("a refused message was reported as an unavailable broker")
+	}
+}
+
+func TestSendReportsAnUnreachableBroker(t *testing.T) {
+	cluster, addrs := outboxtest.Kafka(t, 1, "t")
+	s, err := kafka.NewSender(addrs, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	cluster.Close()
+	err = s.Send(t.Context(), []*outbox.OutboxMessage{msg("t", "k", "v", nil)})
+	if !errors.Is(err, outbox.ErrBrokerUnavailable) {
+		t.Fatalf("err = %v, want ErrBrokerUnavailable", err)
+	}
+}
+
+// TLS and SASL come through the caller's config, as the README shows.
+func TestSenderKeepsTheCallersSecurityConfig(t *testing.T) {
+	cfg := kafka.NewConfig()
+	cfg.Net.TLS.Enable = true
+	cfg.Net.TLS.Config = &tls.Config{MinVersion: tls.VersionTLS12}
+	cfg.Net.SASL.Enable = true
+	cfg.Net.SASL.Mechanism = sarama.SASLTypePlaintext
+	cfg.Net.SASL.User, cfg.Net.SASL.Password = "svc", "secret"
+	cfg.Net.DialTimeout, cfg.Net.ReadTimeout, cfg.Net.WriteTimeout = 300*time.Millisecond, 300*time.Millisecond, 300*time.Millisecond
+	cfg.Metadata.Retry.Max = 0
+	// The kfake broker speaks plaintext, so a TLS handshake must fail: the
+	// config was used as given.
+	_, addrs := outboxtest.Kafka(t, 1, "t")
+	if _, err := kafka.NewSender(addrs, cfg); err == nil {
+		t.Fatal("a TLS producer connected to a plaintext broker")
+	}
+}
