@@ -34,9 +34,9 @@ var outboxColumns = []column{
 // migrations and register the plugin WithoutMigration. They are the same
 // schema Plugin's migration creates.
 //
-// The pending index holds only pending rows, so finding work stays cheap
-// however many published rows the table keeps; the state index serves
-// listing, monitoring and retention.
+// The pending indexes hold only pending rows, so finding work (and a key's
+// older pending messages) stays cheap however many published rows the
+// table keeps; the state index serves listing, monitoring and retention.
 func DDL(dialectName, table string) ([]string, error) {
 	if _, ok := dialects[dialectName]; !ok {
 		return nil, fmt.Errorf("outbox: database %q is not supported (supported: postgres, sqlite)", dialectName)
@@ -59,6 +59,7 @@ func DDL(dialectName, table string) ([]string, error) {
 	return []string{
 		"CREATE TABLE IF NOT EXISTS " + q(table) + " (\n  " + strings.Join(cols, ",\n  ") + "\n)",
 		"CREATE INDEX IF NOT EXISTS " + idx("pending") + " ON " + q(table) + " (" + q("id") + ") WHERE state = 'pending'",
+		"CREATE INDEX IF NOT EXISTS " + idx("pending_key") + " ON " + q(table) + " (" + q("message_key") + ", " + q("id") + ") WHERE state = 'pending'",
 		"CREATE INDEX IF NOT EXISTS " + idx("state") + " ON " + q(table) + " (" + q("state") + ", " + q("created_at") + ")",
 	}, nil
 }

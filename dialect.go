@@ -14,10 +14,13 @@ type dialect struct {
 	// publishers skip each other's rows instead of waiting on them. SQLite
 	// has one writer at a time and needs none.
 	skipLocked string
+	// claimLock, run first in the claim's transaction, serializes claims
+	// (see GormStore.Claim). Empty where the database serializes writers.
+	claimLock string
 }
 
 var dialects = map[string]dialect{
-	"postgres": {name: "postgres", skipLocked: " FOR UPDATE SKIP LOCKED"},
+	"postgres": {name: "postgres", skipLocked: " FOR UPDATE SKIP LOCKED", claimLock: "SELECT pg_advisory_xact_lock(?)"},
 	"sqlite":   {name: "sqlite"},
 }
 

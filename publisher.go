@@ -26,6 +26,9 @@ type Publisher struct {
 
 	wake chan struct{}
 
+	outageMu sync.Mutex
+	inOutage bool
+
 	mu      sync.Mutex
 	running bool
 	stop    context.CancelFunc // ends the loop after the batch in flight
@@ -41,7 +44,32 @@ type publisherConfig struct {
 	maxPause     time.Duration
 	logger       *slog.Logger
 	store        Store
+	keyPolicy    KeyPolicy
+	workers      int
 }
+
+// KeyPolicy says what a failing message does to the later messages of its key.
+type KeyPolicy int
+
+const (
+	// KeyWait (the default) holds a key's later messages back while its
+	// oldest unsent message waits for a retry, until it is published, dead
+	// or requeued: the key's order is kept.
+	KeyWait KeyPolicy = iota
+	// KeySkip lets a key's later messages go ahead of a message waiting for
+	// a retry, which then arrives out of order. A message in flight still
+	// holds its key back.
+	KeySkip
+)
+
+// WithKeyPolicy sets what a failing message does to its key (default KeyWait).
+func WithKeyPolicy(k KeyPolicy) PublisherOption { return func(c *publisherConfig) { c.keyPolicy = k } }
+
+// WithWorkers runs n claim-send-record loops in the publisher (default 1).
+// Claims are serialized and a key is in at most one batch at a time, so
+// per-key order holds whatever n; more workers overlap the round trips
+// to the database and the broker.
+func WithWorkers(n int) PublisherOption { return func(c *publisherConfig) { c.workers = n } }
 
 // PublisherOption configures a Publisher.
 type PublisherOption func(*publisherConfig)
@@ -88,12 +116,16 @@ func NewPublisher(db *gorm.DB, sender Sender, opts ...PublisherOption) (*Publish
 		lease:        30 * time.Second,
 		retry:        DefaultRetryPolicy,
 		maxPause:     5 * time.Second,
+		workers:      1,
 	}
 	for _, o := range opts {
 		o(&cfg)
 	}
 	if sender == nil {
 		return nil, fmt.Errorf("outbox: sender is nil")
+	}
+	if cfg.workers <= 0 {
+		return nil, fmt.Errorf("outbox: workers must be positive, got %d", cfg.workers)
 	}
 	if cfg.batchSize <= 0 {
 		return nil, fmt.Errorf("outbox: batch size must be positive, got %d", cfg.batchSize)
@@ -113,7 +145,7 @@ func NewPublisher(db *gorm.DB, sender Sender, opts ...PublisherOption) (*Publish
 		}
 		store = s
 	}
-	return &Publisher{store: store, sender: sender, cfg: cfg, wake: make(chan struct{}, 1)}, nil
+	return &Publisher{store: store, sender: sender, cfg: cfg, wake: make(chan struct{}, cfg.workers)}, nil
 }
 
 // ErrPublisherRunning is returned by Start and Run on a running publisher.
@@ -183,40 +215,47 @@ func (p *Publisher) Stop(ctx context.Context) error {
 // Wake makes a waiting publisher look for work now instead of at its next
 // poll. Call it after committing a transaction that enqueued; it never blocks.
 func (p *Publisher) Wake() {
-	select {
-	case p.wake <- struct{}{}:
-	default:
+	for range cap(p.wake) {
+		select {
+		case p.wake <- struct{}{}:
+		default:
+			return
+		}
 	}
 }
 
 func (p *Publisher) loop(ctx context.Context) {
 	abortCtx := ctx.Value(abortKey{}).(context.Context)
-	defer func() {
-		p.mu.Lock()
-		p.abort()
-		p.stop()
-		p.running = false
-		close(p.done)
-		p.mu.Unlock()
-	}()
 	log := p.cfg.logger
-	log.Info("outbox publisher started", "batch_size", p.cfg.batchSize, "poll_interval", p.cfg.pollInterval)
+	log.Info("outbox publisher started", "workers", p.cfg.workers, "batch_size", p.cfg.batchSize, "poll_interval", p.cfg.pollInterval)
+	var wg sync.WaitGroup
+	for range p.cfg.workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p.work(ctx, abortCtx)
+		}()
+	}
+	wg.Wait()
+	p.mu.Lock()
+	p.abort()
+	p.stop()
+	p.running = false
+	close(p.done)
+	p.mu.Unlock()
+	log.Info("outbox publisher stopped")
+}
+
+// work is one worker: claim, send, record, and wait when there is nothing to do.
+func (p *Publisher) work(ctx, abortCtx context.Context) {
 	var pause time.Duration // grows while the broker or the database is down
-	var outage error
 	for ctx.Err() == nil {
 		res, err := p.publishBatch(ctx, abortCtx)
-		switch {
-		case err != nil && ctx.Err() == nil:
-			if outage == nil {
-				log.Warn("outbox publisher paused: broker or database unavailable", "error", err)
-			}
-			outage = err
+		if err != nil && ctx.Err() == nil {
+			p.noteOutage(err)
 			pause = min(max(2*pause, p.cfg.pollInterval), p.cfg.maxPause)
-		default:
-			if outage != nil {
-				log.Info("outbox publisher resumed", "after_error", outage)
-				outage = nil
-			}
+		} else if err == nil {
+			p.noteOutage(nil)
 			pause = 0
 		}
 		if err == nil && res.Claimed == p.cfg.batchSize {
@@ -234,7 +273,21 @@ func (p *Publisher) loop(ctx context.Context) {
 		}
 		timer.Stop()
 	}
-	log.Info("outbox publisher stopped")
+}
+
+// noteOutage logs the start and the end of an outage once each, however
+// many workers see it and however long it lasts.
+func (p *Publisher) noteOutage(err error) {
+	p.outageMu.Lock()
+	defer p.outageMu.Unlock()
+	switch {
+	case err != nil && !p.inOutage:
+		p.inOutage = true
+		p.cfg.logger.Warn("outbox publisher paused: broker or database unavailable", "error", err)
+	case err == nil && p.inOutage:
+		p.inOutage = false
+		p.cfg.logger.Info("outbox publisher resumed")
+	}
 }
 
 // BatchResult counts what one batch did.
@@ -243,7 +296,8 @@ type BatchResult struct {
 	Published int // acknowledged by the broker and marked published
 	Failed    int // refused: an attempt counted, retried later or dead
 	Dead      int // of Failed, those that used their last attempt
-	Released  int // handed back with no attempt counted (broker down, or stopping)
+	Released  int // handed back with no attempt counted (broker down, held back, or stopping)
+	HeldBack  int // of Released, those held back behind a failed older message of their key
 }
 
 // PublishOnce runs one batch: claim, send, record. It is the step the
@@ -273,7 +327,7 @@ func PublishFromOutbox(ctx context.Context, store Store, sender Sender, limit in
 // sends and records with work (a stop after the claim still finishes).
 func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error) {
 	var res BatchResult
-	token, msgs, err := p.store.Claim(ctx, p.cfg.batchSize, p.cfg.lease)
+	token, msgs, err := p.store.Claim(ctx, ClaimOptions{Limit: p.cfg.batchSize, Lease: p.cfg.lease, SkipFailedKeys: p.cfg.keyPolicy == KeySkip})
 	if err != nil {
 		return res, err
 	}
@@ -285,32 +339,26 @@ func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error)
 		res.Released = len(msgs)
 		return res, p.store.Release(work, token, ids(msgs))
 	}
-	sendErr := p.sender.Send(work, msgs)
+	errs := p.send(work, msgs)
 	var (
 		published, released []uuid.UUID
 		failures            []Failure
-		failed              map[uuid.UUID]error
-		batchErr            error
+		unavailable         error
 	)
-	var se *SendError
-	switch {
-	case sendErr == nil:
-	case errors.As(sendErr, &se):
-		failed = se.Failed
-	default:
-		batchErr = sendErr
-	}
 	now := time.Now()
-	for _, m := range msgs {
-		err := batchErr
-		if err == nil {
-			err = failed[m.ID]
-		}
+	for i, m := range msgs {
+		err := errs[i]
 		switch {
 		case err == nil:
 			published = append(published, m.ID)
-		case errors.Is(err, ErrBrokerUnavailable) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded):
+		case errors.Is(err, ErrHeldBack):
 			released = append(released, m.ID)
+			res.HeldBack++
+		case isUnavailable(err):
+			released = append(released, m.ID)
+			if unavailable == nil {
+				unavailable = err
+			}
 		default:
 			attempts := m.Attempts + 1
 			f := Failure{ID: m.ID, Err: errorText(err), Dead: attempts >= p.cfg.retry.MaxAttempts}
@@ -333,18 +381,91 @@ func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error)
 	if err != nil {
 		return res, err
 	}
-	if len(released) > 0 {
+	if unavailable != nil {
 		// The broker is down: tell the loop to pause rather than spin.
-		return res, fmt.Errorf("%d messages handed back: %w", len(released), firstUnavailable(sendErr))
+		return res, fmt.Errorf("%d messages handed back: %w", len(released), unavailable)
 	}
 	return res, nil
 }
 
-func firstUnavailable(err error) error {
-	if err == nil {
-		return ErrBrokerUnavailable
+func isUnavailable(err error) bool {
+	return errors.Is(err, ErrBrokerUnavailable) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
+}
+
+// send sends a batch and returns each message's error.
+//
+// When the broker refuses more than one message of a batch, it may have
+// refused them all for one poison message among them (Kafka rejects a
+// partition's whole record batch). So each refused message is sent again
+// alone, oldest first, and only what fails alone counts an attempt; behind
+// a message that fails alone, the later messages of its key are held back.
+func (p *Publisher) send(ctx context.Context, msgs []*OutboxMessage) []error {
+	errs := perMessage(p.sender.Send(ctx, msgs), msgs)
+	var refused []int
+	for i, err := range errs {
+		if err != nil && !isUnavailable(err) && !errors.Is(err, ErrHeldBack) {
+			refused = append(refused, i)
+		}
 	}
-	return err
+	if len(refused) > 1 {
+		failedKeys := map[string]bool{}
+		for n, i := range refused {
+			m := msgs[i]
+			if m.Key != "" && failedKeys[m.Key] {
+				errs[i] = ErrHeldBack
+				continue
+			}
+			errs[i] = perMessage(p.sender.Send(ctx, msgs[i:i+1]), msgs[i:i+1])[0]
+			if isUnavailable(errs[i]) {
+				for _, j := range refused[n+1:] {
+					errs[j] = errs[i]
+				}
+				break
+			}
+			if errs[i] != nil && m.Key != "" {
+				failedKeys[m.Key] = true
+			}
+		}
+	}
+	p.checkKeyOrder(msgs, errs)
+	return errs
+}
+
+// checkKeyOrder reports a message delivered after an older one of its key
+// failed: the Sender broke the order it must keep. It cannot be undone, but
+// it must not go unseen.
+func (p *Publisher) checkKeyOrder(msgs []*OutboxMessage, errs []error) {
+	failed := map[string]bool{}
+	for i, m := range msgs {
+		if m.Key == "" {
+			continue
+		}
+		if errs[i] != nil {
+			failed[m.Key] = true
+		} else if failed[m.Key] {
+			p.cfg.logger.Error("outbox: a message was delivered after an older message of its key failed; the key's order is broken",
+				"key", m.Key, "message_id", m.ID)
+		}
+	}
+}
+
+// perMessage spreads a Sender's error over the messages of its batch.
+func perMessage(err error, msgs []*OutboxMessage) []error {
+	errs := make([]error, len(msgs))
+	if err == nil {
+		return errs
+	}
+	var se *SendError
+	if !errors.As(err, &se) {
+		for i := range errs {
+			errs[i] = err
+		}
+		return errs
+	}
+	for i, m := range msgs {
+		errs[i] = se.Failed[m.ID]
+	}
+	return errs
 }
 
 func ids(msgs []*OutboxMessage) []uuid.UUID {

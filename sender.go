@@ -18,6 +18,10 @@ import (
 // ErrBrokerUnavailable (alone, or for a message in a SendError) says the
 // broker could not be reached: those messages are handed back with no
 // attempt counted, and the publisher backs off as a whole.
+//
+// A batch holds a key's messages in enqueue order. A Sender must not
+// deliver a message after an older one of its key failed; it reports such
+// messages with ErrHeldBack.
 type Sender interface {
 	Send(ctx context.Context, msgs []*OutboxMessage) error
 }
@@ -32,6 +36,11 @@ func (f SenderFunc) Send(ctx context.Context, msgs []*OutboxMessage) error { ret
 // no leader, timed out) rather than a refusal of one message. It costs the
 // messages no attempt.
 var ErrBrokerUnavailable = errors.New("outbox: broker unavailable")
+
+// ErrHeldBack marks a message a Sender did not send because an older
+// message of the same key in the batch failed: sending it would break the
+// key's order. It costs the message no attempt.
+var ErrHeldBack = errors.New("outbox: held back behind a failed message of the same key")
 
 // SendError reports the messages of a batch that failed; the rest were sent.
 type SendError struct {

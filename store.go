@@ -2,6 +2,7 @@ package outbox
 
 import (
 	"context"
+	"hash/fnv"
 	"errors"
 	"fmt"
 	"sort"
@@ -18,9 +19,12 @@ import (
 type Store interface {
 	// Save writes messages on tx, the caller's transaction.
 	Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessage) error
-	// Claim takes up to limit due pending messages, oldest first, for lease,
-	// in its own short transaction, and returns them with the claim's token.
-	Claim(ctx context.Context, limit int, lease time.Duration) (token string, msgs []*OutboxMessage, err error)
+	// Claim takes due pending messages, oldest first, in its own short
+	// transaction, and returns them with the claim's token. It never takes a
+	// message whose key has an older message in flight, nor (unless
+	// opts.SkipFailedKeys) one whose key has an older message waiting for a
+	// retry: that is what keeps each key's messages in order.
+	Claim(ctx context.Context, opts ClaimOptions) (token string, msgs []*OutboxMessage, err error)
 	// MarkPublished records a successful send of messages still held by token.
 	MarkPublished(ctx context.Context, token string, ids []uuid.UUID) error
 	// MarkFailed records failed sends of messages still held by token.
@@ -31,6 +35,16 @@ type Store interface {
 
 // OutboxStore is the design document's name for Store.
 type OutboxStore = Store
+
+// ClaimOptions says what Claim takes.
+type ClaimOptions struct {
+	Limit int           // at most this many messages
+	Lease time.Duration // held for this long; then due again
+	// SkipFailedKeys lets a key's later messages go ahead of an older one
+	// that is waiting for a retry (KeySkip). Messages in flight always
+	// hold their key back.
+	SkipFailedKeys bool
+}
 
 // Failure is the outcome of one failed send, as MarkFailed stores it.
 type Failure struct {
@@ -173,26 +187,62 @@ func (s *GormStore) Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessag
 // each row's next_attempt_at to the end of the lease and stamps the token, and
 // commits at once, so no transaction stays open while the broker is called.
 // A claim whose publisher dies simply expires and its rows are due again.
-func (s *GormStore) Claim(ctx context.Context, limit int, lease time.Duration) (string, []*OutboxMessage, error) {
-	if limit <= 0 {
-		return "", nil, fmt.Errorf("outbox: claim limit must be positive, got %d", limit)
+//
+// A row is taken only if no older pending row of its key is held (claimed,
+// or waiting for a retry): claimed rows stay pending with a future
+// next_attempt_at, so one condition covers both. Claims are serialized (an
+// advisory lock on PostgreSQL, the single writer on SQLite) so that this
+// condition always sees the claims committed before it; sending stays
+// parallel. Messages with an empty key are never held back.
+func (s *GormStore) Claim(ctx context.Context, opts ClaimOptions) (string, []*OutboxMessage, error) {
+	if opts.Limit <= 0 {
+		return "", nil, fmt.Errorf("outbox: claim limit must be positive, got %d", opts.Limit)
+	}
+	if opts.Lease <= 0 {
+		return "", nil, fmt.Errorf("outbox: claim lease must be positive, got %v", opts.Lease)
 	}
 	token := uuid.NewString()
-	now := time.Now().UTC()
-	t := s.table()
-	sql := "UPDATE " + t + " SET " + s.quote("claim_token") + " = ?, " + s.quote("next_attempt_at") + " = ?" +
-		" WHERE " + s.quote("id") + " IN (SELECT " + s.quote("id") + " FROM " + t +
-		" WHERE " + s.quote("state") + " = ? AND " + s.quote("next_attempt_at") + " <= ?" +
-		" ORDER BY " + s.quote("id") + " LIMIT ?" + s.dialect.skipLocked + ")" +
-		" RETURNING " + s.columns
 	var msgs []*OutboxMessage
-	err := s.db.WithContext(ctx).Raw(sql, token, now.Add(lease), StatePending, now, limit).Scan(&msgs).Error
+	err := s.db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+		if s.dialect.claimLock != "" {
+			if err := tx.Exec(s.dialect.claimLock, s.lockKey()).Error; err != nil {
+				return err
+			}
+		}
+		now := time.Now().UTC()
+		return tx.Raw(s.claimSQL(opts.SkipFailedKeys), token, now.Add(opts.Lease), StatePending, now, StatePending, now, opts.Limit).
+			Scan(&msgs).Error
+	})
 	if err != nil {
 		return "", nil, fmt.Errorf("outbox: claiming messages from %s: %w", s.cfg.table, err)
 	}
 	// RETURNING has no order; the sender needs enqueue order.
 	sort.Slice(msgs, func(i, j int) bool { return lessID(msgs[i].ID, msgs[j].ID) })
 	return token, msgs, nil
+}
+
+// claimSQL's parameters: token, lease end, pending, now, pending, now, limit.
+func (s *GormStore) claimSQL(skipFailedKeys bool) string {
+	q, t := s.quote, s.table()
+	held := q("next_attempt_at") + " > ?" // claimed, or waiting for a retry
+	if skipFailedKeys {
+		held = q("claim_token") + " IS NOT NULL AND " + q("next_attempt_at") + " > ?"
+	}
+	return "UPDATE " + t + " SET " + q("claim_token") + " = ?, " + q("next_attempt_at") + " = ?" +
+		" WHERE " + q("id") + " IN (SELECT r." + q("id") + " FROM " + t + " r" +
+		" WHERE r." + q("state") + " = ? AND r." + q("next_attempt_at") + " <= ?" +
+		" AND (r." + q("message_key") + " = '' OR NOT EXISTS (SELECT 1 FROM " + t + " p" +
+		" WHERE p." + q("message_key") + " = r." + q("message_key") + " AND p." + q("state") + " = ?" +
+		" AND p." + q("id") + " < r." + q("id") + " AND p." + held + "))" +
+		" ORDER BY r." + q("id") + " LIMIT ?" + s.dialect.skipLocked + ")" +
+		" RETURNING " + s.columns
+}
+
+// lockKey is the advisory lock that serializes the claims of one table.
+func (s *GormStore) lockKey() int64 {
+	h := fnv.New64a()
+	h.Write([]byte("gorm-outbox:" + s.cfg.table))
+	return int64(h.Sum64())
 }
 
 func lessID(a, b uuid.UUID) bool { return string(a[:]) < string(b[:]) }

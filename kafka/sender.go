@@ -23,6 +23,12 @@ const MessageIDHeader = "outbox-message-id"
 type Sender struct {
 	producer sarama.SyncProducer
 	owned    bool // Close closes the producer only if the Sender made it
+	// maxMessageBytes is the producer's Producer.MaxMessageBytes (0: unknown).
+	// sarama refuses a larger message alone and sends the rest of the
+	// batch, which would let a key's later messages overtake it; Send
+	// checks first and holds them back.
+	maxMessageBytes int
+	recordVersion   int
 }
 
 var _ outbox.Sender = (*Sender)(nil)
@@ -49,11 +55,27 @@ func NewSender(brokers []string, cfg *sarama.Config) (*Sender, error) {
 	if err != nil {
 		return nil, fmt.Errorf("outbox/kafka: connecting to %v: %w", brokers, err)
 	}
-	return &Sender{producer: p, owned: true}, nil
+	return &Sender{producer: p, owned: true, maxMessageBytes: cfg.Producer.MaxMessageBytes, recordVersion: recordVersion(cfg)}, nil
 }
 
-// NewSenderWithProducer sends with a producer you made and will close.
-func NewSenderWithProducer(p sarama.SyncProducer) *Sender { return &Sender{producer: p} }
+// NewSenderWithProducer sends with a producer you made and will close. cfg
+// is the producer's config, or nil if unknown; with it, Send refuses a
+// message over Producer.MaxMessageBytes without letting the later messages
+// of its key overtake it.
+func NewSenderWithProducer(p sarama.SyncProducer, cfg *sarama.Config) *Sender {
+	s := &Sender{producer: p}
+	if cfg != nil {
+		s.maxMessageBytes, s.recordVersion = cfg.Producer.MaxMessageBytes, recordVersion(cfg)
+	}
+	return s
+}
+
+func recordVersion(cfg *sarama.Config) int {
+	if cfg.Version.IsAtLeast(sarama.V0_11_0_0) {
+		return 2
+	}
+	return 1
+}
 
 // Close closes the producer if NewSender made it.
 func (s *Sender) Close() error {
@@ -70,22 +92,47 @@ func (s *Sender) Send(ctx context.Context, msgs []*outbox.OutboxMessage) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	batch := make([]*sarama.ProducerMessage, len(msgs))
+	batch := make([]*sarama.ProducerMessage, 0, len(msgs))
 	byMsg := make(map[*sarama.ProducerMessage]uuid.UUID, len(msgs))
-	for i, m := range msgs {
-		batch[i] = ProducerMessage(m)
-		byMsg[batch[i]] = m.ID
+	failed := map[uuid.UUID]error{}
+	tooLargeKeys := map[string]bool{}
+	for _, m := range msgs {
+		if m.Key != "" && tooLargeKeys[m.Key] {
+			failed[m.ID] = outbox.ErrHeldBack
+			continue
+		}
+		pm := ProducerMessage(m)
+		if size := pm.ByteSize(s.recordVersion); s.maxMessageBytes > 0 && size > s.maxMessageBytes {
+			failed[m.ID] = fmt.Errorf("outbox/kafka: message of %d bytes is larger than Producer.MaxMessageBytes (%d)", size, s.maxMessageBytes)
+			if m.Key != "" {
+				tooLargeKeys[m.Key] = true
+			}
+			continue
+		}
+		batch = append(batch, pm)
+		byMsg[pm] = m.ID
 	}
-	err := s.producer.SendMessages(batch)
+	var err error
+	if len(batch) > 0 {
+		err = s.producer.SendMessages(batch)
+	}
 	if err == nil {
-		return nil
+		if len(failed) == 0 {
+			return nil
+		}
+		return &outbox.SendError{Failed: failed}
 	}
 	var perMsg sarama.ProducerErrors
 	if !errors.As(err, &perMsg) {
-		return classify(err)
+		if len(failed) == 0 {
+			return classify(err)
+		}
+		for _, pm := range batch {
+			failed[byMsg[pm]] = classify(err)
+		}
+		return &outbox.SendError{Failed: failed}
 	}
-	failed := make(map[uuid.UUID]error, len(perMsg))
-	allUnavailable := true
+	allUnavailable := len(failed) == 0
 	for _, pe := range perMsg {
 		id, ok := byMsg[pe.Msg]
 		if !ok {

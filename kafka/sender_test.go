@@ -147,3 +147,26 @@ func TestSenderKeepsTheCallersSecurityConfig(t *testing.T) {
 		t.Fatal("a TLS producer connected to a plaintext broker")
 	}
 }
+
+func TestSendHoldsBackAKeyBehindAMessageTooLargeForTheProducer(t *testing.T) {
+	_, addrs := outboxtest.Kafka(t, 1, "t")
+	cfg := kafka.NewConfig()
+	cfg.Producer.MaxMessageBytes = 500
+	s, err := kafka.NewSender(addrs, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	a1, a2, a3, b1 := msg("t", "a", "1", nil), msg("t", "a", string(make([]byte, 600)), nil), msg("t", "a", "3", nil), msg("t", "b", "1", nil)
+	err = s.Send(t.Context(), []*outbox.OutboxMessage{a1, a2, a3, b1})
+	var se *outbox.SendError
+	if !errors.As(err, &se) || len(se.Failed) != 2 {
+		t.Fatalf("err = %v, want a2 and a3 failed", err)
+	}
+	if !errors.Is(se.Failed[a3.ID], outbox.ErrHeldBack) || se.Failed[a2.ID] == nil || errors.Is(se.Failed[a2.ID], outbox.ErrHeldBack) {
+		t.Fatalf("failed = %v", se.Failed)
+	}
+	if n := outboxtest.Count(t, addrs, "t"); n != 2 {
+		t.Fatalf("topic holds %d, want a1 and b1", n)
+	}
+}
