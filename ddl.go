@@ -36,7 +36,8 @@ var outboxColumns = []column{
 //
 // The pending indexes hold only pending rows, so finding work (and a key's
 // older pending messages) stays cheap however many published rows the
-// table keeps; the state index serves listing, monitoring and retention.
+// table keeps; the claimed-key index finds a key's messages in flight; the
+// state index serves listing, monitoring and retention.
 func DDL(dialectName, table string) ([]string, error) {
 	if _, ok := dialects[dialectName]; !ok {
 		return nil, fmt.Errorf("outbox: database %q is not supported (supported: postgres, sqlite)", dialectName)
@@ -60,6 +61,7 @@ func DDL(dialectName, table string) ([]string, error) {
 		"CREATE TABLE IF NOT EXISTS " + q(table) + " (\n  " + strings.Join(cols, ",\n  ") + "\n)",
 		"CREATE INDEX IF NOT EXISTS " + idx("pending") + " ON " + q(table) + " (" + q("id") + ") WHERE state = 'pending'",
 		"CREATE INDEX IF NOT EXISTS " + idx("pending_key") + " ON " + q(table) + " (" + q("message_key") + ", " + q("id") + ") WHERE state = 'pending'",
+		"CREATE INDEX IF NOT EXISTS " + idx("claimed_key") + " ON " + q(table) + " (" + q("message_key") + ") WHERE state = 'pending' AND claim_token IS NOT NULL",
 		"CREATE INDEX IF NOT EXISTS " + idx("state") + " ON " + q(table) + " (" + q("state") + ", " + q("created_at") + ")",
 	}, nil
 }

@@ -39,7 +39,7 @@ type OutboxMessage struct {
 	// Topic is the destination (a Kafka topic).
 	Topic string `gorm:"size:249;not null"`
 	// Key decides the partition: messages with the same key keep their order.
-	Key     string  `gorm:"column:message_key;not null;default:'';index:,composite:pending_key,priority:1,where:state = 'pending'"`
+	Key     string  `gorm:"column:message_key;not null;default:'';index:,composite:pending_key,priority:1,where:state = 'pending';index:,composite:claimed_key,where:state = 'pending' AND claim_token IS NOT NULL"`
 	Payload []byte  `gorm:"not null"`
 	Headers Headers `gorm:"type:text;not null;default:'{}'"`
 	State   State   `gorm:"size:16;not null;default:'pending';index:,composite:state,priority:1"`

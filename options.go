@@ -8,9 +8,11 @@ import (
 // DefaultTableName is the outbox table's name unless WithTableName says otherwise.
 const DefaultTableName = "outbox_messages"
 
-// DefaultMaxPayloadBytes matches sarama's default Producer.MaxMessageBytes:
-// a larger payload would only be refused later by the producer, so it is
-// refused at enqueue, where the caller can still act on it.
+// DefaultMaxPayloadBytes stays under Kafka's default maximum message size
+// (1 MiB, for sarama's Producer.MaxMessageBytes and the broker's
+// message.max.bytes) with room for the key and headers: a larger payload
+// would only be refused later by the broker, so it is refused at enqueue,
+// where the caller can still act on it.
 const DefaultMaxPayloadBytes = 1_000_000
 
 // Option configures the Plugin and the Store it creates.

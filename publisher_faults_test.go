@@ -178,7 +178,7 @@ func TestPublisherMarksOnlyTheFailedPartOfABatch(t *testing.T) {
 			t.Errorf("%s: %s, want %s", m.Topic, m.State, want)
 		}
 	}
-	if n := outboxtest.Count(t, addrs, "exists"); n != 2 {
+	if n := len(outboxtest.ReadAll(t, addrs, "exists", 2, 300*time.Millisecond)); n != 2 {
 		t.Fatalf("topic holds %d, want 2", n)
 	}
 }
@@ -259,7 +259,7 @@ func TestPublisherGracefulStopMidBatchLosesNothing(t *testing.T) {
 	if counts[outbox.StatePublished] != 10 || counts[outbox.StatePending] != 15 {
 		t.Fatalf("after Stop: %v, want the batch in flight published and the rest pending", counts)
 	}
-	if n := outboxtest.Count(t, addrs, "ledger"); n != 10 {
+	if n := len(outboxtest.ReadAll(t, addrs, "ledger", 10, 300*time.Millisecond)); n != 10 {
 		t.Fatalf("topic holds %d, want the 10 of the batch in flight", n)
 	}
 	// A new publisher takes over the rest.

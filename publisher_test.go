@@ -55,7 +55,7 @@ func TestPublisherDeliversCommittedOnlyToKafka(t *testing.T) {
 			if len(recs) != committed {
 				t.Fatalf("consumed %d records, want %d", len(recs), committed)
 			}
-			if n := outboxtest.Count(t, addrs, "orders"); n != committed {
+			if n := len(outboxtest.ReadAll(t, addrs, "orders", committed, 300*time.Millisecond)); n != committed {
 				t.Fatalf("topic holds %d records, want %d", n, committed)
 			}
 			byID := map[string]outbox.OutboxMessage{}

@@ -188,12 +188,15 @@ func (s *GormStore) Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessag
 // commits at once, so no transaction stays open while the broker is called.
 // A claim whose publisher dies simply expires and its rows are due again.
 //
-// A row is taken only if no older pending row of its key is held (claimed,
-// or waiting for a retry): claimed rows stay pending with a future
-// next_attempt_at, so one condition covers both. Claims are serialized (an
-// advisory lock on PostgreSQL, the single writer on SQLite) so that this
-// condition always sees the claims committed before it; sending stays
-// parallel. Messages with an empty key are never held back.
+// Per-key order: a claim takes the oldest due rows in id order, so what it
+// takes of a key is always the front of that key's pending queue, and what a
+// key has held (claimed, or waiting for a retry) is always a front too. So a
+// row may be taken exactly when the oldest pending row of its key is due
+// (KeyWait), or when no row of its key is claimed (KeySkip): one index probe
+// per row, however deep the key's queue. Claims are serialized (an advisory
+// lock on PostgreSQL, the single writer on SQLite) so that each sees the
+// claims committed before it; sending stays parallel. Messages with an empty
+// key are never held back.
 func (s *GormStore) Claim(ctx context.Context, opts ClaimOptions) (string, []*OutboxMessage, error) {
 	if opts.Limit <= 0 {
 		return "", nil, fmt.Errorf("outbox: claim limit must be positive, got %d", opts.Limit)
@@ -210,8 +213,12 @@ func (s *GormStore) Claim(ctx context.Context, opts ClaimOptions) (string, []*Ou
 			}
 		}
 		now := time.Now().UTC()
-		return tx.Raw(s.claimSQL(opts.SkipFailedKeys), token, now.Add(opts.Lease), StatePending, now, StatePending, now, opts.Limit).
-			Scan(&msgs).Error
+		args := []any{token, now.Add(opts.Lease), now}
+		if !opts.SkipFailedKeys {
+			args = append(args, now)
+		}
+		args = append(args, opts.Limit)
+		return tx.Raw(s.claimSQL(opts.SkipFailedKeys), args...).Scan(&msgs).Error
 	})
 	if err != nil {
 		return "", nil, fmt.Errorf("outbox: claiming messages from %s: %w", s.cfg.table, err)
@@ -221,19 +228,23 @@ func (s *GormStore) Claim(ctx context.Context, opts ClaimOptions) (string, []*Ou
 	return token, msgs, nil
 }
 
-// claimSQL's parameters: token, lease end, pending, now, pending, now, limit.
+// claimSQL's parameters: token, lease end, now, [now,] limit. The state is
+// a literal, not a parameter: the partial indexes on pending rows serve only
+// a query whose predicate is known when it is planned (a prepared
+// statement's generic plan would otherwise scan the table, per row).
 func (s *GormStore) claimSQL(skipFailedKeys bool) string {
 	q, t := s.quote, s.table()
-	held := q("next_attempt_at") + " > ?" // claimed, or waiting for a retry
+	pending := "'" + string(StatePending) + "'"
+	keyFree := "(SELECT h." + q("next_attempt_at") + " FROM " + t + " h WHERE h." + q("message_key") + " = r." + q("message_key") +
+		" AND h." + q("state") + " = " + pending + " ORDER BY h." + q("id") + " LIMIT 1) <= ?"
 	if skipFailedKeys {
-		held = q("claim_token") + " IS NOT NULL AND " + q("next_attempt_at") + " > ?"
+		keyFree = "NOT EXISTS (SELECT 1 FROM " + t + " h WHERE h." + q("message_key") + " = r." + q("message_key") +
+			" AND h." + q("state") + " = " + pending + " AND h." + q("claim_token") + " IS NOT NULL)"
 	}
 	return "UPDATE " + t + " SET " + q("claim_token") + " = ?, " + q("next_attempt_at") + " = ?" +
 		" WHERE " + q("id") + " IN (SELECT r." + q("id") + " FROM " + t + " r" +
-		" WHERE r." + q("state") + " = ? AND r." + q("next_attempt_at") + " <= ?" +
-		" AND (r." + q("message_key") + " = '' OR NOT EXISTS (SELECT 1 FROM " + t + " p" +
-		" WHERE p." + q("message_key") + " = r." + q("message_key") + " AND p." + q("state") + " = ?" +
-		" AND p." + q("id") + " < r." + q("id") + " AND p." + held + "))" +
+		" WHERE r." + q("state") + " = " + pending + " AND r." + q("next_attempt_at") + " <= ?" +
+		" AND (r." + q("message_key") + " = '' OR " + keyFree + ")" +
 		" ORDER BY r." + q("id") + " LIMIT ?" + s.dialect.skipLocked + ")" +
 		" RETURNING " + s.columns
 }

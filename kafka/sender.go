@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/IBM/sarama"
@@ -21,8 +23,16 @@ const MessageIDHeader = "outbox-message-id"
 
 // Sender sends outbox messages with a sarama SyncProducer.
 type Sender struct {
+	// mu guards producer: Send shares it, a reconnect replaces it.
+	mu       sync.RWMutex
 	producer sarama.SyncProducer
 	owned    bool // Close closes the producer only if the Sender made it
+	// brokers and cfg remake an owned producer after an outage: sarama's
+	// circuit breakers keep a producer failing for 10s after its broker
+	// returns, a fresh producer connects at once.
+	brokers []string
+	cfg     *sarama.Config
+	stale   atomic.Bool // the producer saw the broker unavailable
 	// maxMessageBytes is the producer's Producer.MaxMessageBytes (0: unknown).
 	// sarama refuses a larger message alone and sends the rest of the
 	// batch, which would let a key's later messages overtake it; Send
@@ -55,7 +65,8 @@ func NewSender(brokers []string, cfg *sarama.Config) (*Sender, error) {
 	if err != nil {
 		return nil, fmt.Errorf("outbox/kafka: connecting to %v: %w", brokers, err)
 	}
-	return &Sender{producer: p, owned: true, maxMessageBytes: cfg.Producer.MaxMessageBytes, recordVersion: recordVersion(cfg)}, nil
+	return &Sender{producer: p, owned: true, brokers: brokers, cfg: cfg,
+		maxMessageBytes: cfg.Producer.MaxMessageBytes, recordVersion: recordVersion(cfg)}, nil
 }
 
 // NewSenderWithProducer sends with a producer you made and will close. cfg
@@ -82,70 +93,174 @@ func (s *Sender) Close() error {
 	if !s.owned {
 		return nil
 	}
-	return s.producer.Close()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.producer == nil {
+		return nil
+	}
+	err := s.producer.Close()
+	s.producer = nil
+	return err
 }
 
-// Send implements outbox.Sender with one SendMessages call for the batch.
-// sarama cannot be cancelled mid-send; ctx is checked before it starts, and
-// sarama's own timeouts (Net.*Timeout, Producer.Timeout, Producer.Retry) bound it.
+// Send implements outbox.Sender.
+//
+// A batch goes out in waves, each one SendMessages call: the first holds
+// the oldest message of every key (and every keyless message), the second
+// the next of every key, and so on. sarama may split one call into several
+// produce requests, and a refused request does not stop a later one, so a
+// key's second message could otherwise land while its first was refused.
+// After a wave, the later messages of a key that failed are held back
+// (outbox.ErrHeldBack). A batch of distinct keys is a single wave.
+//
+// sarama cannot be cancelled mid-send; ctx is checked before each wave, and
+// sarama's own timeouts (Net.*Timeout, Producer.Timeout, Producer.Retry)
+// bound it.
 func (s *Sender) Send(ctx context.Context, msgs []*outbox.OutboxMessage) error {
-	if err := ctx.Err(); err != nil {
+	if err := s.reconnectIfStale(); err != nil {
 		return err
 	}
-	batch := make([]*sarama.ProducerMessage, 0, len(msgs))
-	byMsg := make(map[*sarama.ProducerMessage]uuid.UUID, len(msgs))
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.producer == nil {
+		return fmt.Errorf("%w: outbox/kafka: sender is closed", outbox.ErrBrokerUnavailable)
+	}
+	err := s.send(ctx, msgs)
+	if s.owned && errors.Is(err, outbox.ErrBrokerUnavailable) {
+		s.stale.Store(true)
+	}
+	return err
+}
+
+// reconnectIfStale replaces an owned producer that saw an outage. While the
+// broker is still away the new producer cannot connect, and the old one is
+// kept for the next try.
+func (s *Sender) reconnectIfStale() error {
+	if !s.stale.Load() {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.stale.Load() || s.producer == nil {
+		return nil
+	}
+	p, err := sarama.NewSyncProducer(s.brokers, s.cfg)
+	if err != nil {
+		return classify(err)
+	}
+	_ = s.producer.Close()
+	s.producer = p
+	s.stale.Store(false)
+	return nil
+}
+
+func (s *Sender) send(ctx context.Context, msgs []*outbox.OutboxMessage) error {
 	failed := map[uuid.UUID]error{}
-	tooLargeKeys := map[string]bool{}
+	failedKeys := map[string]bool{}
+	var waves [][]*outbox.OutboxMessage
+	depth := map[string]int{}
 	for _, m := range msgs {
-		if m.Key != "" && tooLargeKeys[m.Key] {
-			failed[m.ID] = outbox.ErrHeldBack
+		w := 0
+		if m.Key != "" {
+			w = depth[m.Key]
+			depth[m.Key]++
+		}
+		if w == len(waves) {
+			waves = append(waves, nil)
+		}
+		waves[w] = append(waves[w], m)
+	}
+	var stop error // the broker is away, or ctx ended: the rest is not tried
+	for _, wave := range waves {
+		var send []*outbox.OutboxMessage
+		for _, m := range wave {
+			switch {
+			case stop != nil:
+				failed[m.ID] = stop
+			case m.Key != "" && failedKeys[m.Key]:
+				failed[m.ID] = outbox.ErrHeldBack
+			default:
+				send = append(send, m)
+			}
+		}
+		if len(send) == 0 {
 			continue
 		}
+		if err := ctx.Err(); err != nil {
+			stop = err
+			for _, m := range send {
+				failed[m.ID] = err
+			}
+			continue
+		}
+		for id, err := range s.sendWave(send) {
+			failed[id] = err
+			if errors.Is(err, outbox.ErrBrokerUnavailable) {
+				stop = err
+			}
+		}
+		for _, m := range send {
+			if failed[m.ID] != nil && m.Key != "" {
+				failedKeys[m.Key] = true
+			}
+		}
+	}
+	if len(failed) == 0 {
+		return nil
+	}
+	if len(failed) == len(msgs) {
+		var first error
+		same := true
+		for _, err := range failed {
+			if first == nil {
+				first = err
+			}
+			same = same && err == first
+		}
+		if same && errors.Is(first, outbox.ErrBrokerUnavailable) {
+			return first
+		}
+	}
+	return &outbox.SendError{Failed: failed}
+}
+
+// sendWave sends messages of distinct keys with one SendMessages and returns
+// the errors of those that failed.
+func (s *Sender) sendWave(msgs []*outbox.OutboxMessage) map[uuid.UUID]error {
+	failed := map[uuid.UUID]error{}
+	batch := make([]*sarama.ProducerMessage, 0, len(msgs))
+	byMsg := make(map[*sarama.ProducerMessage]uuid.UUID, len(msgs))
+	for _, m := range msgs {
 		pm := ProducerMessage(m)
 		if size := pm.ByteSize(s.recordVersion); s.maxMessageBytes > 0 && size > s.maxMessageBytes {
+			// sarama would refuse it alone and send the rest; refusing it
+			// here lets Send hold its key's later messages back.
 			failed[m.ID] = fmt.Errorf("outbox/kafka: message of %d bytes is larger than Producer.MaxMessageBytes (%d)", size, s.maxMessageBytes)
-			if m.Key != "" {
-				tooLargeKeys[m.Key] = true
-			}
 			continue
 		}
 		batch = append(batch, pm)
 		byMsg[pm] = m.ID
 	}
-	var err error
-	if len(batch) > 0 {
-		err = s.producer.SendMessages(batch)
+	if len(batch) == 0 {
+		return failed
 	}
+	err := s.producer.SendMessages(batch)
 	if err == nil {
-		if len(failed) == 0 {
-			return nil
-		}
-		return &outbox.SendError{Failed: failed}
+		return failed
 	}
 	var perMsg sarama.ProducerErrors
 	if !errors.As(err, &perMsg) {
-		if len(failed) == 0 {
-			return classify(err)
-		}
 		for _, pm := range batch {
 			failed[byMsg[pm]] = classify(err)
 		}
-		return &outbox.SendError{Failed: failed}
+		return failed
 	}
-	allUnavailable := len(failed) == 0
 	for _, pe := range perMsg {
-		id, ok := byMsg[pe.Msg]
-		if !ok {
-			continue
+		if id, ok := byMsg[pe.Msg]; ok {
+			failed[id] = classify(pe.Err)
 		}
-		e := classify(pe.Err)
-		failed[id] = e
-		allUnavailable = allUnavailable && errors.Is(e, outbox.ErrBrokerUnavailable)
 	}
-	if len(failed) == len(msgs) && allUnavailable {
-		return classify(perMsg[0].Err)
-	}
-	return &outbox.SendError{Failed: failed}
+	return failed
 }
 
 // ProducerMessage is the Kafka record for an outbox message: its key, its

@@ -53,6 +53,14 @@ func Unavailable(t testing.TB, what string, err error) {
 // dropped when the test ends, so that tests share nothing.
 func Postgres(t testing.TB, cfg *gorm.Config) *gorm.DB {
 	t.Helper()
+	db, _ := PostgresSchema(t, cfg)
+	return db
+}
+
+// PostgresSchema is Postgres that also returns the DSN of the schema, for
+// other processes.
+func PostgresSchema(t testing.TB, cfg *gorm.Config) (*gorm.DB, string) {
+	t.Helper()
 	admin, err := sql.Open("pgx", PostgresDSN())
 	if err == nil {
 		err = pingWithin(admin, 5*time.Second)
@@ -68,12 +76,13 @@ func Postgres(t testing.TB, cfg *gorm.Config) *gorm.DB {
 		_, _ = admin.Exec(`DROP SCHEMA ` + schema + ` CASCADE`)
 		_ = admin.Close()
 	})
-	db, err := gorm.Open(postgres.Open(PostgresDSN()+" search_path="+schema), quiet(cfg))
+	dsn := PostgresDSN() + " search_path=" + schema
+	db, err := gorm.Open(postgres.Open(dsn), quiet(cfg))
 	if err != nil {
 		t.Fatalf("opening PostgreSQL: %v", err)
 	}
 	closeOnCleanup(t, db)
-	return db
+	return db, dsn
 }
 
 // SQLite returns a *gorm.DB on a new database file in the test's temporary
@@ -182,13 +191,71 @@ func Header(r *kgo.Record, key string) (string, bool) {
 	return "", false
 }
 
-// Count returns how many records topic holds, from its partitions' end
-// offsets: it tells that nothing more than expected reached the broker.
-func Count(t testing.TB, addrs []string, topic string) int64 {
+// ReadAll reads topic from the start until it has at least n records and
+// then no new one arrives for quiet: it tells that nothing more than
+// expected reached the broker. (Offsets cannot tell: a producer's epoch bump
+// and transaction markers take offsets that hold no record.)
+func ReadAll(t testing.TB, addrs []string, topic string, n int, quiet time.Duration) []*kgo.Record {
 	t.Helper()
+	recs, err := ReadAllRecords(addrs, topic, n, quiet, time.Minute)
+	if err != nil {
+		t.Fatalf("reading %s: %v", topic, err)
+	}
+	return recs
+}
+
+// ReadAllRecords is ReadAll without a testing.TB; it gives up after timeout.
+func ReadAllRecords(addrs []string, topic string, n int, quiet, timeout time.Duration) ([]*kgo.Record, error) {
+	cl, err := kgo.NewClient(kgo.SeedBrokers(addrs...), kgo.ConsumeTopics(topic),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.FetchMaxBytes(64<<20))
+	if err != nil {
+		return nil, err
+	}
+	defer cl.Close()
+	deadline := time.Now().Add(timeout)
+	var out []*kgo.Record
+	for {
+		wait := time.Until(deadline)
+		if len(out) >= n {
+			wait = min(wait, quiet)
+		}
+		if wait <= 0 {
+			break
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		fs := cl.PollFetches(ctx)
+		cancel()
+		if errs := fs.Errors(); len(errs) > 0 && ctx.Err() == nil {
+			return out, fmt.Errorf("fetch: %v", errs[0].Err)
+		}
+		got := fs.Records()
+		if len(got) == 0 && (len(out) >= n || time.Now().After(deadline)) {
+			break
+		}
+		out = append(out, got...)
+	}
+	if len(out) < n {
+		return out, fmt.Errorf("read %d records of %s, want at least %d", len(out), topic, n)
+	}
+	return out, nil
+}
+
+// EndOffset returns the sum of topic's partitions' end offsets: it grows
+// whenever anything is produced, so it tells progress, not a record count.
+func EndOffset(t testing.TB, addrs []string, topic string) int64 {
+	t.Helper()
+	n, err := EndOffsets(addrs, topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// EndOffsets is EndOffset without a testing.TB.
+func EndOffsets(addrs []string, topic string) (int64, error) {
 	cl, err := kgo.NewClient(kgo.SeedBrokers(addrs...))
 	if err != nil {
-		t.Fatalf("kgo client: %v", err)
+		return 0, fmt.Errorf("kgo client: %v", err)
 	}
 	defer cl.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -199,7 +266,7 @@ func Count(t testing.TB, addrs []string, topic string) int64 {
 	meta.Topics = append(meta.Topics, mt)
 	mresp, err := meta.RequestWith(ctx, cl)
 	if err != nil {
-		t.Fatalf("metadata: %v", err)
+		return 0, fmt.Errorf("metadata: %v", err)
 	}
 	req := kmsg.NewPtrListOffsetsRequest()
 	rt := kmsg.NewListOffsetsRequestTopic()
@@ -215,18 +282,18 @@ func Count(t testing.TB, addrs []string, topic string) int64 {
 	req.Topics = append(req.Topics, rt)
 	resp, err := req.RequestWith(ctx, cl)
 	if err != nil {
-		t.Fatalf("list offsets: %v", err)
+		return 0, fmt.Errorf("list offsets: %v", err)
 	}
 	var n int64
 	for _, rtopic := range resp.Topics {
 		for _, p := range rtopic.Partitions {
 			if p.ErrorCode != 0 {
-				t.Fatalf("list offsets of %s/%d: error code %d", topic, p.Partition, p.ErrorCode)
+				return 0, fmt.Errorf("list offsets of %s/%d: error code %d", topic, p.Partition, p.ErrorCode)
 			}
 			n += p.Offset
 		}
 	}
-	return n
+	return n, nil
 }
 
 // RejectProduce makes the cluster answer every produce request with the

@@ -1,0 +1,374 @@
+package reliability
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kfake"
+	"gorm.io/driver/postgres"
+	"gorm.io/gorm"
+	"gorm.io/gorm/logger"
+
+	"github.com/gorm-outbox/outbox"
+	"github.com/gorm-outbox/outbox/kafka"
+	"github.com/gorm-outbox/outbox/outboxtest"
+)
+
+var long = flag.Bool("reliability.long", false, "run each scenario for a minute instead of a few seconds")
+
+// The test binary is also the publisher process: the suite starts copies
+// of itself with OUTBOX_REL_ROLE=publisher, and kills them.
+func TestMain(m *testing.M) {
+	if os.Getenv("OUTBOX_REL_ROLE") == "publisher" {
+		os.Exit(publisherProcess())
+	}
+	os.Exit(m.Run())
+}
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil {
+		return v
+	}
+	return def
+}
+
+func publisherProcess() int {
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	db, err := gorm.Open(postgres.Open(os.Getenv("OUTBOX_REL_DSN")), &gorm.Config{Logger: logger.Discard})
+	if err != nil {
+		log.Error("open", "error", err)
+		return 2
+	}
+	if err := db.Use(outbox.Plugin(outbox.WithoutMigration())); err != nil {
+		log.Error("plugin", "error", err)
+		return 2
+	}
+	cfg := kafka.NewConfig()
+	cfg.Net.DialTimeout, cfg.Net.ReadTimeout, cfg.Net.WriteTimeout = time.Second, 5*time.Second, 5*time.Second
+	cfg.Metadata.Retry.Backoff = 100 * time.Millisecond
+	var sender *kafka.Sender
+	for sender == nil { // the broker may be away when this process starts
+		if sender, err = kafka.NewSender(strings.Split(os.Getenv("OUTBOX_REL_BROKERS"), ","), cfg); err != nil {
+			select {
+			case <-ctx.Done():
+				return 0
+			case <-time.After(200 * time.Millisecond):
+			}
+		}
+	}
+	defer sender.Close()
+	pub, err := outbox.NewPublisher(db, sender,
+		outbox.WithWorkers(envInt("OUTBOX_REL_WORKERS", 2)),
+		outbox.WithBatchSize(envInt("OUTBOX_REL_BATCH", 50)),
+		outbox.WithLease(time.Duration(envInt("OUTBOX_REL_LEASE_MS", 2000))*time.Millisecond),
+		outbox.WithPollInterval(20*time.Millisecond),
+		outbox.WithMaxPause(time.Second),
+		outbox.WithRetryPolicy(outbox.RetryPolicy{MaxAttempts: envInt("OUTBOX_REL_MAX_ATTEMPTS", 3), MinBackoff: 50 * time.Millisecond, MaxBackoff: 300 * time.Millisecond}),
+		outbox.WithLogger(log))
+	if err != nil {
+		log.Error("publisher", "error", err)
+		return 2
+	}
+	if err := pub.Run(ctx); err != nil {
+		log.Error("run", "error", err)
+		return 1
+	}
+	return 0
+}
+
+// fleet is the publisher processes of a scenario.
+type fleet struct {
+	t       *testing.T
+	env     []string
+	mu      sync.Mutex
+	running []*exec.Cmd
+	kills   int
+}
+
+func (f *fleet) start() {
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), f.env...)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		f.t.Fatalf("starting a publisher: %v", err)
+	}
+	f.mu.Lock()
+	f.running = append(f.running, cmd)
+	f.mu.Unlock()
+}
+
+// killOne SIGKILLs a random publisher and starts another.
+func (f *fleet) killOne() {
+	f.mu.Lock()
+	i := rand.N(len(f.running))
+	cmd := f.running[i]
+	f.running = append(f.running[:i], f.running[i+1:]...)
+	f.kills++
+	f.mu.Unlock()
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	f.start()
+}
+
+// stop stops every publisher gracefully (SIGTERM) and waits for it.
+func (f *fleet) stop() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, cmd := range f.running {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+	}
+	for _, cmd := range f.running {
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+			f.t.Errorf("a publisher did not stop within 30s of SIGTERM")
+		}
+	}
+	f.running = nil
+}
+
+type scenario struct {
+	name       string
+	publishers int
+	workers    int
+	batch      int
+	killEvery  time.Duration
+	outage     bool // cut the broker off for a few seconds
+	pgRestart  bool // restart PostgreSQL (a private instance)
+	poison     bool // mix in messages over the broker's maximum size
+	lateCommit bool // a transaction that commits long after later ones were published
+}
+
+func TestReliability(t *testing.T) {
+	scenarios := []scenario{
+		{name: "concurrent-enqueuers", publishers: 1, workers: 2, batch: 50},
+		{name: "publishers-4", publishers: 4, workers: 2, batch: 50},
+		{name: "kill-loop", publishers: 3, workers: 2, batch: 20, killEvery: 300 * time.Millisecond},
+		{name: "broker-outage", publishers: 2, workers: 2, batch: 50, outage: true},
+		{name: "postgres-restart", publishers: 2, workers: 2, batch: 50, pgRestart: true},
+		{name: "poison", publishers: 2, workers: 2, batch: 50, poison: true},
+		{name: "late-commit", publishers: 2, workers: 2, batch: 50, lateCommit: true},
+	}
+	for _, sc := range scenarios {
+		t.Run(sc.name, func(t *testing.T) { run(t, sc) })
+	}
+}
+
+func run(t *testing.T, sc scenario) {
+	duration := 4 * time.Second
+	if *long {
+		duration = time.Minute
+	}
+	const topic = "reliability"
+	var (
+		db  *gorm.DB
+		dsn string
+		pg  *PostgresServer
+	)
+	if sc.pgRestart {
+		var err error
+		if pg, err = StartPostgres(); err != nil {
+			outboxtest.Unavailable(t, "a private PostgreSQL (initdb, pg_ctl)", err)
+		}
+		t.Cleanup(pg.Remove)
+		dsn = pg.DSN()
+		if db, err = gorm.Open(postgres.Open(dsn), &gorm.Config{Logger: logger.Discard}); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		db, dsn = outboxtest.PostgresSchema(t, nil)
+	}
+	if err := db.Use(outbox.Plugin()); err != nil {
+		t.Fatal(err)
+	}
+	w := Workload{DB: db, Topic: topic, Keys: 40, Writers: 8, Duration: duration, RollbackEvery: 7}
+	if sc.poison {
+		w.PoisonEvery, w.PoisonBytes = 97, 100_000
+	}
+	if err := w.Setup(); err != nil {
+		t.Fatal(err)
+	}
+
+	// The broker, behind the fault proxy: kfake advertises the proxy's address.
+	var proxy *Proxy
+	opts := []kfake.Opt{kfake.NumBrokers(1), kfake.SeedTopics(4, topic),
+		kfake.BrokerConfigs(map[string]string{"message.max.bytes": "65536"}),
+		kfake.ListenFn(func(network, address string) (net.Listener, error) {
+			ln, err := net.Listen(network, address)
+			if err != nil {
+				return nil, err
+			}
+			if proxy, err = NewProxy(ln.Addr().String()); err != nil {
+				return nil, err
+			}
+			return AdvertisedListener{Listener: ln, Advertised: proxy.ln.Addr()}, nil
+		})}
+	cluster, err := kfake.NewCluster(opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cluster.Close(); proxy.Close() })
+	addrs := []string{proxy.Addr()}
+
+	f := &fleet{t: t, env: []string{
+		"OUTBOX_REL_ROLE=publisher", "OUTBOX_REL_DSN=" + dsn, "OUTBOX_REL_BROKERS=" + proxy.Addr(),
+		"OUTBOX_REL_WORKERS=" + strconv.Itoa(sc.workers), "OUTBOX_REL_BATCH=" + strconv.Itoa(sc.batch),
+	}}
+	for range sc.publishers {
+		f.start()
+	}
+	t.Cleanup(f.stop)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan WorkloadResult)
+	go func() { done <- w.Run(ctx) }()
+
+	var faults sync.WaitGroup
+	var resumedIn time.Duration
+	start := time.Now()
+	switch {
+	case sc.killEvery > 0:
+		faults.Add(1)
+		go func() {
+			defer faults.Done()
+			for time.Since(start) < duration {
+				time.Sleep(sc.killEvery)
+				f.killOne()
+			}
+		}()
+	case sc.outage:
+		faults.Add(1)
+		go func() {
+			defer faults.Done()
+			time.Sleep(duration / 4)
+			proxy.SetDown(true)
+			time.Sleep(3 * time.Second)
+			// Resumed when the broker acknowledges again: a message is marked published.
+			published := func() int64 {
+				var n int64
+				db.Table(outbox.DefaultTableName).Where("state = ?", outbox.StatePublished).Count(&n)
+				return n
+			}
+			before := published()
+			proxy.SetDown(false)
+			up := time.Now()
+			for published() == before && time.Since(up) < 30*time.Second {
+				time.Sleep(10 * time.Millisecond)
+			}
+			resumedIn = time.Since(up)
+		}()
+	case sc.pgRestart:
+		faults.Add(1)
+		go func() {
+			defer faults.Done()
+			time.Sleep(duration / 3)
+			if err := pg.Stop(); err != nil {
+				t.Error(err)
+			}
+			time.Sleep(time.Second)
+			if err := pg.Start(); err != nil {
+				t.Error(err)
+			}
+		}()
+	case sc.lateCommit:
+		faults.Add(1)
+		go func() {
+			defer faults.Done()
+			// Enqueued (and given its id) now, committed after later ids were published.
+			err := db.Transaction(func(tx *gorm.DB) error {
+				if err := outbox.Enqueue(tx, outbox.Message{Topic: topic, Key: "late", Payload: `{"k":"late","v":1}`}); err != nil {
+					return err
+				}
+				time.Sleep(duration / 2)
+				return nil
+			})
+			if err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	result := <-done
+	faults.Wait()
+
+	// Drain: every committed message is published or dead.
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		var pending int64
+		err := db.Table(outbox.DefaultTableName).Where("state = ?", outbox.StatePending).Count(&pending).Error
+		if err == nil && pending == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d messages still pending 90s after the workload (err %v)", pending, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	f.stop()
+
+	rep, err := Check(context.Background(), db, addrs, topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep.Scenario = sc.name
+	fmt.Println(rep)
+	t.Logf("transactions: %d committed, %d rolled back, %d failed; publisher kills: %d", result.Committed, result.RolledBack, result.Failed, f.kills)
+
+	if rep.Lost != 0 || rep.Phantoms != 0 || rep.OrderViolations != 0 {
+		t.Errorf("lost=%d phantoms=%d order_violations=%d: all must be 0", rep.Lost, rep.Phantoms, rep.OrderViolations)
+	}
+	// A duplicate is a message whose send had begun when its publisher died
+	// or its connection was cut: at most a batch per worker per fault.
+	bound := f.kills * sc.workers * sc.batch
+	if sc.outage || sc.pgRestart {
+		bound = sc.publishers * sc.workers * sc.batch
+	}
+	if rep.Duplicates > bound {
+		t.Errorf("duplicates=%d over the bound of %d", rep.Duplicates, bound)
+	}
+	var poison int64
+	db.Table(outbox.DefaultTableName).Where("length(payload) > 65536").Count(&poison)
+	if rep.Dead != int(poison) {
+		t.Errorf("dead=%d, want the %d poison messages", rep.Dead, poison)
+	}
+	if sc.poison && poison == 0 {
+		t.Error("the poison scenario wrote no poison message")
+	}
+	if sc.outage {
+		var charged int64
+		db.Table(outbox.DefaultTableName).Where("attempts > 0").Count(&charged)
+		if charged != 0 {
+			t.Errorf("the outage charged %d messages an attempt", charged)
+		}
+		fmt.Printf("scenario=%s resumed_after_broker_returned=%s\n", sc.name, resumedIn.Round(time.Millisecond))
+		if resumedIn > 10*time.Second {
+			t.Errorf("publishing resumed %v after the broker returned; the bound is 10s", resumedIn)
+		}
+	}
+	if sc.lateCommit {
+		var n int64
+		db.Table(outbox.DefaultTableName).Where("message_key = 'late' AND state = ?", outbox.StatePublished).Count(&n)
+		if n != 1 {
+			t.Error("the late-committing message was not published")
+		}
+	}
+}
