@@ -17,11 +17,15 @@ type dialect struct {
 	// claimLock, run first in the claim's transaction, serializes claims
 	// (see GormStore.Claim). Empty where the database serializes writers.
 	claimLock string
+	// cleanupLock, run first in each cleanup batch's transaction, returns
+	// false when another process is cleaning the same table.
+	cleanupLock string
 }
 
 var dialects = map[string]dialect{
-	"postgres": {name: "postgres", skipLocked: " FOR UPDATE SKIP LOCKED", claimLock: "SELECT pg_advisory_xact_lock(?)"},
-	"sqlite":   {name: "sqlite"},
+	"postgres": {name: "postgres", skipLocked: " FOR UPDATE SKIP LOCKED", claimLock: "SELECT pg_advisory_xact_lock(?)",
+		cleanupLock: "SELECT pg_try_advisory_xact_lock(?)"},
+	"sqlite": {name: "sqlite"},
 }
 
 func dialectOf(db *gorm.DB) (dialect, error) {

@@ -33,20 +33,26 @@ func (s *GormStore) enqueue(tx *gorm.DB, msgs []Message) error {
 	if !s.cfg.allowNoTx && !inTransaction(tx) {
 		return ErrNoTransaction
 	}
+	ctx := tx.Statement.Context
+	if ctx == nil {
+		ctx = context.Background()
+	}
 	now := time.Now().UTC()
 	rows := make([]*OutboxMessage, len(msgs))
 	for i, m := range msgs {
-		row, err := s.cfg.toRow(m, now)
+		row, err := s.cfg.toRow(ctx, m, now)
 		if err != nil {
 			return err
 		}
 		rows[i] = row
 	}
-	ctx := tx.Statement.Context
-	if ctx == nil {
-		ctx = context.Background()
+	if err := s.Save(ctx, tx, rows...); err != nil {
+		return err
 	}
-	return s.Save(ctx, tx, rows...)
+	for _, r := range rows {
+		s.cfg.telemetry.enqueued.Add(ctx, 1, destination(r.Topic))
+	}
+	return nil
 }
 
 // SaveToOutbox is the design document's call: it writes one message for topic
@@ -63,7 +69,7 @@ func SaveToOutbox(ctx context.Context, tx *gorm.DB, store Store, topic string, p
 	if p, err := pluginOf(tx); err == nil {
 		cfg = p.cfg
 	}
-	row, err := cfg.toRow(m, time.Now().UTC())
+	row, err := cfg.toRow(ctx, m, time.Now().UTC())
 	if err != nil {
 		return err
 	}

@@ -1,6 +1,7 @@
 package outbox
 
 import (
+	"context"
 	"fmt"
 	"time"
 
@@ -46,7 +47,7 @@ func validateTopic(topic string) error {
 }
 
 // toRow validates m and turns it into the row that will be inserted.
-func (c *config) toRow(m Message, now time.Time) (*OutboxMessage, error) {
+func (c *config) toRow(ctx context.Context, m Message, now time.Time) (*OutboxMessage, error) {
 	if err := validateTopic(m.Topic); err != nil {
 		return nil, err
 	}
@@ -70,6 +71,7 @@ func (c *config) toRow(m Message, now time.Time) (*OutboxMessage, error) {
 	for k, v := range m.Headers {
 		headers[k] = v
 	}
+	injectTrace(ctx, headers)
 	return &OutboxMessage{
 		ID:            id,
 		Topic:         m.Topic,

@@ -3,6 +3,9 @@ package outbox
 import (
 	"fmt"
 	"regexp"
+
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // DefaultTableName is the outbox table's name unless WithTableName says otherwise.
@@ -24,6 +27,9 @@ type config struct {
 	encoder         Encoder
 	maxPayloadBytes int
 	allowNoTx       bool
+	meterProvider   metric.MeterProvider
+	tracerProvider  trace.TracerProvider
+	telemetry       *telemetry
 }
 
 func newConfig(opts []Option) (config, error) {
@@ -45,6 +51,7 @@ func newConfig(opts []Option) (config, error) {
 	if c.maxPayloadBytes <= 0 {
 		return c, fmt.Errorf("outbox: maximum payload size must be positive, got %d", c.maxPayloadBytes)
 	}
+	c.telemetry = newTelemetry(c.meterProvider, c.tracerProvider)
 	return c, nil
 }
 
@@ -70,6 +77,14 @@ func WithMaxPayloadBytes(n int) Option { return func(c *config) { c.maxPayloadBy
 // (SkipDefaultTransaction, or a plain *gorm.DB). The event is then no longer
 // atomic with the domain rows: a crash between the two writes loses one of them.
 func AllowWithoutTransaction() Option { return func(c *config) { c.allowNoTx = true } }
+
+// WithMeterProvider records the outbox's metrics (enqueue, and the
+// publishers of this db) with mp instead of OpenTelemetry's global provider.
+func WithMeterProvider(mp metric.MeterProvider) Option { return func(c *config) { c.meterProvider = mp } }
+
+// WithTracerProvider makes the publisher's send spans with tp instead of
+// OpenTelemetry's global provider.
+func WithTracerProvider(tp trace.TracerProvider) Option { return func(c *config) { c.tracerProvider = tp } }
 
 var identifier = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$`)
 

@@ -23,6 +23,8 @@ type Publisher struct {
 	store  Store
 	sender Sender
 	cfg    publisherConfig
+	tel    *telemetry
+	system string // messaging.system of the sender, for spans
 
 	wake chan struct{}
 
@@ -46,7 +48,22 @@ type publisherConfig struct {
 	store        Store
 	keyPolicy    KeyPolicy
 	workers      int
+	retention    *RetentionPolicy // nil: no cleanup
+	cleanEvery   time.Duration
 }
+
+// WithRetention sets the cleanup the publisher runs every interval
+// (default: DefaultRetention, every 10 minutes). Only one publisher of a
+// table cleans at a time; the others skip their turn.
+func WithRetention(policy RetentionPolicy, interval time.Duration) PublisherOption {
+	return func(c *publisherConfig) {
+		p := policy.withDefaults()
+		c.retention, c.cleanEvery = &p, interval
+	}
+}
+
+// WithoutRetention keeps every message: the publisher deletes nothing.
+func WithoutRetention() PublisherOption { return func(c *publisherConfig) { c.retention = nil } }
 
 // KeyPolicy says what a failing message does to the later messages of its key.
 type KeyPolicy int
@@ -117,6 +134,8 @@ func NewPublisher(db *gorm.DB, sender Sender, opts ...PublisherOption) (*Publish
 		retry:        DefaultRetryPolicy,
 		maxPause:     5 * time.Second,
 		workers:      1,
+		retention:    &DefaultRetention,
+		cleanEvery:   10 * time.Minute,
 	}
 	for _, o := range opts {
 		o(&cfg)
@@ -130,7 +149,7 @@ func NewPublisher(db *gorm.DB, sender Sender, opts ...PublisherOption) (*Publish
 	if cfg.batchSize <= 0 {
 		return nil, fmt.Errorf("outbox: batch size must be positive, got %d", cfg.batchSize)
 	}
-	if cfg.pollInterval <= 0 || cfg.lease <= 0 || cfg.maxPause <= 0 {
+	if cfg.pollInterval <= 0 || cfg.lease <= 0 || cfg.maxPause <= 0 || cfg.retention != nil && cfg.cleanEvery <= 0 {
 		return nil, fmt.Errorf("outbox: poll interval, lease and max pause must be positive")
 	}
 	cfg.retry = cfg.retry.withDefaults()
@@ -145,7 +164,16 @@ func NewPublisher(db *gorm.DB, sender Sender, opts ...PublisherOption) (*Publish
 		}
 		store = s
 	}
-	return &Publisher{store: store, sender: sender, cfg: cfg, wake: make(chan struct{}, cfg.workers)}, nil
+	p := &Publisher{store: store, sender: sender, cfg: cfg, wake: make(chan struct{}, cfg.workers), system: "unknown"}
+	if gs, ok := store.(*GormStore); ok {
+		p.tel = gs.cfg.telemetry
+	} else {
+		p.tel = newTelemetry(nil, nil)
+	}
+	if sys, ok := sender.(interface{ System() string }); ok {
+		p.system = sys.System()
+	}
+	return p, nil
 }
 
 // ErrPublisherRunning is returned by Start and Run on a running publisher.
@@ -228,7 +256,22 @@ func (p *Publisher) loop(ctx context.Context) {
 	abortCtx := ctx.Value(abortKey{}).(context.Context)
 	log := p.cfg.logger
 	log.Info("outbox publisher started", "workers", p.cfg.workers, "batch_size", p.cfg.batchSize, "poll_interval", p.cfg.pollInterval)
+	if gs, ok := p.store.(*GormStore); ok {
+		reg, err := p.tel.observeStore(func(ctx context.Context) (Stats, error) { return gs.Stats(ctx, p.cfg.retry.MaxAttempts) })
+		if err != nil {
+			log.Warn("outbox: cannot register the backlog gauges", "error", err)
+		} else {
+			defer func() { _ = reg.Unregister() }()
+		}
+	}
 	var wg sync.WaitGroup
+	if gs, ok := p.store.(*GormStore); ok && p.cfg.retention != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p.clean(ctx, gs)
+		}()
+	}
 	for range p.cfg.workers {
 		wg.Add(1)
 		go func() {
@@ -272,6 +315,27 @@ func (p *Publisher) work(ctx, abortCtx context.Context) {
 		case <-p.wake:
 		}
 		timer.Stop()
+	}
+}
+
+// clean runs the retention cleanup every cleanEvery until ctx ends.
+func (p *Publisher) clean(ctx context.Context, store *GormStore) {
+	ticker := time.NewTicker(p.cfg.cleanEvery)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ticker.C:
+		}
+		n, err := store.Cleanup(ctx, *p.cfg.retention, nil)
+		switch {
+		case errors.Is(err, ErrCleanupRunning) || ctx.Err() != nil:
+		case err != nil:
+			p.cfg.logger.Warn("outbox cleanup failed", "error", err, "deleted", n)
+		case n > 0:
+			p.cfg.logger.Info("outbox cleanup", "deleted", n)
+		}
 	}
 }
 
@@ -339,13 +403,17 @@ func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error)
 		res.Released = len(msgs)
 		return res, p.store.Release(work, token, ids(msgs))
 	}
-	errs := p.send(work, msgs)
+	started := time.Now()
+	sendCtx, span := p.tel.startSend(work, p.system, msgs)
+	errs := p.send(sendCtx, msgs)
 	var (
 		published, released []uuid.UUID
 		failures            []Failure
 		unavailable         error
+		deadIDs             = map[string]bool{}
 	)
 	now := time.Now()
+	defer func() { p.tel.recordBatch(work, span, started, now, msgs, errs, deadIDs) }()
 	for i, m := range msgs {
 		err := errs[i]
 		switch {
@@ -369,6 +437,7 @@ func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error)
 			failures = append(failures, f)
 			if f.Dead {
 				res.Dead++
+				deadIDs[m.ID.String()] = true
 			}
 		}
 	}

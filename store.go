@@ -373,6 +373,65 @@ func (s *GormStore) requeue(_ context.Context, q *gorm.DB) (int64, error) {
 	return res.RowsAffected, nil
 }
 
+// Stats is what monitoring needs to know of the table to find stuck messages.
+type Stats struct {
+	Counts map[State]int64 // messages in each state
+	// OldestPendingAge is how long the oldest pending message has waited
+	// (zero when none is pending): the one number to alert on.
+	OldestPendingAge time.Duration
+	Retrying         int64 // pending messages that have failed at least once
+	// OverBudget counts messages, pending or dead, that have used at least
+	// the attempt budget given to Stats.
+	OverBudget int64
+	// ExpiredClaims are claims whose lease ran out without a result: their
+	// publisher died or stalled. They are due again and will be re-sent.
+	ExpiredClaims int64
+}
+
+// Stats reads the table's state; attemptBudget is the MaxAttempts to count
+// OverBudget against (DefaultRetryPolicy's when zero).
+func (s *GormStore) Stats(ctx context.Context, attemptBudget int) (Stats, error) {
+	if attemptBudget <= 0 {
+		attemptBudget = DefaultRetryPolicy.MaxAttempts
+	}
+	st := Stats{}
+	counts, err := s.Count(ctx)
+	if err != nil {
+		return st, err
+	}
+	st.Counts = counts
+	now := time.Now().UTC()
+	var agg struct {
+		Retrying      int64
+		ExpiredClaims int64
+	}
+	q, pending := s.quote, "'"+string(StatePending)+"'"
+	// The oldest by id is the oldest by creation (UUIDv7), found on the
+	// pending index; a real column keeps its type on every driver.
+	var oldest []time.Time
+	err = s.db.WithContext(ctx).Table(s.cfg.table).Where(q("state")+" = "+pending).
+		Order(q("id")).Limit(1).Pluck("created_at", &oldest).Error
+	if err != nil {
+		return st, fmt.Errorf("outbox: reading stats of %s: %w", s.cfg.table, err)
+	}
+	if len(oldest) == 1 {
+		st.OldestPendingAge = max(now.Sub(oldest[0]), 0)
+	}
+	err = s.db.WithContext(ctx).Table(s.cfg.table).
+		Select("COALESCE(SUM(CASE WHEN "+q("attempts")+" > 0 THEN 1 ELSE 0 END), 0) AS retrying, "+
+			"COALESCE(SUM(CASE WHEN "+q("claim_token")+" IS NOT NULL AND "+q("next_attempt_at")+" < ? THEN 1 ELSE 0 END), 0) AS expired_claims", now).
+		Where(q("state") + " = " + pending).Scan(&agg).Error
+	if err != nil {
+		return st, fmt.Errorf("outbox: reading stats of %s: %w", s.cfg.table, err)
+	}
+	st.Retrying, st.ExpiredClaims = agg.Retrying, agg.ExpiredClaims
+	err = s.db.WithContext(ctx).Table(s.cfg.table).Where("state <> ? AND attempts >= ?", StatePublished, attemptBudget).Count(&st.OverBudget).Error
+	if err != nil {
+		return st, fmt.Errorf("outbox: reading stats of %s: %w", s.cfg.table, err)
+	}
+	return st, nil
+}
+
 // Count returns how many messages are in each state.
 func (s *GormStore) Count(ctx context.Context) (map[State]int64, error) {
 	var rows []struct {

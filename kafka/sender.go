@@ -88,6 +88,9 @@ func recordVersion(cfg *sarama.Config) int {
 	return 1
 }
 
+// System is the messaging.system of the sender's spans.
+func (s *Sender) System() string { return "kafka" }
+
 // Close closes the producer if NewSender made it.
 func (s *Sender) Close() error {
 	if !s.owned {
