@@ -80,11 +80,15 @@ func AllowWithoutTransaction() Option { return func(c *config) { c.allowNoTx = t
 
 // WithMeterProvider records the outbox's metrics (enqueue, and the
 // publishers of this db) with mp instead of OpenTelemetry's global provider.
-func WithMeterProvider(mp metric.MeterProvider) Option { return func(c *config) { c.meterProvider = mp } }
+func WithMeterProvider(mp metric.MeterProvider) Option {
+	return func(c *config) { c.meterProvider = mp }
+}
 
 // WithTracerProvider makes the publisher's send spans with tp instead of
 // OpenTelemetry's global provider.
-func WithTracerProvider(tp trace.TracerProvider) Option { return func(c *config) { c.tracerProvider = tp } }
+func WithTracerProvider(tp trace.TracerProvider) Option {
+	return func(c *config) { c.tracerProvider = tp }
+}
 
 var identifier = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$`)
 
