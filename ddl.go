@@ -34,10 +34,11 @@ var outboxColumns = []column{
 // migrations and register the plugin WithoutMigration. They are the same
 // schema Plugin's migration creates.
 //
-// The pending indexes hold only pending rows, so finding work (and a key's
-// older pending messages) stays cheap however many published rows the
-// table keeps; the claimed-key index finds a key's messages in flight; the
-// state index serves listing, monitoring and retention.
+// The indexes on pending rows hold only those, so finding work stays cheap
+// however many published rows the table keeps: pending by id (the claim's
+// order), pending by next attempt (the held rows, which make a key busy),
+// and the keys with a message in flight. The state index serves listing,
+// monitoring and retention.
 func DDL(dialectName, table string) ([]string, error) {
 	if _, ok := dialects[dialectName]; !ok {
 		return nil, fmt.Errorf("outbox: database %q is not supported (supported: postgres, sqlite)", dialectName)
@@ -60,7 +61,7 @@ func DDL(dialectName, table string) ([]string, error) {
 	return []string{
 		"CREATE TABLE IF NOT EXISTS " + q(table) + " (\n  " + strings.Join(cols, ",\n  ") + "\n)",
 		"CREATE INDEX IF NOT EXISTS " + idx("pending") + " ON " + q(table) + " (" + q("id") + ") WHERE state = 'pending'",
-		"CREATE INDEX IF NOT EXISTS " + idx("pending_key") + " ON " + q(table) + " (" + q("message_key") + ", " + q("id") + ") WHERE state = 'pending'",
+		"CREATE INDEX IF NOT EXISTS " + idx("pending_due") + " ON " + q(table) + " (" + q("next_attempt_at") + ") WHERE state = 'pending'",
 		"CREATE INDEX IF NOT EXISTS " + idx("claimed_key") + " ON " + q(table) + " (" + q("message_key") + ") WHERE state = 'pending' AND claim_token IS NOT NULL",
 		"CREATE INDEX IF NOT EXISTS " + idx("state") + " ON " + q(table) + " (" + q("state") + ", " + q("created_at") + ")",
 	}, nil

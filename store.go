@@ -191,12 +191,12 @@ func (s *GormStore) Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessag
 // Per-key order: a claim takes the oldest due rows in id order, so what it
 // takes of a key is always the front of that key's pending queue, and what a
 // key has held (claimed, or waiting for a retry) is always a front too. So a
-// row may be taken exactly when the oldest pending row of its key is due
-// (KeyWait), or when no row of its key is claimed (KeySkip): one index probe
-// per row, however deep the key's queue. Claims are serialized (an advisory
-// lock on PostgreSQL, the single writer on SQLite) so that each sees the
-// claims committed before it; sending stays parallel. Messages with an empty
-// key are never held back.
+// key is free exactly when none of its pending rows is held (KeyWait), or
+// none is claimed (KeySkip). Held rows are few, so the busy keys are read
+// once per claim through small indexes and skipped with a hash lookup per
+// row. Claims are serialized (an advisory lock on PostgreSQL, the single
+// writer on SQLite) so that each sees the claims committed before it;
+// sending stays parallel. Messages with an empty key are never held back.
 func (s *GormStore) Claim(ctx context.Context, opts ClaimOptions) (string, []*OutboxMessage, error) {
 	if opts.Limit <= 0 {
 		return "", nil, fmt.Errorf("outbox: claim limit must be positive, got %d", opts.Limit)
@@ -231,20 +231,20 @@ func (s *GormStore) Claim(ctx context.Context, opts ClaimOptions) (string, []*Ou
 // claimSQL's parameters: token, lease end, now, [now,] limit. The state is
 // a literal, not a parameter: the partial indexes on pending rows serve only
 // a query whose predicate is known when it is planned (a prepared
-// statement's generic plan would otherwise scan the table, per row).
+// statement's generic plan would otherwise scan the table).
 func (s *GormStore) claimSQL(skipFailedKeys bool) string {
 	q, t := s.quote, s.table()
 	pending := "'" + string(StatePending) + "'"
-	keyFree := "(SELECT h." + q("next_attempt_at") + " FROM " + t + " h WHERE h." + q("message_key") + " = r." + q("message_key") +
-		" AND h." + q("state") + " = " + pending + " ORDER BY h." + q("id") + " LIMIT 1) <= ?"
+	busy := "SELECT h." + q("message_key") + " FROM " + t + " h WHERE h." + q("state") + " = " + pending +
+		" AND h." + q("next_attempt_at") + " > ?" // claimed, or waiting for a retry
 	if skipFailedKeys {
-		keyFree = "NOT EXISTS (SELECT 1 FROM " + t + " h WHERE h." + q("message_key") + " = r." + q("message_key") +
-			" AND h." + q("state") + " = " + pending + " AND h." + q("claim_token") + " IS NOT NULL)"
+		busy = "SELECT h." + q("message_key") + " FROM " + t + " h WHERE h." + q("state") + " = " + pending +
+			" AND h." + q("claim_token") + " IS NOT NULL"
 	}
 	return "UPDATE " + t + " SET " + q("claim_token") + " = ?, " + q("next_attempt_at") + " = ?" +
 		" WHERE " + q("id") + " IN (SELECT r." + q("id") + " FROM " + t + " r" +
 		" WHERE r." + q("state") + " = " + pending + " AND r." + q("next_attempt_at") + " <= ?" +
-		" AND (r." + q("message_key") + " = '' OR " + keyFree + ")" +
+		" AND (r." + q("message_key") + " = '' OR r." + q("message_key") + " NOT IN (" + busy + "))" +
 		" ORDER BY r." + q("id") + " LIMIT ?" + s.dialect.skipLocked + ")" +
 		" RETURNING " + s.columns
 }
@@ -320,12 +320,16 @@ func (s *GormStore) Release(ctx context.Context, token string, ids []uuid.UUID) 
 
 // ListOptions filters List. The zero value lists the oldest 100 messages.
 type ListOptions struct {
-	State State  // "" for every state
-	Topic string // "" for every topic
-	Limit int    // 100 when zero
+	State         State     // "" for every state
+	Topic         string    // "" for every topic
+	Key           string    // "" for every key
+	CreatedBefore time.Time // zero for any age
+	NewestFirst   bool      // newest first instead of oldest first
+	Limit         int       // 100 when zero
+	Offset        int       // messages to skip, for paging
 }
 
-// List returns messages, oldest first.
+// List returns messages, oldest first unless opts.NewestFirst.
 func (s *GormStore) List(ctx context.Context, opts ListOptions) ([]OutboxMessage, error) {
 	q := s.db.WithContext(ctx).Table(s.cfg.table)
 	if opts.State != "" {
@@ -334,14 +338,54 @@ func (s *GormStore) List(ctx context.Context, opts ListOptions) ([]OutboxMessage
 	if opts.Topic != "" {
 		q = q.Where("topic = ?", opts.Topic)
 	}
+	if opts.Key != "" {
+		q = q.Where("message_key = ?", opts.Key)
+	}
+	if !opts.CreatedBefore.IsZero() {
+		q = q.Where("created_at < ?", opts.CreatedBefore.UTC())
+	}
 	if opts.Limit <= 0 {
 		opts.Limit = 100
 	}
+	order := "id"
+	if opts.NewestFirst {
+		order = "id DESC"
+	}
 	var out []OutboxMessage
-	if err := q.Order("id").Limit(opts.Limit).Find(&out).Error; err != nil {
+	if err := q.Order(order).Limit(opts.Limit).Offset(opts.Offset).Find(&out).Error; err != nil {
 		return nil, fmt.Errorf("outbox: listing %s: %w", s.cfg.table, err)
 	}
 	return out, nil
+}
+
+// ErrNotFound is returned by Get for an id that is not in the table.
+var ErrNotFound = errors.New("outbox: no such message")
+
+// Get returns one message.
+func (s *GormStore) Get(ctx context.Context, id uuid.UUID) (*OutboxMessage, error) {
+	var out []OutboxMessage
+	if err := s.db.WithContext(ctx).Table(s.cfg.table).Where("id = ?", id).Limit(1).Find(&out).Error; err != nil {
+		return nil, fmt.Errorf("outbox: reading message %s from %s: %w", id, s.cfg.table, err)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("%w with id %s in %s", ErrNotFound, id, s.cfg.table)
+	}
+	return &out[0], nil
+}
+
+// CountOlder counts the messages in state that Cleanup would delete with a
+// retention of age: created, and for published ones published, before it.
+func (s *GormStore) CountOlder(ctx context.Context, state State, age time.Duration) (int64, error) {
+	cutoff := time.Now().UTC().Add(-age)
+	q := s.db.WithContext(ctx).Table(s.cfg.table).Where("state = ? AND created_at < ?", state, cutoff)
+	if state == StatePublished {
+		q = q.Where("published_at < ?", cutoff)
+	}
+	var n int64
+	if err := q.Count(&n).Error; err != nil {
+		return 0, fmt.Errorf("outbox: counting %s: %w", s.cfg.table, err)
+	}
+	return n, nil
 }
 
 // Requeue makes dead messages pending again with a fresh attempt budget,

@@ -1,0 +1,222 @@
+// Command outbox inspects and repairs an outbox table without SQL.
+//
+//	go install github.com/gorm-outbox/outbox/cmd/outbox@latest
+//	export OUTBOX_DSN='postgres://user:pass@host:5432/db'   # or a SQLite file path
+//	outbox status
+//	outbox list --state dead --topic orders
+//	outbox show 0190a6f0-...
+//	outbox requeue --dead --topic orders
+//	outbox purge --published --older-than 720h
+//	outbox watch
+//
+// Exit codes: 0 done, 1 failed (bad DSN, missing table, unknown id...), 2 wrong usage.
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"os/signal"
+	"regexp"
+	"strings"
+
+	"github.com/glebarez/sqlite"
+	"gorm.io/driver/postgres"
+	"gorm.io/gorm"
+	"gorm.io/gorm/logger"
+
+	"github.com/gorm-outbox/outbox"
+)
+
+const usage = `usage: outbox [--dsn DSN] [--table NAME] COMMAND [flags]
+
+The DSN comes from --dsn or OUTBOX_DSN: a postgres:// URL or "host=... dbname=..."
+for PostgreSQL, or a SQLite file path.
+
+commands:
+  status [--json]                       counts per state, oldest pending age, stuck messages
+  list [--state S] [--topic T] [--key K] [--older-than D] [--newest] [--limit N] [--page P] [--payload]
+  show ID                               one message, with payload and headers
+  requeue ID...                         make dead messages pending again
+  requeue --dead [--topic T]            requeue every dead message (of a topic)
+  purge --published --older-than D [--yes]
+                                        delete published messages older than D (e.g. 720h)
+  watch [--interval D]                  live counts and rates
+`
+
+// errUsage marks a mistake in the command line: exit code 2.
+type errUsage struct{ msg string }
+
+func (e errUsage) Error() string { return e.msg }
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	os.Exit(run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+}
+
+// app is what every command needs.
+type app struct {
+	store  *outbox.GormStore
+	stdin  io.Reader
+	stdout io.Writer
+	stderr io.Writer
+	tty    bool
+}
+
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	global := flag.NewFlagSet("outbox", flag.ContinueOnError)
+	global.SetOutput(io.Discard)
+	dsn := global.String("dsn", os.Getenv("OUTBOX_DSN"), "database DSN")
+	table := global.String("table", envOr("OUTBOX_TABLE", outbox.DefaultTableName), "outbox table")
+	if err := global.Parse(args); err != nil || global.NArg() == 0 {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprint(stdout, usage)
+			return 0
+		}
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	cmd, rest := global.Arg(0), global.Args()[1:]
+	commands := map[string]func(context.Context, *app, []string) error{
+		"status": cmdStatus, "list": cmdList, "show": cmdShow, "requeue": cmdRequeue, "purge": cmdPurge, "watch": cmdWatch,
+	}
+	fn, ok := commands[cmd]
+	if cmd == "help" {
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	if !ok {
+		fmt.Fprintf(stderr, "outbox: unknown command %q\n\n%s", cmd, usage)
+		return 2
+	}
+	if *dsn == "" {
+		fmt.Fprintln(stderr, "outbox: no database: give --dsn or set OUTBOX_DSN")
+		return 2
+	}
+	store, closeDB, err := open(ctx, *dsn, *table)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	defer closeDB()
+	a := &app{store: store, stdin: stdin, stdout: stdout, stderr: stderr, tty: isTerminal(stdout)}
+	if err := fn(ctx, a, rest); err != nil {
+		var u errUsage
+		if errors.As(err, &u) {
+			fmt.Fprintf(stderr, "outbox %s: %s\n", cmd, u.msg)
+			return 2
+		}
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	return 0
+}
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+func isPostgres(dsn string) bool {
+	return strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") ||
+		strings.Contains(dsn, "host=") || strings.Contains(dsn, "dbname=")
+}
+
+var passwordField = regexp.MustCompile(`(?i)(password=)(\S+)`)
+
+// redact hides a DSN's password, so that no error or log line shows it.
+func redact(dsn string) string {
+	if u, err := url.Parse(dsn); err == nil && u.User != nil {
+		return u.Redacted()
+	}
+	return passwordField.ReplaceAllString(dsn, "${1}xxxxx")
+}
+
+func open(ctx context.Context, dsn, table string) (*outbox.GormStore, func(), error) {
+	var dialector gorm.Dialector
+	if isPostgres(dsn) {
+		dialector = postgres.Open(dsn)
+	} else {
+		path := strings.TrimPrefix(strings.SplitN(dsn, "?", 2)[0], "file:")
+		if _, err := os.Stat(path); err != nil {
+			return nil, nil, fmt.Errorf("outbox: no SQLite database at %s (a PostgreSQL DSN starts with postgres:// or has host=)", path)
+		}
+		dialector = sqlite.Open(dsn)
+	}
+	db, err := gorm.Open(dialector, &gorm.Config{Logger: logger.Discard, DisableAutomaticPing: true})
+	if err != nil {
+		return nil, nil, fmt.Errorf("outbox: cannot open %s: %v", redact(dsn), scrub(err, dsn))
+	}
+	closeDB := func() {
+		if sqlDB, err := db.DB(); err == nil {
+			_ = sqlDB.Close()
+		}
+	}
+	sqlDB, _ := db.DB()
+	if err := sqlDB.PingContext(ctx); err != nil {
+		closeDB()
+		return nil, nil, fmt.Errorf("outbox: cannot connect to %s: %v", redact(dsn), scrub(err, dsn))
+	}
+	if err := db.Use(outbox.Plugin(outbox.WithTableName(table), outbox.WithoutMigration())); err != nil {
+		closeDB()
+		return nil, nil, err
+	}
+	if !db.Migrator().HasTable(table) {
+		closeDB()
+		return nil, nil, fmt.Errorf("outbox: table %q does not exist in %s (wrong database, or --table?)", table, redact(dsn))
+	}
+	store, err := outbox.StoreOf(db)
+	if err != nil {
+		closeDB()
+		return nil, nil, err
+	}
+	return store, closeDB, nil
+}
+
+// scrub removes the password from a driver's error, in case it quotes the DSN.
+func scrub(err error, dsn string) string {
+	msg := err.Error()
+	if u, perr := url.Parse(dsn); perr == nil && u.User != nil {
+		if p, ok := u.User.Password(); ok && p != "" {
+			msg = strings.ReplaceAll(msg, p, "xxxxx")
+		}
+	}
+	for _, m := range passwordField.FindAllStringSubmatch(dsn, -1) {
+		msg = strings.ReplaceAll(msg, m[2], "xxxxx")
+	}
+	return msg
+}
+
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	st, err := f.Stat()
+	return err == nil && st.Mode()&os.ModeCharDevice != 0
+}
+
+// confirm asks a yes/no question on the terminal; anything but y or yes is no.
+func (a *app) confirm(question string) bool {
+	fmt.Fprintf(a.stderr, "%s [y/N] ", question)
+	line, _ := bufio.NewReader(a.stdin).ReadString('\n')
+	answer := strings.ToLower(strings.TrimSpace(line))
+	return answer == "y" || answer == "yes"
+}
+
+// parse parses a command's flags; a mistake is a usage error.
+func parse(fs *flag.FlagSet, args []string) error {
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		return errUsage{err.Error()}
+	}
+	return nil
+}
