@@ -49,8 +49,10 @@ func (s *GormStore) enqueue(tx *gorm.DB, msgs []Message) error {
 	if err := s.Save(ctx, tx, rows...); err != nil {
 		return err
 	}
-	for _, r := range rows {
-		s.cfg.telemetry.enqueued.Add(ctx, 1, destination(r.Topic))
+	if s.cfg.telemetry.enqueued.Enabled(ctx) {
+		for _, r := range rows {
+			s.cfg.telemetry.enqueued.Add(ctx, 1, destination(r.Topic))
+		}
 	}
 	return nil
 }

@@ -112,9 +112,9 @@ func injectTrace(ctx context.Context, h Headers) {
 // startSend opens the span of one batch's send, linked to the trace of
 // each message that carries one.
 func (t *telemetry) startSend(ctx context.Context, system string, msgs []*OutboxMessage) (context.Context, trace.Span) {
-	ctx, span := t.tracer.Start(ctx, "outbox send", trace.WithSpanKind(trace.SpanKindProducer),
-		trace.WithAttributes(attrOperation.String("send"), attrSystem.String(system), attrBatchCount.Int(len(msgs))))
-	if span.IsRecording() {
+	ctx, span := t.tracer.Start(ctx, "outbox send", trace.WithSpanKind(trace.SpanKindProducer))
+	if span.IsRecording() { // building attributes and links costs; a no-op span needs none
+		span.SetAttributes(attrOperation.String("send"), attrSystem.String(system), attrBatchCount.Int(len(msgs)))
 		for _, m := range msgs {
 			if _, ok := m.Headers["traceparent"]; !ok {
 				continue
@@ -130,6 +130,18 @@ func (t *telemetry) startSend(ctx context.Context, system string, msgs []*Outbox
 
 // recordBatch records a batch's outcome in the metrics and its span.
 func (t *telemetry) recordBatch(ctx context.Context, span trace.Span, started, now time.Time, msgs []*OutboxMessage, errs []error, deadIDs map[string]bool) {
+	defer span.End()
+	if !t.published.Enabled(ctx) {
+		// No meter provider: skip the per-message attributes, which cost
+		// allocations even when nothing records them.
+		for _, err := range errs {
+			if err != nil && !isUnavailable(err) && !errors.Is(err, ErrHeldBack) {
+				span.SetStatus(codes.Error, "some messages were refused")
+				break
+			}
+		}
+		return
+	}
 	t.sendDuration.Record(ctx, now.Sub(started).Seconds(), metric.WithAttributes(attrOperation.String("send")))
 	t.batchSize.Record(ctx, int64(len(msgs)))
 	failures := 0
@@ -150,5 +162,4 @@ func (t *telemetry) recordBatch(ctx context.Context, span trace.Span, started, n
 	if failures > 0 {
 		span.SetStatus(codes.Error, "some messages were refused")
 	}
-	span.End()
 }
