@@ -25,6 +25,10 @@ type Report struct {
 	OrderViolations int // a key's message delivered before an older one of its key
 	Dead            int
 	Phantoms        int // records of messages that never committed
+	// Partial counts aggregates whose committed version does not match
+	// their committed events (1..version, each once): a transaction that
+	// wrote one without the other.
+	Partial int
 }
 
 // String is the one line each scenario ends with.
@@ -94,6 +98,31 @@ func Check(ctx context.Context, db *gorm.DB, addrs []string, topic string) (Repo
 	for id, m := range committed {
 		if !seen[id] && m.State != outbox.StateDead {
 			rep.Lost++
+		}
+	}
+	var aggs []Aggregate
+	if err := db.WithContext(ctx).Find(&aggs).Error; err != nil {
+		return rep, err
+	}
+	versions := map[string]map[int64]int{}
+	for _, m := range rows {
+		var e Event
+		if err := json.Unmarshal(m.Payload, &e); err != nil {
+			return rep, fmt.Errorf("message %s: %v", m.ID, err)
+		}
+		if versions[e.Key] == nil {
+			versions[e.Key] = map[int64]int{}
+		}
+		versions[e.Key][e.Version]++
+	}
+	for _, a := range aggs {
+		vs := versions[a.Key]
+		ok := len(vs) == int(a.Version)
+		for v := int64(1); ok && v <= a.Version; v++ {
+			ok = vs[v] == 1
+		}
+		if !ok {
+			rep.Partial++
 		}
 	}
 	return rep, nil

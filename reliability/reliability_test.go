@@ -333,8 +333,8 @@ func run(t *testing.T, sc scenario) {
 	fmt.Println(rep)
 	t.Logf("transactions: %d committed, %d rolled back, %d failed; publisher kills: %d", result.Committed, result.RolledBack, result.Failed, f.kills)
 
-	if rep.Lost != 0 || rep.Phantoms != 0 || rep.OrderViolations != 0 {
-		t.Errorf("lost=%d phantoms=%d order_violations=%d: all must be 0", rep.Lost, rep.Phantoms, rep.OrderViolations)
+	if rep.Lost != 0 || rep.Phantoms != 0 || rep.OrderViolations != 0 || rep.Partial != 0 {
+		t.Errorf("lost=%d phantoms=%d order_violations=%d partial=%d: all must be 0", rep.Lost, rep.Phantoms, rep.OrderViolations, rep.Partial)
 	}
 	// A duplicate is a message whose send had begun when its publisher died
 	// or its connection was cut: at most a batch per worker per fault.
