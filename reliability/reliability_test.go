@@ -173,6 +173,19 @@ func TestReliability(t *testing.T) {
 	}
 }
 
+// report prints a scenario's line, and appends it to the file named by
+// OUTBOX_RELIABILITY_REPORT, so that CI shows it even when go test hides
+// the output of passing packages.
+func report(line string) {
+	fmt.Println(line)
+	if path := os.Getenv("OUTBOX_RELIABILITY_REPORT"); path != "" {
+		if f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644); err == nil {
+			fmt.Fprintln(f, line)
+			f.Close()
+		}
+	}
+}
+
 func run(t *testing.T, sc scenario) {
 	duration := 4 * time.Second
 	if *long {
@@ -330,7 +343,7 @@ func run(t *testing.T, sc scenario) {
 		t.Fatal(err)
 	}
 	rep.Scenario = sc.name
-	fmt.Println(rep)
+	report(rep.String())
 	t.Logf("transactions: %d committed, %d rolled back, %d failed; publisher kills: %d", result.Committed, result.RolledBack, result.Failed, f.kills)
 
 	if rep.Lost != 0 || rep.Phantoms != 0 || rep.OrderViolations != 0 || rep.Partial != 0 {
@@ -359,7 +372,7 @@ func run(t *testing.T, sc scenario) {
 		if charged != 0 {
 			t.Errorf("the outage charged %d messages an attempt", charged)
 		}
-		fmt.Printf("scenario=%s resumed_after_broker_returned=%s\n", sc.name, resumedIn.Round(time.Millisecond))
+		report(fmt.Sprintf("scenario=%s resumed_after_broker_returned=%s", sc.name, resumedIn.Round(time.Millisecond)))
 		if resumedIn > 10*time.Second {
 			t.Errorf("publishing resumed %v after the broker returned; the bound is 10s", resumedIn)
 		}
