@@ -1,7 +1,11 @@
 package outbox
 
 import (
+	"database/sql"
 	"fmt"
+	"regexp"
+	"strconv"
+	"strings"
 
 	"gorm.io/gorm"
 )
@@ -16,23 +20,77 @@ type dialect struct {
 	skipLocked string
 	// claimLock, run first in the claim's transaction, serializes claims
 	// (see GormStore.Claim). Empty where the database serializes writers.
-	claimLock string
+	claimLock   string
+	claimUnlock string
 	// cleanupLock, run first in each cleanup batch's transaction, returns
 	// false when another process is cleaning the same table.
-	cleanupLock string
+	cleanupLock   string
+	cleanupUnlock string
+	// returning: UPDATE ... RETURNING claims in one statement; without it
+	// (MySQL, MariaDB) the claim locks, updates and reads back.
+	returning bool
+	// claimTx are the claim transaction's options: MySQL's default
+	// REPEATABLE READ would read the busy keys from an older snapshot.
+	claimTx *sql.TxOptions
+	// deleteLimit: DELETE ... LIMIT, for a database that cannot select from
+	// the table it deletes from.
+	deleteLimit bool
+	// minVersion checks the server when a publisher starts.
+	minVersion func(db *gorm.DB) error
 }
 
 var dialects = map[string]dialect{
-	"postgres": {name: "postgres", skipLocked: " FOR UPDATE SKIP LOCKED", claimLock: "SELECT pg_advisory_xact_lock(?)",
-		cleanupLock: "SELECT pg_try_advisory_xact_lock(?)"},
-	"sqlite": {name: "sqlite"},
+	// MySQL and MariaDB: no SKIP LOCKED in the claim. InnoDB also locks
+	// rows that a concurrent UPDATE merely scanned, so skipping locked rows
+	// could skip a key's oldest message and take the next one; claims are
+	// serialized by the named lock, so waiting costs little.
+	"mysql": {name: "mysql", skipLocked: " FOR UPDATE",
+		claimLock: "SELECT GET_LOCK(?, 30)", claimUnlock: "SELECT RELEASE_LOCK(?)",
+		cleanupLock: "SELECT GET_LOCK(?, 0)", cleanupUnlock: "SELECT RELEASE_LOCK(?)",
+		claimTx: &sql.TxOptions{Isolation: sql.LevelReadCommitted}, deleteLimit: true, minVersion: mysqlSkipLocked},
+	"postgres": {name: "postgres", skipLocked: " FOR UPDATE SKIP LOCKED", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?)) l",
+		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", returning: true},
+	"sqlite": {name: "sqlite", returning: true},
 }
 
 func dialectOf(db *gorm.DB) (dialect, error) {
 	name := db.Dialector.Name()
 	d, ok := dialects[name]
 	if !ok {
-		return dialect{}, fmt.Errorf("outbox: database %q is not supported (supported: postgres, sqlite)", name)
+		return dialect{}, fmt.Errorf("outbox: database %q is not supported (supported: postgres, sqlite, mysql and mariadb)", name)
 	}
 	return d, nil
+}
+
+var versionNumber = regexp.MustCompile(`^(\d+)\.(\d+)\.?(\d*)`)
+
+// mysqlSkipLocked refuses servers without FOR UPDATE SKIP LOCKED, which
+// several publishers need to divide the work: MySQL before 8.0.1, MariaDB
+// before 10.6.
+func mysqlSkipLocked(db *gorm.DB) error {
+	var v string
+	if err := db.Raw("SELECT VERSION()").Scan(&v).Error; err != nil {
+		return fmt.Errorf("outbox: reading the server version: %w", err)
+	}
+	return checkSkipLocked(v)
+}
+
+func checkSkipLocked(v string) error {
+	m := versionNumber.FindStringSubmatch(v)
+	if m == nil {
+		return fmt.Errorf("outbox: cannot read the server version %q", v)
+	}
+	major, _ := strconv.Atoi(m[1])
+	minor, _ := strconv.Atoi(m[2])
+	patch, _ := strconv.Atoi(m[3])
+	if strings.Contains(strings.ToLower(v), "mariadb") {
+		if major < 10 || major == 10 && minor < 6 {
+			return fmt.Errorf("outbox: MariaDB %s has no FOR UPDATE SKIP LOCKED; the publisher needs MariaDB 10.6 or later", v)
+		}
+		return nil
+	}
+	if major < 8 || major == 8 && minor == 0 && patch < 1 {
+		return fmt.Errorf("outbox: MySQL %s has no FOR UPDATE SKIP LOCKED; the publisher needs MySQL 8.0.1 or later", v)
+	}
+	return nil
 }

@@ -17,6 +17,7 @@ var databases = []struct {
 }{
 	{"postgres", outboxtest.Postgres},
 	{"sqlite", outboxtest.SQLite},
+	{"mariadb", outboxtest.MariaDB},
 }
 
 // eachDB runs fn as a subtest on every backend, with the plugin registered

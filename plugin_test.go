@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"gorm.io/driver/mysql"
 	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox"
@@ -84,15 +83,24 @@ func TestPluginRefusesBadOptions(t *testing.T) {
 	}
 }
 
+// otherDialector stands in for a database the outbox does not support (no
+// driver for one is installed here): SQLite under another name.
+type otherDialector struct{ gorm.Dialector }
+
+func (otherDialector) Name() string { return "sqlserver" }
+
 func TestPluginRefusesUnsupportedDatabase(t *testing.T) {
-	// No server is contacted: the dialector is only asked its name.
-	db, err := gorm.Open(mysql.New(mysql.Config{DSN: "root@tcp(127.0.0.1:1)/none", SkipInitializeWithVersion: true}), &gorm.Config{DisableAutomaticPing: true})
+	db := databases[1].open(t, nil)
+	other, err := gorm.Open(otherDialector{db.Dialector}, &gorm.Config{ConnPool: db.ConnPool})
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = db.Use(outbox.Plugin())
-	if err == nil || !strings.Contains(err.Error(), `"mysql" is not supported`) {
-		t.Fatalf("err = %v, want mysql refused", err)
+	err = other.Use(outbox.Plugin())
+	if err == nil || !strings.Contains(err.Error(), `"sqlserver" is not supported`) {
+		t.Fatalf("err = %v, want sqlserver refused", err)
+	}
+	if db.Migrator().HasTable(outbox.DefaultTableName) {
+		t.Fatal("a refused registration created the table")
 	}
 }
 
@@ -192,6 +200,33 @@ func describe(t *testing.T, db *gorm.DB, dialect, table string) string {
 		for _, def := range idx {
 			def = regexp.MustCompile(`\b\w*`+table+`\w*\b`).ReplaceAllStringFunc(def, func(s string) string { return strings.ReplaceAll(s, table, "T") })
 			lines = append(lines, "index "+def)
+		}
+	case "mariadb":
+		var cols []struct {
+			ColumnName, ColumnType, IsNullable string
+			ColumnDefault                      *string
+		}
+		if err := db.Raw(`SELECT column_name, column_type, is_nullable, column_default FROM information_schema.columns
+			WHERE table_schema = DATABASE() AND table_name = ? ORDER BY ordinal_position`, table).Scan(&cols).Error; err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range cols {
+			def := "-"
+			if c.ColumnDefault != nil {
+				def = *c.ColumnDefault
+			}
+			lines = append(lines, fmt.Sprintf("column %s %s nullable=%s default=%s", c.ColumnName, c.ColumnType, c.IsNullable, def))
+		}
+		var idx []struct {
+			IndexName, Columns string
+			NonUnique          int
+		}
+		if err := db.Raw(`SELECT index_name, GROUP_CONCAT(column_name ORDER BY seq_in_index) AS columns, MAX(non_unique) AS non_unique
+			FROM information_schema.statistics WHERE table_schema = DATABASE() AND table_name = ? GROUP BY index_name`, table).Scan(&idx).Error; err != nil {
+			t.Fatal(err)
+		}
+		for _, i := range idx {
+			lines = append(lines, fmt.Sprintf("index %s (%s) unique=%v", strings.ReplaceAll(i.IndexName, table, "T"), i.Columns, i.NonUnique == 0))
 		}
 	case "sqlite":
 		var cols []struct {

@@ -203,6 +203,11 @@ func (p *Publisher) Run(ctx context.Context) error {
 type abortKey struct{}
 
 func (p *Publisher) begin(ctx context.Context) (context.Context, error) {
+	if gs, ok := p.store.(*GormStore); ok && gs.dialect.minVersion != nil {
+		if err := gs.dialect.minVersion(gs.db.WithContext(ctx)); err != nil {
+			return nil, err
+		}
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.running {

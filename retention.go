@@ -81,30 +81,26 @@ func (s *GormStore) Cleanup(ctx context.Context, policy RetentionPolicy, progres
 func (s *GormStore) deleteBatch(ctx context.Context, state State, cutoff time.Time, also string, limit int) (int64, error) {
 	q, t := s.quote, s.table()
 	// The state is a literal so that the (state, created_at) index serves it.
-	sql := "DELETE FROM " + t + " WHERE " + q("id") + " IN (SELECT " + q("id") + " FROM " + t +
-		" WHERE " + q("state") + " = '" + string(state) + "' AND " + q("created_at") + " < ?"
+	where := q("state") + " = '" + string(state) + "' AND " + q("created_at") + " < ?"
 	args := []any{cutoff}
 	if also != "" {
-		sql += " AND " + also
+		where += " AND " + also
 		args = append(args, cutoff)
 	}
-	sql += " LIMIT ?)"
 	args = append(args, limit)
+	sql := "DELETE FROM " + t + " WHERE " + q("id") + " IN (SELECT " + q("id") + " FROM " + t + " WHERE " + where + " LIMIT ?)"
+	if s.dialect.deleteLimit { // MySQL cannot read the table it deletes from in a subquery
+		sql = "DELETE FROM " + t + " WHERE " + where + " LIMIT ?"
+	}
 	var deleted int64
-	err := s.db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
-		if s.dialect.cleanupLock != "" {
-			var got bool
-			if err := tx.Raw(s.dialect.cleanupLock, s.lockKey()+1).Scan(&got).Error; err != nil {
-				return err
-			}
-			if !got {
-				return ErrCleanupRunning
-			}
-		}
+	err := s.serialized(ctx, s.dialect.cleanupLock, s.dialect.cleanupUnlock, s.lockKey()+1, func(tx *gorm.DB) error {
 		res := tx.Exec(sql, args...)
 		deleted = res.RowsAffected
 		return res.Error
-	})
+	}, nil)
+	if errors.Is(err, errLockBusy) {
+		err = ErrCleanupRunning
+	}
 	if err != nil && !errors.Is(err, ErrCleanupRunning) {
 		err = fmt.Errorf("outbox: deleting old %s messages from %s: %w", state, s.cfg.table, err)
 	}

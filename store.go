@@ -2,6 +2,7 @@ package outbox
 
 import (
 	"context"
+	sql2 "database/sql"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -206,26 +207,128 @@ func (s *GormStore) Claim(ctx context.Context, opts ClaimOptions) (string, []*Ou
 	}
 	token := uuid.NewString()
 	var msgs []*OutboxMessage
-	err := s.db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
-		if s.dialect.claimLock != "" {
-			if err := tx.Exec(s.dialect.claimLock, s.lockKey()).Error; err != nil {
-				return err
-			}
-		}
-		now := time.Now().UTC()
-		args := []any{token, now.Add(opts.Lease), now}
-		if !opts.SkipFailedKeys {
-			args = append(args, now)
-		}
-		args = append(args, opts.Limit)
-		return tx.Raw(s.claimSQL(opts.SkipFailedKeys), args...).Scan(&msgs).Error
-	})
+	err := s.serialized(ctx, s.dialect.claimLock, s.dialect.claimUnlock, s.lockKey(), func(tx *gorm.DB) error {
+		var err error
+		msgs, err = s.claim(tx, token, opts)
+		return err
+	}, s.dialect.claimTx)
 	if err != nil {
 		return "", nil, fmt.Errorf("outbox: claiming messages from %s: %w", s.cfg.table, err)
 	}
 	// RETURNING has no order; the sender needs enqueue order.
 	sort.Slice(msgs, func(i, j int) bool { return lessID(msgs[i].ID, msgs[j].ID) })
 	return token, msgs, nil
+}
+
+func (s *GormStore) claim(tx *gorm.DB, token string, opts ClaimOptions) ([]*OutboxMessage, error) {
+	now := time.Now().UTC()
+	args := []any{now.Add(opts.Lease), now}
+	if !opts.SkipFailedKeys {
+		args = append(args, now)
+	}
+	args = append(args, opts.Limit)
+	var msgs []*OutboxMessage
+	if s.dialect.returning {
+		err := tx.Raw(s.claimSQL(opts.SkipFailedKeys), append([]any{token}, args...)...).Scan(&msgs).Error
+		return msgs, err
+	}
+	// Without UPDATE ... RETURNING: read the busy keys, lock the rows,
+	// stamp them, read them back. The busy keys are read on their own: a
+	// locking read with SKIP LOCKED would skip, in a subquery too, the
+	// rows that other publishers are marking, and miss their keys.
+	q, t := s.quote, s.table()
+	busySQL := "SELECT DISTINCT " + q("message_key") + " FROM " + t + " WHERE " + q("state") + " = 'pending' AND "
+	busyArgs := []any{}
+	if opts.SkipFailedKeys {
+		busySQL += q("claim_token") + " IS NOT NULL"
+	} else {
+		busySQL += q("next_attempt_at") + " > ?"
+		busyArgs = append(busyArgs, now)
+	}
+	var busy []string
+	if err := tx.Raw(busySQL, busyArgs...).Scan(&busy).Error; err != nil {
+		return nil, err
+	}
+	pick := "SELECT " + q("id") + " FROM " + t + " WHERE " + q("state") + " = 'pending' AND " + q("next_attempt_at") + " <= ?"
+	pickArgs := []any{now}
+	if len(busy) > 0 {
+		pick += " AND (" + q("message_key") + " = '' OR " + q("message_key") + " NOT IN ?)"
+		pickArgs = append(pickArgs, busy)
+	}
+	pick += " ORDER BY " + q("id") + " LIMIT ?" + s.dialect.skipLocked
+	pickArgs = append(pickArgs, opts.Limit)
+	var ids []uuid.UUID
+	if err := tx.Raw(pick, pickArgs...).Scan(&ids).Error; err != nil {
+		return nil, err
+	}
+	if len(ids) == 0 {
+		return nil, nil
+	}
+	err := tx.Table(s.cfg.table).Where("id IN ?", ids).
+		Updates(map[string]any{"claim_token": token, "next_attempt_at": args[0]}).Error
+	if err != nil {
+		return nil, err
+	}
+	err = tx.Raw("SELECT "+s.columns+" FROM "+s.table()+" WHERE "+s.quote("claim_token")+" = ?", token).Scan(&msgs).Error
+	return msgs, err
+}
+
+// errLockBusy is what lock returns when a try-lock (timeout 0) is taken.
+var errLockBusy = errors.New("outbox: lock held by another process")
+
+// serialized runs fn in a transaction that holds the lock serializing the
+// claims (or the cleanups) of this table. PostgreSQL's advisory lock is
+// taken inside the transaction and released by its commit. MySQL's named
+// lock belongs to a connection: it is taken on one connection before the
+// transaction and released after the commit, so that the next holder sees
+// what this one committed.
+func (s *GormStore) serialized(ctx context.Context, lock, unlock string, key int64, fn func(tx *gorm.DB) error, txOpts *sql2.TxOptions) error {
+	db := s.db.WithContext(ctx)
+	if lock == "" {
+		return db.Transaction(fn, txOpts)
+	}
+	if unlock == "" {
+		return db.Transaction(func(tx *gorm.DB) error {
+			if err := s.lock(tx, lock, key); err != nil {
+				return err
+			}
+			return fn(tx)
+		}, txOpts)
+	}
+	return db.Connection(func(conn *gorm.DB) error {
+		if err := s.lock(conn, lock, key); err != nil {
+			return err
+		}
+		defer conn.Exec(unlock, s.lockName(key))
+		return conn.Transaction(fn, txOpts)
+	})
+}
+
+// lock takes a lock that serializes work on this table. A lock that
+// returns false or 0 (a try-lock that someone holds, or a wait that timed
+// out) is errLockBusy.
+func (s *GormStore) lock(db *gorm.DB, sql string, key int64) error {
+	var got sql2.NullInt64
+	if err := db.Raw(sql, s.lockArg(key)).Scan(&got).Error; err != nil {
+		return err
+	}
+	if got.Valid && got.Int64 == 0 {
+		return errLockBusy
+	}
+	return nil
+}
+
+func (s *GormStore) lockArg(key int64) any {
+	if s.dialect.name == "mysql" {
+		return s.lockName(key)
+	}
+	return key
+}
+
+// lockName is a MySQL lock's name: named locks are server-wide, so it
+// carries the database's name as well as the table's.
+func (s *GormStore) lockName(key int64) string {
+	return fmt.Sprintf("outbox:%s:%x", s.db.Migrator().CurrentDatabase(), key)
 }
 
 // claimSQL's parameters: token, lease end, now, [now,] limit. The state is
@@ -241,12 +344,12 @@ func (s *GormStore) claimSQL(skipFailedKeys bool) string {
 		busy = "SELECT h." + q("message_key") + " FROM " + t + " h WHERE h." + q("state") + " = " + pending +
 			" AND h." + q("claim_token") + " IS NOT NULL"
 	}
-	return "UPDATE " + t + " SET " + q("claim_token") + " = ?, " + q("next_attempt_at") + " = ?" +
-		" WHERE " + q("id") + " IN (SELECT r." + q("id") + " FROM " + t + " r" +
+	pick := "SELECT r." + q("id") + " FROM " + t + " r" +
 		" WHERE r." + q("state") + " = " + pending + " AND r." + q("next_attempt_at") + " <= ?" +
 		" AND (r." + q("message_key") + " = '' OR r." + q("message_key") + " NOT IN (" + busy + "))" +
-		" ORDER BY r." + q("id") + " LIMIT ?" + s.dialect.skipLocked + ")" +
-		" RETURNING " + s.columns
+		" ORDER BY r." + q("id") + " LIMIT ?" + s.dialect.skipLocked
+	return "UPDATE " + t + " SET " + q("claim_token") + " = ?, " + q("next_attempt_at") + " = ?" +
+		" WHERE " + q("id") + " IN (" + pick + ") RETURNING " + s.columns
 }
 
 // lockKey is the advisory lock that serializes the claims of one table.

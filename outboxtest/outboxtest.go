@@ -19,6 +19,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/kmsg"
+	"gorm.io/driver/mysql"
 	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
 	"gorm.io/gorm/logger"
@@ -80,6 +81,53 @@ func PostgresSchema(t testing.TB, cfg *gorm.Config) (*gorm.DB, string) {
 	db, err := gorm.Open(postgres.Open(dsn), quiet(cfg))
 	if err != nil {
 		t.Fatalf("opening PostgreSQL: %v", err)
+	}
+	closeOnCleanup(t, db)
+	return db, dsn
+}
+
+// MariaDBDSNEnv names the variable that points the tests at a MariaDB (or
+// MySQL) server, as a go-sql-driver DSN without a database name;
+// DefaultMariaDBDSN is used when it is unset.
+const (
+	MariaDBDSNEnv     = "OUTBOX_TEST_MARIADB_DSN"
+	DefaultMariaDBDSN = "root@tcp(127.0.0.1:3306)/"
+)
+
+// MariaDB returns a *gorm.DB on a database of its own, dropped when the
+// test ends.
+func MariaDB(t testing.TB, cfg *gorm.Config) *gorm.DB {
+	t.Helper()
+	db, _ := MariaDBDatabase(t, cfg)
+	return db
+}
+
+// MariaDBDatabase is MariaDB that also returns the DSN, for other processes.
+func MariaDBDatabase(t testing.TB, cfg *gorm.Config) (*gorm.DB, string) {
+	t.Helper()
+	base := os.Getenv(MariaDBDSNEnv)
+	if base == "" {
+		base = DefaultMariaDBDSN
+	}
+	admin, err := sql.Open("mysql", base)
+	if err == nil {
+		err = pingWithin(admin, 5*time.Second)
+	}
+	if err != nil {
+		Unavailable(t, "MariaDB at "+base, err)
+	}
+	name := "t_" + strings.ReplaceAll(uuid.NewString(), "-", "")[:20]
+	if _, err := admin.Exec("CREATE DATABASE " + name); err != nil {
+		t.Fatalf("creating database: %v", err)
+	}
+	t.Cleanup(func() {
+		_, _ = admin.Exec("DROP DATABASE " + name)
+		_ = admin.Close()
+	})
+	dsn := base + name + "?parseTime=true&loc=UTC"
+	db, err := gorm.Open(mysql.Open(dsn), quiet(cfg))
+	if err != nil {
+		t.Fatalf("opening MariaDB: %v", err)
 	}
 	closeOnCleanup(t, db)
 	return db, dsn

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kfake"
+	"gorm.io/driver/mysql"
 	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
 	"gorm.io/gorm/logger"
@@ -49,7 +50,11 @@ func publisherProcess() int {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	db, err := gorm.Open(postgres.Open(os.Getenv("OUTBOX_REL_DSN")), &gorm.Config{Logger: logger.Discard})
+	dialector := postgres.Open(os.Getenv("OUTBOX_REL_DSN"))
+	if os.Getenv("OUTBOX_REL_DIALECT") == "mariadb" {
+		dialector = mysql.Open(os.Getenv("OUTBOX_REL_DSN"))
+	}
+	db, err := gorm.Open(dialector, &gorm.Config{Logger: logger.Discard})
 	if err != nil {
 		log.Error("open", "error", err)
 		return 2
@@ -148,6 +153,7 @@ func (f *fleet) stop() {
 
 type scenario struct {
 	name       string
+	dialect    string // postgres or mariadb
 	publishers int
 	workers    int
 	batch      int
@@ -168,8 +174,14 @@ func TestReliability(t *testing.T) {
 		{name: "poison", publishers: 2, workers: 2, batch: 50, poison: true},
 		{name: "late-commit", publishers: 2, workers: 2, batch: 50, lateCommit: true},
 	}
-	for _, sc := range scenarios {
-		t.Run(sc.name, func(t *testing.T) { run(t, sc) })
+	for _, dialect := range []string{"postgres", "mariadb"} {
+		for _, sc := range scenarios {
+			if sc.pgRestart && dialect != "postgres" {
+				continue // the restart scenario starts a private PostgreSQL
+			}
+			sc.dialect = dialect
+			t.Run(dialect+"/"+sc.name, func(t *testing.T) { run(t, sc) })
+		}
 	}
 }
 
@@ -207,6 +219,8 @@ func run(t *testing.T, sc scenario) {
 		if db, err = gorm.Open(postgres.Open(dsn), &gorm.Config{Logger: logger.Discard}); err != nil {
 			t.Fatal(err)
 		}
+	} else if sc.dialect == "mariadb" {
+		db, dsn = outboxtest.MariaDBDatabase(t, nil)
 	} else {
 		db, dsn = outboxtest.PostgresSchema(t, nil)
 	}
@@ -243,7 +257,7 @@ func run(t *testing.T, sc scenario) {
 	addrs := []string{proxy.Addr()}
 
 	f := &fleet{t: t, env: []string{
-		"OUTBOX_REL_ROLE=publisher", "OUTBOX_REL_DSN=" + dsn, "OUTBOX_REL_BROKERS=" + proxy.Addr(),
+		"OUTBOX_REL_ROLE=publisher", "OUTBOX_REL_DSN=" + dsn, "OUTBOX_REL_DIALECT=" + sc.dialect, "OUTBOX_REL_BROKERS=" + proxy.Addr(),
 		"OUTBOX_REL_WORKERS=" + strconv.Itoa(sc.workers), "OUTBOX_REL_BATCH=" + strconv.Itoa(sc.batch),
 	}}
 	for range sc.publishers {
@@ -322,6 +336,9 @@ func run(t *testing.T, sc scenario) {
 	}
 	result := <-done
 	faults.Wait()
+	if result.Committed == 0 {
+		t.Fatalf("the workload committed nothing (%d transactions failed)", result.Failed)
+	}
 
 	// Drain: every committed message is published or dead.
 	deadline := time.Now().Add(90 * time.Second)
@@ -342,7 +359,7 @@ func run(t *testing.T, sc scenario) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rep.Scenario = sc.name
+	rep.Scenario = sc.dialect + "/" + sc.name
 	report(rep.String())
 	t.Logf("transactions: %d committed, %d rolled back, %d failed; publisher kills: %d", result.Committed, result.RolledBack, result.Failed, f.kills)
 
@@ -372,7 +389,7 @@ func run(t *testing.T, sc scenario) {
 		if charged != 0 {
 			t.Errorf("the outage charged %d messages an attempt", charged)
 		}
-		report(fmt.Sprintf("scenario=%s resumed_after_broker_returned=%s", sc.name, resumedIn.Round(time.Millisecond)))
+		report(fmt.Sprintf("scenario=%s/%s resumed_after_broker_returned=%s", sc.dialect, sc.name, resumedIn.Round(time.Millisecond)))
 		if resumedIn > 10*time.Second {
 			t.Errorf("publishing resumed %v after the broker returned; the bound is 10s", resumedIn)
 		}

@@ -21,7 +21,7 @@ import (
 // the event's transaction under a row lock, so the versions of a key's
 // events are its commit order: the order Kafka must show.
 type Aggregate struct {
-	Key     string `gorm:"primaryKey"`
+	Key     string `gorm:"column:agg_key;primaryKey;size:64"`
 	Version int64
 }
 
@@ -105,7 +105,7 @@ func (w Workload) transaction(ctx context.Context, n int64) error {
 	events := 1 + rand.N(3)
 	return w.DB.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
 		var agg Aggregate
-		if err := tx.Clauses(clause.Locking{Strength: "UPDATE"}).First(&agg, "key = ?", key).Error; err != nil {
+		if err := tx.Clauses(clause.Locking{Strength: "UPDATE"}).First(&agg, "agg_key = ?", key).Error; err != nil {
 			return err
 		}
 		msgs := make([]outbox.Message, events)

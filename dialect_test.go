@@ -1,0 +1,25 @@
+package outbox_test
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/gorm-outbox/outbox"
+)
+
+func TestServerVersionsWithoutSkipLockedAreRefused(t *testing.T) {
+	for v, want := range map[string]string{
+		"10.11.19-MariaDB-0+deb12u1": "",
+		"10.6.0-MariaDB":             "",
+		"10.5.23-MariaDB":            "needs MariaDB 10.6 or later",
+		"5.7.44-log":                 "needs MySQL 8.0.1 or later",
+		"8.0.0":                      "needs MySQL 8.0.1 or later",
+		"8.0.36":                     "",
+		"9.1.0":                      "",
+	} {
+		err := outbox.CheckSkipLocked(v)
+		if want == "" && err != nil || want != "" && (err == nil || !strings.Contains(err.Error(), want)) {
+			t.Errorf("%s: %v, want %q", v, err, want)
+		}
+	}
+}
