@@ -40,11 +40,13 @@ type dialect struct {
 }
 
 var dialects = map[string]dialect{
-	// MySQL and MariaDB: no SKIP LOCKED in the claim. InnoDB also locks
-	// rows that a concurrent UPDATE merely scanned, so skipping locked rows
-	// could skip a key's oldest message and take the next one; claims are
-	// serialized by the named lock, so waiting costs little.
-	"mysql": {name: "mysql", skipLocked: " FOR UPDATE",
+	// MySQL and MariaDB: the claim picks its rows with a plain read. A
+	// locking read would either wait for every open enqueuing transaction
+	// (FOR UPDATE blocks on their uncommitted rows) or, with SKIP LOCKED,
+	// skip rows InnoDB locked for other reasons, among them a key's oldest
+	// message, and take the next one. Claims are serialized by the named
+	// lock and only a claim stamps a due row, so the plain read is safe.
+	"mysql": {name: "mysql",
 		claimLock: "SELECT GET_LOCK(?, 30)", claimUnlock: "SELECT RELEASE_LOCK(?)",
 		cleanupLock: "SELECT GET_LOCK(?, 0)", cleanupUnlock: "SELECT RELEASE_LOCK(?)",
 		claimTx: &sql.TxOptions{Isolation: sql.LevelReadCommitted}, deleteLimit: true, minVersion: mysqlSkipLocked},

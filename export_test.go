@@ -1,8 +1,39 @@
 package outbox
 
+import "context"
+
 // CleanupLockKey exposes the cleanup's advisory lock to the tests, which
 // hold it as another process would.
 func CleanupLockKey(s *GormStore) int64 { return s.lockKey() + 1 }
 
 // CheckSkipLocked exposes the server version check to the tests.
 var CheckSkipLocked = checkSkipLocked
+
+// HoldCleanupLock takes the cleanup lock of s's table as another process
+// would, until release is called. ok is false where the database has no
+// such lock (SQLite: one process writes).
+func HoldCleanupLock(s *GormStore) (release func(), ok bool, err error) {
+	key := s.lockKey() + 1
+	switch s.dialect.name {
+	case "postgres":
+		tx := s.db.Begin()
+		if err := tx.Exec("SELECT pg_advisory_xact_lock(?)", key).Error; err != nil {
+			return nil, true, err
+		}
+		return func() { tx.Rollback() }, true, nil
+	case "mysql":
+		sqlDB, err := s.db.DB()
+		if err != nil {
+			return nil, true, err
+		}
+		conn, err := sqlDB.Conn(context.Background())
+		if err != nil {
+			return nil, true, err
+		}
+		if _, err := conn.ExecContext(context.Background(), "SELECT GET_LOCK(?, 0)", s.lockName(key)); err != nil {
+			return nil, true, err
+		}
+		return func() { conn.Close() }, true, nil // a named lock ends with its connection
+	}
+	return nil, false, nil
+}

@@ -10,24 +10,51 @@ import (
 	"github.com/gorm-outbox/outbox/outboxtest"
 )
 
+// features are what a backend can do; a case that needs one runs only on
+// the backends that have it.
+type features struct {
+	// processes: several processes claim and clean one table (a server
+	// database, with locks between processes); SQLite has one writer.
+	processes bool
+	// partialIndexes: the pending indexes hold only pending rows.
+	partialIndexes bool
+	// returning: UPDATE ... RETURNING claims in one statement.
+	returning bool
+}
+
 // databases are the backends every shared case runs on.
 var databases = []struct {
-	name string
-	open func(testing.TB, *gorm.Config) *gorm.DB
+	name     string
+	open     func(testing.TB, *gorm.Config) *gorm.DB
+	features features
 }{
-	{"postgres", outboxtest.Postgres},
-	{"sqlite", outboxtest.SQLite},
-	{"mariadb", outboxtest.MariaDB},
+	{"postgres", outboxtest.Postgres, features{processes: true, partialIndexes: true, returning: true}},
+	{"sqlite", outboxtest.SQLite, features{partialIndexes: true, returning: true}},
+	{"mariadb", outboxtest.MariaDB, features{processes: true}},
 }
 
 // eachDB runs fn as a subtest on every backend, with the plugin registered
 // with opts and the test's domain tables migrated.
 func eachDB(t *testing.T, fn func(t *testing.T, db *gorm.DB), opts ...outbox.Option) {
 	t.Helper()
+	eachDBWith(t, func(features) bool { return true }, fn, opts...)
+}
+
+// eachDBWith is eachDB on the backends whose features satisfy has.
+func eachDBWith(t *testing.T, has func(features) bool, fn func(t *testing.T, db *gorm.DB), opts ...outbox.Option) {
+	t.Helper()
+	ran := 0
 	for _, d := range databases {
+		if !has(d.features) {
+			continue
+		}
+		ran++
 		t.Run(d.name, func(t *testing.T) {
 			fn(t, setup(t, d.open(t, nil), opts...))
 		})
+	}
+	if ran == 0 {
+		t.Fatal("no backend has the features this test needs")
 	}
 }
 

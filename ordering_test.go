@@ -82,8 +82,13 @@ func TestClaimHoldsAKeyWhileItsOlderMessageIsInFlightOrWaiting(t *testing.T) {
 // its neighbours are sent again alone, and its key's later messages wait.
 func TestPoisonMessageCostsOnlyItselfAndHoldsItsKey(t *testing.T) {
 	for _, policy := range []outbox.KeyPolicy{outbox.KeyWait, outbox.KeySkip} {
-		t.Run(fmt.Sprint("policy=", policy), func(t *testing.T) {
-			db := setup(t, outboxtest.Postgres(t, nil))
+		t.Run(fmt.Sprint("policy=", policy), func(t *testing.T) { poisonCase(t, policy) })
+	}
+}
+
+func poisonCase(t *testing.T, policy outbox.KeyPolicy) {
+	{
+		eachDB(t, func(t *testing.T, db *gorm.DB) {
 			cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "events"),
 				kfake.BrokerConfigs(map[string]string{"message.max.bytes": "4096"}))
 			if err != nil {
@@ -153,44 +158,45 @@ func TestPoisonMessageCostsOnlyItselfAndHoldsItsKey(t *testing.T) {
 
 // Several workers in one process keep each key's order.
 func TestWorkersKeepPerKeyOrder(t *testing.T) {
-	db := setup(t, outboxtest.Postgres(t, nil))
-	_, addrs := outboxtest.Kafka(t, 4, "seq")
-	const keys, perKey = 20, 30
-	for i := range perKey {
-		err := db.Transaction(func(tx *gorm.DB) error {
-			msgs := make([]outbox.Message, keys)
-			for k := range msgs {
-				msgs[k] = outbox.Message{Topic: "seq", Key: fmt.Sprint("k", k), Payload: fmt.Sprint(i)}
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		_, addrs := outboxtest.Kafka(t, 4, "seq")
+		const keys, perKey = 20, 30
+		for i := range perKey {
+			err := db.Transaction(func(tx *gorm.DB) error {
+				msgs := make([]outbox.Message, keys)
+				for k := range msgs {
+					msgs[k] = outbox.Message{Topic: "seq", Key: fmt.Sprint("k", k), Payload: fmt.Sprint(i)}
+				}
+				return outbox.Enqueue(tx, msgs...)
+			})
+			if err != nil {
+				t.Fatal(err)
 			}
-			return outbox.Enqueue(tx, msgs...)
-		})
+		}
+		pub, err := outbox.NewPublisher(db, kafkaSender(t, addrs), outbox.WithWorkers(4), outbox.WithBatchSize(7),
+			outbox.WithPollInterval(5*time.Millisecond), outbox.WithLogger(discardLogger()))
 		if err != nil {
 			t.Fatal(err)
 		}
-	}
-	pub, err := outbox.NewPublisher(db, kafkaSender(t, addrs), outbox.WithWorkers(4), outbox.WithBatchSize(7),
-		outbox.WithPollInterval(5*time.Millisecond), outbox.WithLogger(discardLogger()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := pub.Start(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	recs := outboxtest.Consume(t, addrs, "seq", keys*perKey, 30*time.Second)
-	if err := pub.Stop(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	if len(recs) != keys*perKey {
-		t.Fatalf("consumed %d, want %d", len(recs), keys*perKey)
-	}
-	next := map[string]int{}
-	for _, r := range recs {
-		var n int
-		fmt.Sscan(string(r.Value), &n)
-		if n != next[string(r.Key)] {
-			t.Fatalf("key %s: got %d, want %d", r.Key, n, next[string(r.Key)])
+		if err := pub.Start(t.Context()); err != nil {
+			t.Fatal(err)
 		}
-		next[string(r.Key)]++
-	}
-	_ = kafka.MessageIDHeader
+		recs := outboxtest.Consume(t, addrs, "seq", keys*perKey, 30*time.Second)
+		if err := pub.Stop(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		if len(recs) != keys*perKey {
+			t.Fatalf("consumed %d, want %d", len(recs), keys*perKey)
+		}
+		next := map[string]int{}
+		for _, r := range recs {
+			var n int
+			fmt.Sscan(string(r.Value), &n)
+			if n != next[string(r.Key)] {
+				t.Fatalf("key %s: got %d, want %d", r.Key, n, next[string(r.Key)])
+			}
+			next[string(r.Key)]++
+		}
+		_ = kafka.MessageIDHeader
+	})
 }

@@ -147,61 +147,63 @@ func TestPublisherDeadAfterMaxAttemptsThenRequeued(t *testing.T) {
 }
 
 func TestPublisherMarksOnlyTheFailedPartOfABatch(t *testing.T) {
-	db := setup(t, outboxtest.Postgres(t, nil))
-	_, addrs := outboxtest.Kafka(t, 2, "exists") // "missing" is never created
-	err := db.Transaction(func(tx *gorm.DB) error {
-		return outbox.Enqueue(tx,
-			outbox.Message{Topic: "exists", Key: "a", Payload: "1"},
-			outbox.Message{Topic: "missing", Key: "b", Payload: "2"},
-			outbox.Message{Topic: "exists", Key: "c", Payload: "3"})
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub, err := outbox.NewPublisher(db, kafkaSender(t, addrs))
-	if err != nil {
-		t.Fatal(err)
-	}
-	res, err := pub.PublishOnce(t.Context())
-	if err != nil || res.Published != 2 || res.Failed != 1 {
-		t.Fatalf("result %+v, %v; want 2 published, 1 failed", res, err)
-	}
-	for _, m := range messages(t, db) {
-		want := outbox.StatePublished
-		if m.Topic == "missing" {
-			want = outbox.StatePending
-			if m.Attempts != 1 || m.LastError == "" {
-				t.Errorf("failed message: attempts %d, last error %q", m.Attempts, m.LastError)
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		_, addrs := outboxtest.Kafka(t, 2, "exists") // "missing" is never created
+		err := db.Transaction(func(tx *gorm.DB) error {
+			return outbox.Enqueue(tx,
+				outbox.Message{Topic: "exists", Key: "a", Payload: "1"},
+				outbox.Message{Topic: "missing", Key: "b", Payload: "2"},
+				outbox.Message{Topic: "exists", Key: "c", Payload: "3"})
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pub, err := outbox.NewPublisher(db, kafkaSender(t, addrs))
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := pub.PublishOnce(t.Context())
+		if err != nil || res.Published != 2 || res.Failed != 1 {
+			t.Fatalf("result %+v, %v; want 2 published, 1 failed", res, err)
+		}
+		for _, m := range messages(t, db) {
+			want := outbox.StatePublished
+			if m.Topic == "missing" {
+				want = outbox.StatePending
+				if m.Attempts != 1 || m.LastError == "" {
+					t.Errorf("failed message: attempts %d, last error %q", m.Attempts, m.LastError)
+				}
+			}
+			if m.State != want {
+				t.Errorf("%s: %s, want %s", m.Topic, m.State, want)
 			}
 		}
-		if m.State != want {
-			t.Errorf("%s: %s, want %s", m.Topic, m.State, want)
+		if n := len(outboxtest.ReadAll(t, addrs, "exists", 2, 300*time.Millisecond)); n != 2 {
+			t.Fatalf("topic holds %d, want 2", n)
 		}
-	}
-	if n := len(outboxtest.ReadAll(t, addrs, "exists", 2, 300*time.Millisecond)); n != 2 {
-		t.Fatalf("topic holds %d, want 2", n)
-	}
+	})
 }
 
 func TestPublisherBrokerDownCostsNoAttempt(t *testing.T) {
-	db := setup(t, outboxtest.Postgres(t, nil))
-	cluster, addrs := outboxtest.Kafka(t, 1, "audit")
-	sender := kafkaSender(t, addrs)
-	cluster.Close()
-	enqueueN(t, db, "audit", 5)
-	pub, err := outbox.NewPublisher(db, sender, outbox.WithRetryPolicy(outbox.RetryPolicy{MaxAttempts: 1}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	res, err := pub.PublishOnce(t.Context())
-	if !errors.Is(err, outbox.ErrBrokerUnavailable) || res.Released != 5 || res.Failed != 0 {
-		t.Fatalf("result %+v, err %v; want 5 released with ErrBrokerUnavailable", res, err)
-	}
-	for _, m := range messages(t, db) {
-		if m.State != outbox.StatePending || m.Attempts != 0 || m.ClaimToken != nil || m.NextAttemptAt.After(time.Now()) {
-			t.Errorf("after an outage: %s attempts %d claim %v next %v", m.State, m.Attempts, m.ClaimToken, m.NextAttemptAt)
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		cluster, addrs := outboxtest.Kafka(t, 1, "audit")
+		sender := kafkaSender(t, addrs)
+		cluster.Close()
+		enqueueN(t, db, "audit", 5)
+		pub, err := outbox.NewPublisher(db, sender, outbox.WithRetryPolicy(outbox.RetryPolicy{MaxAttempts: 1}))
+		if err != nil {
+			t.Fatal(err)
 		}
-	}
+		res, err := pub.PublishOnce(t.Context())
+		if !errors.Is(err, outbox.ErrBrokerUnavailable) || res.Released != 5 || res.Failed != 0 {
+			t.Fatalf("result %+v, err %v; want 5 released with ErrBrokerUnavailable", res, err)
+		}
+		for _, m := range messages(t, db) {
+			if m.State != outbox.StatePending || m.Attempts != 0 || m.ClaimToken != nil || m.NextAttemptAt.After(time.Now()) {
+				t.Errorf("after an outage: %s attempts %d claim %v next %v", m.State, m.Attempts, m.ClaimToken, m.NextAttemptAt)
+			}
+		}
+	})
 }
 
 // gatedSender holds every Send until the gate opens (or its context ends),
@@ -226,54 +228,55 @@ func (g *gatedSender) Send(ctx context.Context, msgs []*outbox.OutboxMessage) er
 }
 
 func TestPublisherGracefulStopMidBatchLosesNothing(t *testing.T) {
-	db := setup(t, outboxtest.Postgres(t, nil))
-	_, addrs := outboxtest.Kafka(t, 1, "ledger")
-	enqueueN(t, db, "ledger", 25)
-	g := &gatedSender{inner: kafkaSender(t, addrs), started: make(chan struct{}), gate: make(chan struct{})}
-	pub, err := outbox.NewPublisher(db, g, outbox.WithBatchSize(10))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := pub.Start(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	<-g.started
-	stopped := make(chan error)
-	go func() { stopped <- pub.Stop(context.Background()) }()
-	select {
-	case err := <-stopped:
-		t.Fatalf("Stop returned (%v) while a batch was being sent", err)
-	case <-time.After(200 * time.Millisecond):
-	}
-	close(g.gate)
-	if err := <-stopped; err != nil {
-		t.Fatal(err)
-	}
-	counts := map[outbox.State]int{}
-	for _, m := range messages(t, db) {
-		counts[m.State]++
-		if m.ClaimToken != nil {
-			t.Errorf("message %s still claimed after Stop", m.ID)
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		_, addrs := outboxtest.Kafka(t, 1, "ledger")
+		enqueueN(t, db, "ledger", 25)
+		g := &gatedSender{inner: kafkaSender(t, addrs), started: make(chan struct{}), gate: make(chan struct{})}
+		pub, err := outbox.NewPublisher(db, g, outbox.WithBatchSize(10))
+		if err != nil {
+			t.Fatal(err)
 		}
-	}
-	if counts[outbox.StatePublished] != 10 || counts[outbox.StatePending] != 15 {
-		t.Fatalf("after Stop: %v, want the batch in flight published and the rest pending", counts)
-	}
-	if n := len(outboxtest.ReadAll(t, addrs, "ledger", 10, 300*time.Millisecond)); n != 10 {
-		t.Fatalf("topic holds %d, want the 10 of the batch in flight", n)
-	}
-	// A new publisher takes over the rest.
-	pub2, err := outbox.NewPublisher(db, kafkaSender(t, addrs), outbox.WithPollInterval(10*time.Millisecond))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := pub2.Start(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	defer pub2.Stop(context.Background())
-	if got := len(outboxtest.Consume(t, addrs, "ledger", 25, 20*time.Second)); got != 25 {
-		t.Fatalf("consumed %d, want 25", got)
-	}
+		if err := pub.Start(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		<-g.started
+		stopped := make(chan error)
+		go func() { stopped <- pub.Stop(context.Background()) }()
+		select {
+		case err := <-stopped:
+			t.Fatalf("Stop returned (%v) while a batch was being sent", err)
+		case <-time.After(200 * time.Millisecond):
+		}
+		close(g.gate)
+		if err := <-stopped; err != nil {
+			t.Fatal(err)
+		}
+		counts := map[outbox.State]int{}
+		for _, m := range messages(t, db) {
+			counts[m.State]++
+			if m.ClaimToken != nil {
+				t.Errorf("message %s still claimed after Stop", m.ID)
+			}
+		}
+		if counts[outbox.StatePublished] != 10 || counts[outbox.StatePending] != 15 {
+			t.Fatalf("after Stop: %v, want the batch in flight published and the rest pending", counts)
+		}
+		if n := len(outboxtest.ReadAll(t, addrs, "ledger", 10, 300*time.Millisecond)); n != 10 {
+			t.Fatalf("topic holds %d, want the 10 of the batch in flight", n)
+		}
+		// A new publisher takes over the rest.
+		pub2, err := outbox.NewPublisher(db, kafkaSender(t, addrs), outbox.WithPollInterval(10*time.Millisecond))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := pub2.Start(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		defer pub2.Stop(context.Background())
+		if got := len(outboxtest.Consume(t, addrs, "ledger", 25, 20*time.Second)); got != 25 {
+			t.Fatalf("consumed %d, want 25", got)
+		}
+	})
 }
 
 func TestPublisherStopDeadlineHandsTheClaimBack(t *testing.T) {

@@ -99,29 +99,25 @@ func TestCleanupDeletesOnlyOldFinishedMessages(t *testing.T) {
 }
 
 func TestCleanupRunsOneAtATime(t *testing.T) {
-	db := setup(t, outboxtest.Postgres(t, nil))
-	store, _ := outbox.StoreOf(db)
-	enqueueKey(t, db, "p", 5)
-	setState(t, db, "p", outbox.StatePublished)
-	age(t, db, "p", 8*24*time.Hour)
-	// Another process's cleanup holds the lock: this one skips its turn.
-	err := db.Transaction(func(h *gorm.DB) error {
-		var got bool
-		if err := h.Raw("SELECT pg_try_advisory_xact_lock(?)", outbox.CleanupLockKey(store)).Scan(&got).Error; err != nil || !got {
-			return fmt.Errorf("holding the lock: %v %v", got, err)
+	eachDBWith(t, func(f features) bool { return f.processes }, func(t *testing.T, db *gorm.DB) {
+		store, _ := outbox.StoreOf(db)
+		enqueueKey(t, db, "p", 5)
+		setState(t, db, "p", outbox.StatePublished)
+		age(t, db, "p", 8*24*time.Hour)
+		// Another process's cleanup holds the lock: this one skips its turn.
+		release, ok, err := outbox.HoldCleanupLock(store)
+		if err != nil || !ok {
+			t.Fatalf("holding the cleanup lock: %v, %v", ok, err)
 		}
-		_, err := store.Cleanup(context.Background(), outbox.RetentionPolicy{}, nil)
+		_, err = store.Cleanup(context.Background(), outbox.RetentionPolicy{}, nil)
+		release()
 		if !errors.Is(err, outbox.ErrCleanupRunning) {
-			return fmt.Errorf("cleanup under another's lock = %v, want ErrCleanupRunning", err)
+			t.Fatalf("cleanup under another's lock = %v, want ErrCleanupRunning", err)
 		}
-		return nil
+		if n, err := store.Cleanup(context.Background(), outbox.RetentionPolicy{}, nil); err != nil || n != 5 {
+			t.Fatalf("after the lock was released: %d, %v", n, err)
+		}
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if n, err := store.Cleanup(context.Background(), outbox.RetentionPolicy{}, nil); err != nil || n != 5 {
-		t.Fatalf("after the lock was released: %d, %v", n, err)
-	}
 }
 
 func TestPublisherRunsTheCleanup(t *testing.T) {

@@ -232,10 +232,9 @@ func (s *GormStore) claim(tx *gorm.DB, token string, opts ClaimOptions) ([]*Outb
 		err := tx.Raw(s.claimSQL(opts.SkipFailedKeys), append([]any{token}, args...)...).Scan(&msgs).Error
 		return msgs, err
 	}
-	// Without UPDATE ... RETURNING: read the busy keys, lock the rows,
-	// stamp them, read them back. The busy keys are read on their own: a
-	// locking read with SKIP LOCKED would skip, in a subquery too, the
-	// rows that other publishers are marking, and miss their keys.
+	// Without UPDATE ... RETURNING: read the busy keys, pick the rows,
+	// stamp them, read them back (see the mysql dialect for why the reads
+	// take no row locks).
 	q, t := s.quote, s.table()
 	busySQL := "SELECT DISTINCT " + q("message_key") + " FROM " + t + " WHERE " + q("state") + " = 'pending' AND "
 	busyArgs := []any{}
@@ -264,7 +263,7 @@ func (s *GormStore) claim(tx *gorm.DB, token string, opts ClaimOptions) ([]*Outb
 	if len(ids) == 0 {
 		return nil, nil
 	}
-	err := tx.Table(s.cfg.table).Where("id IN ?", ids).
+	err := tx.Table(s.cfg.table).Where("id IN ? AND state = ? AND next_attempt_at <= ?", ids, StatePending, now).
 		Updates(map[string]any{"claim_token": token, "next_attempt_at": args[0]}).Error
 	if err != nil {
 		return nil, err

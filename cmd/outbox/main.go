@@ -26,6 +26,7 @@ import (
 	"strings"
 
 	"github.com/glebarez/sqlite"
+	"gorm.io/driver/mysql"
 	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
 	"gorm.io/gorm/logger"
@@ -36,7 +37,8 @@ import (
 const usage = `usage: outbox [--dsn DSN] [--table NAME] COMMAND [flags]
 
 The DSN comes from --dsn or OUTBOX_DSN: a postgres:// URL or "host=... dbname=..."
-for PostgreSQL, or a SQLite file path.
+for PostgreSQL, "user:pass@tcp(host:3306)/db" (or mysql://...) for MariaDB and
+MySQL, or a SQLite file path.
 
 commands:
   status [--json]                       counts per state, oldest pending age, stuck messages
@@ -125,15 +127,37 @@ func envOr(name, def string) string {
 	return def
 }
 
+func isMySQL(dsn string) bool {
+	return strings.HasPrefix(dsn, "mysql://") || strings.Contains(dsn, "@tcp(") || strings.Contains(dsn, "@unix(")
+}
+
+// mysqlDSN makes a go-sql-driver DSN that reads DATETIME into time.Time.
+func mysqlDSN(dsn string) string {
+	dsn = strings.TrimPrefix(dsn, "mysql://")
+	if strings.Contains(dsn, "parseTime=") {
+		return dsn
+	}
+	if strings.Contains(dsn, "?") {
+		return dsn + "&parseTime=true"
+	}
+	return dsn + "?parseTime=true"
+}
+
 func isPostgres(dsn string) bool {
 	return strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") ||
 		strings.Contains(dsn, "host=") || strings.Contains(dsn, "dbname=")
 }
 
-var passwordField = regexp.MustCompile(`(?i)(password=)(\S+)`)
+var (
+	passwordField = regexp.MustCompile(`(?i)(password=)(\S+)`)
+	mysqlUserPass = regexp.MustCompile(`^((?:mysql://)?[^:@/]*:)([^@]*)(@)`)
+)
 
 // redact hides a DSN's password, so that no error or log line shows it.
 func redact(dsn string) string {
+	if isMySQL(dsn) {
+		return mysqlUserPass.ReplaceAllString(dsn, "${1}xxxxx${3}")
+	}
 	if u, err := url.Parse(dsn); err == nil && u.User != nil {
 		return u.Redacted()
 	}
@@ -142,9 +166,12 @@ func redact(dsn string) string {
 
 func open(ctx context.Context, dsn, table string) (*outbox.GormStore, func(), error) {
 	var dialector gorm.Dialector
-	if isPostgres(dsn) {
+	switch {
+	case isMySQL(dsn):
+		dialector = mysql.Open(mysqlDSN(dsn))
+	case isPostgres(dsn):
 		dialector = postgres.Open(dsn)
-	} else {
+	default:
 		path := strings.TrimPrefix(strings.SplitN(dsn, "?", 2)[0], "file:")
 		if _, err := os.Stat(path); err != nil {
 			return nil, nil, fmt.Errorf("outbox: no SQLite database at %s (a PostgreSQL DSN starts with postgres:// or has host=)", path)
@@ -184,7 +211,9 @@ func open(ctx context.Context, dsn, table string) (*outbox.GormStore, func(), er
 // scrub removes the password from a driver's error, in case it quotes the DSN.
 func scrub(err error, dsn string) string {
 	msg := err.Error()
-	if u, perr := url.Parse(dsn); perr == nil && u.User != nil {
+	if m := mysqlUserPass.FindStringSubmatch(dsn); m != nil && m[2] != "" {
+		msg = strings.ReplaceAll(msg, m[2], "xxxxx")
+	} else if u, perr := url.Parse(dsn); perr == nil && u.User != nil {
 		if p, ok := u.User.Password(); ok && p != "" {
 			msg = strings.ReplaceAll(msg, p, "xxxxx")
 		}

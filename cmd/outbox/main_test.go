@@ -61,6 +61,10 @@ var backends = []struct {
 	open func(t *testing.T) (*gorm.DB, string)
 }{
 	{"postgres", func(t *testing.T) (*gorm.DB, string) { return outboxtest.PostgresSchema(t, nil) }},
+	{"mariadb", func(t *testing.T) (*gorm.DB, string) {
+		db, dsn := outboxtest.MariaDBDatabase(t, nil)
+		return db, strings.Replace(dsn, "?parseTime=true&loc=UTC", "", 1) // the command adds parseTime itself
+	}},
 	{"sqlite", func(t *testing.T) (*gorm.DB, string) {
 		path := filepath.Join(t.TempDir(), "app.db")
 		db, err := gorm.Open(sqliteDialector(path), &gorm.Config{})
@@ -194,6 +198,7 @@ func TestCommandErrors(t *testing.T) {
 		{"unknown command", "x.db", []string{"frobnicate"}, 2, `unknown command "frobnicate"`},
 		{"no such sqlite file", filepath.Join(t.TempDir(), "missing.db"), []string{"status"}, 1, "no SQLite database"},
 		{"unreachable postgres", "postgres://postgres:s3cret-pw@127.0.0.1:1/test?connect_timeout=2", []string{"status"}, 1, "cannot connect to postgres://postgres:xxxxx@127.0.0.1:1"},
+		{"unreachable mariadb", "root:s3cret-pw@tcp(127.0.0.1:1)/test", []string{"status"}, 1, "root:xxxxx@tcp(127.0.0.1:1)/test: dial tcp"},
 		{"bad flag", "x.db", []string{"list", "--frob"}, 2, "flag provided but not defined"},
 		{"bad state", "x.db", []string{"list", "--state", "lost"}, 2, `unknown state "lost"`},
 		{"bad id", "x.db", []string{"show", "42"}, 2, `"42" is not a message id`},
