@@ -73,8 +73,14 @@ func registerOp[C interface {
 	}
 	// Pinned before the commit: a callback placed only after gorm:after_*
 	// would run after GORM's implicit commit.
-	return proc.After(op.afterHook).Before("gorm:commit_or_rollback_transaction").
+	err = proc.After(op.afterHook).Before("gorm:commit_or_rollback_transaction").
 		Register("outbox:write_events_"+op.name, func(tx *gorm.DB) { p.writeRecordedEvents(tx, op) })
+	if err != nil {
+		return err
+	}
+	// After it, on purpose: the publishers wake once the events are committed.
+	return proc.After("gorm:commit_or_rollback_transaction").
+		Register("outbox:wake_after_commit_"+op.name, p.wakeAfterCommit)
 }
 
 func (p *OutboxPlugin) requireTransaction(tx *gorm.DB) {
@@ -104,7 +110,7 @@ func (p *OutboxPlugin) writeRecordedEvents(tx *gorm.DB, op callbackOp) {
 	for _, r := range recorders {
 		msgs = append(msgs, r.RecordedEvents()...)
 	}
-	if err := p.store.enqueue(tx, msgs); err != nil {
+	if err := p.store.enqueue(tx.Statement.Context, tx, msgs); err != nil {
 		tx.AddError(err)
 		return
 	}

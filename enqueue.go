@@ -23,17 +23,16 @@ func Enqueue(tx *gorm.DB, msgs ...Message) error {
 	if err != nil {
 		return err
 	}
-	return p.store.enqueue(tx, msgs)
+	return p.store.enqueue(tx.Statement.Context, tx, msgs)
 }
 
-func (s *GormStore) enqueue(tx *gorm.DB, msgs []Message) error {
+func (s *GormStore) enqueue(ctx context.Context, tx *gorm.DB, msgs []Message) error {
 	if len(msgs) == 0 {
 		return nil
 	}
 	if !s.cfg.allowNoTx && !inTransaction(tx) {
 		return ErrNoTransaction
 	}
-	ctx := tx.Statement.Context
 	if ctx == nil {
 		ctx = context.Background()
 	}
@@ -49,6 +48,7 @@ func (s *GormStore) enqueue(tx *gorm.DB, msgs []Message) error {
 	if err := s.Save(ctx, tx, rows...); err != nil {
 		return err
 	}
+	tx.Statement.Settings.Store(enqueuedKey, true)
 	if s.cfg.telemetry.enqueued.Enabled(ctx) {
 		for _, r := range rows {
 			s.cfg.telemetry.enqueued.Add(ctx, 1, destination(r.Topic))
@@ -63,7 +63,7 @@ func (s *GormStore) enqueue(tx *gorm.DB, msgs []Message) error {
 func SaveToOutbox(ctx context.Context, tx *gorm.DB, store Store, topic string, payload any, headers map[string]string) error {
 	m := Message{Topic: topic, Payload: payload, Headers: headers}
 	if gs, ok := store.(*GormStore); ok {
-		return gs.enqueue(tx.WithContext(ctx), []Message{m})
+		return gs.enqueue(ctx, tx, []Message{m})
 	}
 	// Another Store: validate and encode with the plugin's settings when
 	// registered, the defaults otherwise.

@@ -269,6 +269,10 @@ func (p *Publisher) loop(ctx context.Context) {
 			defer func() { _ = reg.Unregister() }()
 		}
 	}
+	if gs, ok := p.store.(*GormStore); ok {
+		gs.wakeups.add(p)
+		defer gs.wakeups.remove(p)
+	}
 	var wg sync.WaitGroup
 	if gs, ok := p.store.(*GormStore); ok && p.cfg.retention != nil {
 		wg.Add(1)

@@ -62,6 +62,7 @@ type GormStore struct {
 	cfg     config
 	dialect dialect
 	columns string // the columns Claim and List return, quoted
+	wakeups *wakeups
 }
 
 // PostgresOutboxStore is the design document's name for the store on
@@ -92,7 +93,7 @@ func newStore(db *gorm.DB, cfg config) (*GormStore, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &GormStore{db: db.Session(&gorm.Session{NewDB: true}), cfg: cfg, dialect: d}
+	s := &GormStore{db: db.Session(&gorm.Session{NewDB: true}), cfg: cfg, dialect: d, wakeups: &wakeups{}}
 	cols := []string{"id", "topic", "message_key", "payload", "headers", "state", "attempts",
 		"last_error", "next_attempt_at", "claim_token", "created_at", "published_at"}
 	for i, c := range cols {
