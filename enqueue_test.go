@@ -198,6 +198,7 @@ func TestEnqueueRefusesBadInputAndRollsBackWhole(t *testing.T) {
 		{"payload the encoder refuses", outbox.Message{Topic: "t", Payload: math.Inf(1)}, "cannot encode payload"},
 		{"payload of a channel", outbox.Message{Topic: "t", Payload: make(chan int)}, "cannot encode payload"},
 		{"nil payload", outbox.Message{Topic: "t", Payload: nil}, "payload is nil"},
+		{"key too long", outbox.Message{Topic: "t", Key: strings.Repeat("k", 256), Payload: "x"}, "at most 255"},
 		{"empty header key", outbox.Message{Topic: "t", Payload: "x", Headers: map[string]string{"": "v"}}, "header with an empty key"},
 		{"payload over the maximum", outbox.Message{Topic: "t", Payload: strings.Repeat("x", 1025)}, "over the maximum of 1024"},
 	}

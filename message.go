@@ -26,6 +26,9 @@ type Message struct {
 // maxTopicLength is Kafka's limit on a topic name.
 const maxTopicLength = 249
 
+// maxKeyLength is the key column's size (an indexed varchar on MySQL).
+const maxKeyLength = 255
+
 // validateTopic applies Kafka's own rules, so that a message the broker would
 // refuse forever is refused while the caller's transaction can still roll back.
 func validateTopic(topic string) error {
@@ -50,6 +53,9 @@ func validateTopic(topic string) error {
 func (c *config) toRow(ctx context.Context, m Message, now time.Time) (*OutboxMessage, error) {
 	if err := validateTopic(m.Topic); err != nil {
 		return nil, err
+	}
+	if len(m.Key) > maxKeyLength {
+		return nil, fmt.Errorf("outbox: key for topic %q is %d bytes long; at most %d", m.Topic, len(m.Key), maxKeyLength)
 	}
 	for k := range m.Headers {
 		if k == "" {

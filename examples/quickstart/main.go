@@ -8,6 +8,7 @@
 // in-process Kafka broker (kfake). Point it at real ones with
 //
 //	go run ./examples/quickstart -db 'postgres://postgres@127.0.0.1:5432/test' -brokers localhost:9092
+//	go run ./examples/quickstart -db 'root@tcp(127.0.0.1:3306)/test?parseTime=true'
 //
 // or the variables OUTBOX_DATABASE_URL and OUTBOX_KAFKA_BROKERS.
 package main
@@ -26,6 +27,7 @@ import (
 
 	"github.com/glebarez/sqlite"
 	"github.com/twmb/franz-go/pkg/kfake"
+	"gorm.io/driver/mysql"
 	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
 	"gorm.io/gorm/logger"
@@ -75,7 +77,7 @@ func (o *Order) Pay() {
 }
 
 func main() {
-	dsn := flag.String("db", os.Getenv("OUTBOX_DATABASE_URL"), "database: a postgres:// URL, or a SQLite file path (default: a temporary SQLite file)")
+	dsn := flag.String("db", os.Getenv("OUTBOX_DATABASE_URL"), "database: a postgres:// URL, a MariaDB/MySQL DSN (user@tcp(host:3306)/db?parseTime=true), or a SQLite file path (default: a temporary SQLite file)")
 	brokers := flag.String("brokers", os.Getenv("OUTBOX_KAFKA_BROKERS"), "comma-separated Kafka brokers (default: an in-process broker)")
 	flag.Parse()
 	if err := run(*dsn, *brokers); err != nil {
@@ -179,6 +181,9 @@ func openDB(dsn string) (*gorm.DB, func(), error) {
 	cleanup := func() {}
 	var dialector gorm.Dialector
 	switch {
+	case strings.Contains(dsn, "@tcp("), strings.Contains(dsn, "@unix("):
+		dialector = mysql.Open(dsn)
+		fmt.Println("database: MariaDB/MySQL")
 	case strings.HasPrefix(dsn, "postgres://"), strings.HasPrefix(dsn, "postgresql://"), strings.Contains(dsn, "host="):
 		dialector = postgres.Open(dsn)
 		fmt.Println("database: PostgreSQL")
