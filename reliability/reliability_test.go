@@ -80,7 +80,7 @@ func publisherProcess() int {
 	pub, err := outbox.NewPublisher(db, sender,
 		outbox.WithWorkers(envInt("OUTBOX_REL_WORKERS", 2)),
 		outbox.WithBatchSize(envInt("OUTBOX_REL_BATCH", 50)),
-		outbox.WithLease(time.Duration(envInt("OUTBOX_REL_LEASE_MS", 2000))*time.Millisecond),
+		outbox.WithLease(time.Duration(envInt("OUTBOX_REL_LEASE_MS", 10000))*time.Millisecond),
 		outbox.WithPollInterval(20*time.Millisecond),
 		outbox.WithMaxPause(time.Second),
 		outbox.WithRetryPolicy(outbox.RetryPolicy{MaxAttempts: envInt("OUTBOX_REL_MAX_ATTEMPTS", 3), MinBackoff: 50 * time.Millisecond, MaxBackoff: 300 * time.Millisecond}),
