@@ -109,6 +109,7 @@ func (f *fleet) start() {
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), f.env...)
 	cmd.Stderr = os.Stderr
+	dieWithParent(cmd)
 	if err := cmd.Start(); err != nil {
 		f.t.Fatalf("starting a publisher: %v", err)
 	}
