@@ -1,5 +1,5 @@
 // Package outboxtest has the helpers the outbox's own tests use, for yours:
-// a fresh PostgreSQL schema or SQLite file per test, an in-process Kafka
+// a fresh PostgreSQL schema, MariaDB database or SQLite file per test, an in-process Kafka
 // broker (kfake) over TCP, and a consumer that reads what reached it with a
 // client other than the producer's (franz-go).
 package outboxtest

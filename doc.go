@@ -1,0 +1,26 @@
+// Package outbox is a GORM plugin for the transactional outbox: events are
+// written in the same database transaction as the domain rows they
+// describe, and a Publisher relays the committed ones to a broker (Kafka,
+// with the kafka package), so that none is lost between the database and
+// the broker and none of a rolled-back transaction is sent.
+//
+//	db.Use(outbox.Plugin())
+//
+//	outbox.Transaction(db, func(tx *gorm.DB) error {
+//		if err := tx.Create(&order).Error; err != nil {
+//			return err
+//		}
+//		return outbox.Enqueue(tx, outbox.Message{Topic: "orders", Key: order.Key(), Payload: order})
+//	})
+//
+//	sender, _ := kafka.NewSender(brokers, nil)
+//	pub, _ := outbox.NewPublisher(db, sender)
+//	pub.Start(ctx)
+//	defer pub.Stop(ctx)
+//
+// Models can also record events (embed hooks.Events) for the plugin to
+// write before GORM commits. Delivery is at-least-once with a stable
+// message id header, in order per key, with retries, backoff and a dead
+// state; PostgreSQL, MariaDB/MySQL and SQLite are supported. The README
+// states each guarantee and its limits.
+package outbox
