@@ -43,19 +43,12 @@ func (r RetryPolicy) Backoff(attempts int) time.Duration {
 }
 
 // exponential is min * 2^(n-1), capped at max.
-func exponential(min, max time.Duration, n int) time.Duration {
-	d := min
-	for i := 1; i < n && d < max; i++ {
+func exponential(lo, hi time.Duration, n int) time.Duration {
+	d := lo
+	for i := 1; i < n && d < hi; i++ {
 		d *= 2
 	}
-	return time.Duration(minInt64(int64(d), int64(max)))
-}
-
-func minInt64(a, b int64) int64 {
-	if a < b {
-		return a
-	}
-	return b
+	return min(d, hi)
 }
 
 // jitter returns a duration between d/2 and d.

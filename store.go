@@ -56,7 +56,7 @@ type Failure struct {
 	Dead bool
 }
 
-// GormStore is the Store for PostgreSQL and SQLite, through GORM.
+// GormStore is the Store for PostgreSQL, MariaDB/MySQL and SQLite, through GORM.
 type GormStore struct {
 	db      *gorm.DB
 	cfg     config
