@@ -29,14 +29,29 @@ var outboxColumns = []column{
 	{"published_at", map[string]string{"postgres": "timestamptz", "sqlite": "datetime", "mysql": "datetime(3)"}, ""},
 }
 
-// outboxIndexes are the table's indexes: their columns, and the rows they
-// hold where the database has partial indexes (MySQL and MariaDB do not:
-// there the state, first in each, narrows the same way).
-var outboxIndexes = []struct{ suffix, columns, where string }{
-	{"pending", "state, id", "state = 'pending'"},
-	{"pending_due", "state, next_attempt_at", "state = 'pending'"},
-	{"claimed_key", "state, claim_token, message_key", "state = 'pending' AND claim_token IS NOT NULL"},
-	{"state", "state, created_at", ""},
+// outboxIndexes are the table's indexes. Where the database has partial
+// indexes, the pending index holds only pending rows and only their id:
+// that is what makes PostgreSQL's planner prefer it to the primary key for
+// the claim's ORDER BY id even while its statistics still say that every
+// row is pending. MySQL and MariaDB have no partial indexes: there the
+// state, first, narrows the same way.
+var outboxIndexes = []struct {
+	suffix  string
+	columns map[string]string // by dialect
+	where   string            // where partial indexes exist
+}{
+	{"pending", map[string]string{"postgres": "id", "sqlite": "id", "mysql": "state, id"}, "state = 'pending'"},
+	{"state", map[string]string{"postgres": "state, created_at", "sqlite": "state, created_at", "mysql": "state, created_at"}, ""},
+}
+
+// fillfactor leaves room on each PostgreSQL page for the claim's stamp, so
+// that it is written beside the row (a HOT update) instead of on another
+// page with a new entry in every index.
+const fillfactor = 50
+
+// indexName is the name of one of the table's indexes.
+func indexName(table, suffix string) string {
+	return "idx_" + strings.ReplaceAll(table, ".", "_") + "_" + suffix
 }
 
 // DDL returns the statements that create the outbox table and its indexes
@@ -45,11 +60,12 @@ var outboxIndexes = []struct{ suffix, columns, where string }{
 // migrations and register the plugin WithoutMigration. They are the same
 // schema Plugin's migration creates.
 //
-// The indexes on pending rows hold only those, so finding work stays cheap
-// however many published rows the table keeps: pending by id (the claim's
-// order), pending by next attempt (the held rows, which make a key busy),
-// and the keys with a message in flight. The state index serves listing,
-// monitoring and retention.
+// The pending index holds only pending rows, so finding work stays cheap
+// however many published rows the table keeps; the state index serves
+// listing, monitoring and retention. Neither holds the columns a claim
+// writes (next_attempt_at, claim_token), so that on PostgreSQL the claim's
+// stamp is a HOT update that touches no index, helped by the table's
+// fillfactor, which leaves room on each page for it.
 func DDL(dialectName, table string) ([]string, error) {
 	if dialectName == "mariadb" {
 		dialectName = "mysql"
@@ -71,26 +87,46 @@ func DDL(dialectName, table string) ([]string, error) {
 		}
 		return strings.Join(parts, ".")
 	}
-	idx := func(suffix string) string { return q("idx_" + strings.ReplaceAll(table, ".", "_") + "_" + suffix) }
 	var cols []string
 	for _, c := range outboxColumns {
 		cols = append(cols, strings.TrimSpace(q(c.name)+" "+c.types[dialectName]+" "+c.constraint))
 	}
 	var indexes []string
-	for _, i := range outboxIndexes {
-		var cs []string
-		for _, c := range strings.Split(i.columns, ", ") {
-			cs = append(cs, q(c))
-		}
-		if dialectName == "mysql" { // no partial indexes; and no CREATE INDEX IF NOT EXISTS in MySQL
-			cols = append(cols, "INDEX "+idx(i.suffix)+" ("+strings.Join(cs, ",")+")")
+	for _, i := range tableIndexes(dialectName, table, q) {
+		if dialectName == "mysql" { // no CREATE INDEX IF NOT EXISTS in MySQL
+			cols = append(cols, "INDEX "+q(i.name)+" ("+i.columns+")")
 			continue
 		}
-		stmt := "CREATE INDEX IF NOT EXISTS " + idx(i.suffix) + " ON " + q(table) + " (" + strings.Join(cs, ", ") + ")"
-		if i.where != "" {
-			stmt += " WHERE " + i.where
-		}
-		indexes = append(indexes, stmt)
+		indexes = append(indexes, strings.Replace(i.create, "CREATE INDEX", "CREATE INDEX IF NOT EXISTS", 1))
 	}
-	return append([]string{"CREATE TABLE IF NOT EXISTS " + q(table) + " (\n  " + strings.Join(cols, ",\n  ") + "\n)"}, indexes...), nil
+	create := "CREATE TABLE IF NOT EXISTS " + q(table) + " (\n  " + strings.Join(cols, ",\n  ") + "\n)"
+	if dialectName == "postgres" {
+		create += fmt.Sprintf(" WITH (fillfactor = %d)", fillfactor)
+	}
+	return append([]string{create}, indexes...), nil
+}
+
+type tableIndex struct {
+	name    string
+	columns string // quoted, comma-separated
+	create  string // CREATE INDEX statement
+}
+
+// tableIndexes are the CREATE INDEX statements of a table, for DDL and for
+// the plugin's migration; quote quotes an identifier for the dialect.
+func tableIndexes(dialectName, table string, quote func(string) string) []tableIndex {
+	var out []tableIndex
+	for _, i := range outboxIndexes {
+		var cs []string
+		for _, c := range strings.Split(i.columns[dialectName], ", ") {
+			cs = append(cs, quote(c))
+		}
+		ti := tableIndex{name: indexName(table, i.suffix), columns: strings.Join(cs, ", ")}
+		ti.create = "CREATE INDEX " + quote(ti.name) + " ON " + quote(table) + " (" + ti.columns + ")"
+		if i.where != "" && dialectName != "mysql" {
+			ti.create += " WHERE " + i.where
+		}
+		out = append(out, ti)
+	}
+	return out
 }

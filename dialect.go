@@ -26,15 +26,19 @@ type dialect struct {
 	// false when another process is cleaning the same table.
 	cleanupLock   string
 	cleanupUnlock string
-	// returning: UPDATE ... RETURNING claims in one statement; without it
-	// (MySQL, MariaDB) the claim locks, updates and reads back.
-	returning bool
+	// claimCommit, run first in the claim's transaction, makes its commit
+	// return before the WAL is on disk: the claim holds the lock that every
+	// other claim waits for, and a claim lost in a crash only hands its rows
+	// back (they are sent again, never lost).
+	claimCommit string
 	// claimTx are the claim transaction's options: MySQL's default
 	// REPEATABLE READ would read the busy keys from an older snapshot.
 	claimTx *sql.TxOptions
 	// deleteLimit: DELETE ... LIMIT, for a database that cannot select from
 	// the table it deletes from.
 	deleteLimit bool
+	// inIDs matches a list of ids given as one argument (GormStore.idsArg).
+	inIDs string
 	// minVersion checks the server when a publisher starts.
 	minVersion func(db *gorm.DB) error
 }
@@ -49,10 +53,11 @@ var dialects = map[string]dialect{
 	"mysql": {name: "mysql",
 		claimLock: "SELECT GET_LOCK(?, 30)", claimUnlock: "SELECT RELEASE_LOCK(?)",
 		cleanupLock: "SELECT GET_LOCK(?, 0)", cleanupUnlock: "SELECT RELEASE_LOCK(?)",
-		claimTx: &sql.TxOptions{Isolation: sql.LevelReadCommitted}, deleteLimit: true, minVersion: mysqlSkipLocked},
+		claimTx: &sql.TxOptions{Isolation: sql.LevelReadCommitted}, deleteLimit: true, minVersion: mysqlSkipLocked, inIDs: "IN ?"},
 	"postgres": {name: "postgres", skipLocked: " FOR UPDATE SKIP LOCKED", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?)) l",
-		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", returning: true},
-	"sqlite": {name: "sqlite", returning: true},
+		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))",
+		claimCommit: "SET LOCAL synchronous_commit = off"},
+	"sqlite": {name: "sqlite", inIDs: "IN ?"},
 }
 
 func dialectOf(db *gorm.DB) (dialect, error) {

@@ -150,7 +150,7 @@ func ExampleDDL() {
 	fmt.Println(stmts[1])
 	// Output:
 	// CREATE TABLE IF NOT EXISTS "outbox_messages" (
-	// CREATE INDEX IF NOT EXISTS "idx_outbox_messages_pending" ON "outbox_messages" ("state", "id") WHERE state = 'pending'
+	// CREATE INDEX IF NOT EXISTS "idx_outbox_messages_pending" ON "outbox_messages" ("id") WHERE state = 'pending'
 }
 
 // The design document's calls: SaveToOutbox in a transaction, then one

@@ -29,30 +29,31 @@ const (
 // OutboxMessage is one row of the outbox table: an event written in the same
 // transaction as the domain rows it describes, waiting to be relayed.
 //
-// The GORM tags are the schema that Plugin migrates; DDL returns the same
+// The GORM tags are the columns that Plugin migrates; the indexes, which
+// differ by database, are in one table beside DDL, which returns the same
 // schema as SQL for those who own their migrations.
 type OutboxMessage struct {
 	// ID is a UUIDv7: unique, and ordered by creation time, so that ordering
 	// by ID is ordering by enqueue time. It is also sent as the
 	// message-id header that consumers use to drop duplicates.
-	ID uuid.UUID `gorm:"type:uuid;primaryKey;not null;index:,composite:pending,priority:2,where:state = 'pending'"`
+	ID uuid.UUID `gorm:"type:uuid;primaryKey;not null"`
 	// Topic is the destination (a Kafka topic).
 	Topic string `gorm:"size:249;not null"`
 	// Key decides the partition: messages with the same key keep their order.
-	Key     string  `gorm:"column:message_key;size:255;not null;default:'';index:,composite:claimed_key,priority:3,where:state = 'pending' AND claim_token IS NOT NULL"`
+	Key     string  `gorm:"column:message_key;size:255;not null;default:''"`
 	Payload []byte  `gorm:"not null"`
 	Headers Headers `gorm:"type:text;not null;default:'{}'"`
-	State   State   `gorm:"size:16;not null;default:'pending';index:,composite:state,priority:1;index:,composite:pending,priority:1,where:state = 'pending';index:,composite:pending_due,priority:1,where:state = 'pending';index:,composite:claimed_key,priority:1,where:state = 'pending' AND claim_token IS NOT NULL"`
+	State   State   `gorm:"size:16;not null;default:'pending'"`
 	// Attempts counts failed sends.
 	Attempts  int    `gorm:"not null;default:0"`
 	LastError string `gorm:"type:text;not null;default:''"`
 	// NextAttemptAt is when a pending message may next be claimed: its
 	// enqueue time, then the end of a claim's lease, then a retry's backoff.
-	NextAttemptAt time.Time `gorm:"not null;index:,composite:pending_due,priority:2,where:state = 'pending'"`
+	NextAttemptAt time.Time `gorm:"not null"`
 	// ClaimToken identifies the claim that currently holds the message; a
 	// publisher writes a result only while the token is still its own.
-	ClaimToken  *string    `gorm:"size:36;index:,composite:claimed_key,priority:2,where:state = 'pending' AND claim_token IS NOT NULL"`
-	CreatedAt   time.Time  `gorm:"not null;index:,composite:state,priority:2"`
+	ClaimToken  *string    `gorm:"size:36"`
+	CreatedAt   time.Time  `gorm:"not null"`
 	PublishedAt *time.Time ``
 }
 

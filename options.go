@@ -3,6 +3,7 @@ package outbox
 import (
 	"fmt"
 	"regexp"
+	"time"
 
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
@@ -30,6 +31,7 @@ type config struct {
 	meterProvider   metric.MeterProvider
 	tracerProvider  trace.TracerProvider
 	telemetry       *telemetry
+	notifyInterval  time.Duration
 }
 
 func newConfig(opts []Option) (config, error) {
@@ -38,6 +40,7 @@ func newConfig(opts []Option) (config, error) {
 		migrate:         true,
 		encoder:         JSONEncoder{},
 		maxPayloadBytes: DefaultMaxPayloadBytes,
+		notifyInterval:  DefaultNotifyInterval,
 	}
 	for _, o := range opts {
 		o(&c)
@@ -47,6 +50,9 @@ func newConfig(opts []Option) (config, error) {
 	}
 	if c.encoder == nil {
 		return c, fmt.Errorf("outbox: encoder is nil")
+	}
+	if c.notifyInterval < 0 {
+		return c, fmt.Errorf("outbox: notify interval must not be negative, got %v", c.notifyInterval)
 	}
 	if c.maxPayloadBytes <= 0 {
 		return c, fmt.Errorf("outbox: maximum payload size must be positive, got %d", c.maxPayloadBytes)

@@ -197,6 +197,11 @@ func describe(t *testing.T, db *gorm.DB, dialect, table string) string {
 		if err := db.Raw(`SELECT indexdef FROM pg_indexes WHERE schemaname = current_schema() AND tablename = ?`, table).Scan(&idx).Error; err != nil {
 			t.Fatal(err)
 		}
+		var options []string
+		if err := db.Raw(`SELECT unnest(reloptions) FROM pg_class WHERE oid = to_regclass(?)`, table).Scan(&options).Error; err != nil {
+			t.Fatal(err)
+		}
+		lines = append(lines, "options "+strings.Join(options, ","))
 		for _, def := range idx {
 			def = regexp.MustCompile(`\b\w*`+table+`\w*\b`).ReplaceAllStringFunc(def, func(s string) string { return strings.ReplaceAll(s, table, "T") })
 			lines = append(lines, "index "+def)

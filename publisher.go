@@ -50,7 +50,14 @@ type publisherConfig struct {
 	workers      int
 	retention    *RetentionPolicy // nil: no cleanup
 	cleanEvery   time.Duration
+	noListen     bool
 }
+
+// WithoutListen makes a publisher on PostgreSQL poll only, without holding a
+// connection that LISTENs for the enqueuers' NOTIFY: for a connection through
+// PgBouncer in transaction pooling, where LISTEN does not work. Wake-ups in
+// the same process still work.
+func WithoutListen() PublisherOption { return func(c *publisherConfig) { c.noListen = true } }
 
 // WithRetention sets the cleanup the publisher runs every interval
 // (default: DefaultRetention, every 10 minutes). Only one publisher of a
@@ -281,6 +288,13 @@ func (p *Publisher) loop(ctx context.Context) {
 			p.clean(ctx, gs)
 		}()
 	}
+	if gs, ok := p.store.(*GormStore); ok && gs.dialect.name == "postgres" && !p.cfg.noListen {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p.listen(ctx, gs)
+		}()
+	}
 	for range p.cfg.workers {
 		wg.Add(1)
 		go func() {
@@ -298,6 +312,9 @@ func (p *Publisher) loop(ctx context.Context) {
 	log.Info("outbox publisher stopped")
 }
 
+// followUp is how soon a worker looks again after a claim that found work.
+const followUp = 2 * DefaultNotifyInterval
+
 // work is one worker: claim, send, record, and wait when there is nothing to do.
 func (p *Publisher) work(ctx, abortCtx context.Context) {
 	var pause time.Duration // grows while the broker or the database is down
@@ -307,15 +324,23 @@ func (p *Publisher) work(ctx, abortCtx context.Context) {
 			p.noteOutage(err)
 			pause = min(max(2*pause, p.cfg.pollInterval), p.cfg.maxPause)
 		} else if err == nil {
-			p.noteOutage(nil)
+			if res.Claimed > 0 { // an empty claim says nothing of the broker
+				p.noteOutage(nil)
+			}
 			pause = 0
 		}
 		if err == nil && res.Claimed == p.cfg.batchSize {
 			continue // more is waiting
 		}
 		wait := p.cfg.pollInterval
-		if pause > 0 {
+		switch {
+		case pause > 0:
 			wait = pause
+		case err == nil && res.Claimed > 0:
+			// Work is arriving: look again soon, for what committed after
+			// this claim without a wake-up of its own (the NOTIFY is sent
+			// at most once per interval).
+			wait = min(wait, followUp)
 		}
 		timer := time.NewTimer(jitter(wait))
 		select {

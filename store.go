@@ -63,6 +63,7 @@ type GormStore struct {
 	dialect dialect
 	columns string // the columns Claim and List return, quoted
 	wakeups *wakeups
+	notify  *notifier // nil: no NOTIFY
 }
 
 // PostgresOutboxStore is the design document's name for the store on
@@ -93,7 +94,8 @@ func newStore(db *gorm.DB, cfg config) (*GormStore, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &GormStore{db: db.Session(&gorm.Session{NewDB: true}), cfg: cfg, dialect: d, wakeups: &wakeups{}}
+	s := &GormStore{db: db.Session(&gorm.Session{NewDB: true}), cfg: cfg, dialect: d, wakeups: &wakeups{},
+		notify: newNotifier(d, cfg.table, cfg.notifyInterval)}
 	cols := []string{"id", "topic", "message_key", "payload", "headers", "state", "attempts",
 		"last_error", "next_attempt_at", "claim_token", "created_at", "published_at"}
 	for i, c := range cols {
@@ -121,8 +123,23 @@ func (s *GormStore) table() string { return s.quote(s.cfg.table) }
 
 // CreateOutboxTable creates the table and its indexes, or adds what is missing.
 func (s *GormStore) CreateOutboxTable(ctx context.Context) error {
-	if err := s.db.WithContext(ctx).Table(s.cfg.table).AutoMigrate(&OutboxMessage{}); err != nil {
+	db := s.db.WithContext(ctx)
+	created := !db.Migrator().HasTable(s.cfg.table)
+	if err := db.Table(s.cfg.table).AutoMigrate(&OutboxMessage{}); err != nil {
 		return fmt.Errorf("outbox: migrating table %s: %w", s.cfg.table, err)
+	}
+	if created && s.dialect.name == "postgres" {
+		if err := db.Exec(fmt.Sprintf("ALTER TABLE %s SET (fillfactor = %d)", s.table(), fillfactor)).Error; err != nil {
+			return fmt.Errorf("outbox: migrating table %s: %w", s.cfg.table, err)
+		}
+	}
+	for _, i := range tableIndexes(s.dialect.name, s.cfg.table, s.quote) {
+		if db.Migrator().HasIndex(s.cfg.table, i.name) {
+			continue
+		}
+		if err := db.Exec(i.create).Error; err != nil {
+			return fmt.Errorf("outbox: creating index %s on %s: %w", i.name, s.cfg.table, err)
+		}
 	}
 	return nil
 }
@@ -182,23 +199,29 @@ func (s *GormStore) Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessag
 			return fmt.Errorf("outbox: writing %d messages to %s: %w", len(chunk), s.cfg.table, err)
 		}
 	}
+	if err := s.notify.notify(session); err != nil {
+		return fmt.Errorf("outbox: notifying the publishers of %s: %w", s.cfg.table, err)
+	}
 	return nil
 }
 
-// Claim implements Store. The claim is one UPDATE ... RETURNING: it moves
-// each row's next_attempt_at to the end of the lease and stamps the token, and
-// commits at once, so no transaction stays open while the broker is called.
-// A claim whose publisher dies simply expires and its rows are due again.
+// Claim implements Store. In one short transaction it reads the front of
+// the pending queue, picks the rows to send, and stamps them with the token
+// and the lease's end; no transaction stays open while the broker is
+// called. A claim whose publisher dies simply expires and its rows are due
+// again.
 //
-// Per-key order: a claim takes the oldest due rows in id order, so what it
-// takes of a key is always the front of that key's pending queue, and what a
-// key has held (claimed, or waiting for a retry) is always a front too. So a
-// key is free exactly when none of its pending rows is held (KeyWait), or
-// none is claimed (KeySkip). Held rows are few, so the busy keys are read
-// once per claim through small indexes and skipped with a hash lookup per
-// row. Claims are serialized (an advisory lock on PostgreSQL, the single
-// writer on SQLite) so that each sees the claims committed before it;
-// sending stays parallel. Messages with an empty key are never held back.
+// Per-key order: a claim takes due rows in id order, so what it takes of a
+// key is always the front of that key's pending queue, and what a key has
+// held (claimed, or waiting for a retry) is always a front too. So walking
+// the pending rows in id order, a key is busy from its first held row on,
+// and every later row of it is skipped. The walk reads four small columns
+// through the pending index and decides in Go, the same on every database;
+// the stamp changes no indexed column, so PostgreSQL can write it as a HOT
+// update (see the table's fillfactor). Claims are serialized (an advisory
+// lock on PostgreSQL, a named lock on MySQL, the single writer on SQLite)
+// so that each sees the claims committed before it; sending stays
+// parallel. Messages with an empty key are never held back.
 func (s *GormStore) Claim(ctx context.Context, opts ClaimOptions) (string, []*OutboxMessage, error) {
 	if opts.Limit <= 0 {
 		return "", nil, fmt.Errorf("outbox: claim limit must be positive, got %d", opts.Limit)
@@ -207,70 +230,158 @@ func (s *GormStore) Claim(ctx context.Context, opts ClaimOptions) (string, []*Ou
 		return "", nil, fmt.Errorf("outbox: claim lease must be positive, got %v", opts.Lease)
 	}
 	token := uuid.NewString()
-	var msgs []*OutboxMessage
+	var picked []uuid.UUID
 	err := s.serialized(ctx, s.dialect.claimLock, s.dialect.claimUnlock, s.lockKey(), func(tx *gorm.DB) error {
 		var err error
-		msgs, err = s.claim(tx, token, opts)
+		picked, err = s.claim(tx, token, opts)
 		return err
 	}, s.dialect.claimTx)
 	if err != nil {
 		return "", nil, fmt.Errorf("outbox: claiming messages from %s: %w", s.cfg.table, err)
 	}
-	// RETURNING has no order; the sender needs enqueue order.
+	if len(picked) == 0 {
+		return token, nil, nil
+	}
+	q := s.quote
+	msgs, err := s.readMessages(s.db.WithContext(ctx), "SELECT "+s.columns+" FROM "+s.table()+
+		" WHERE "+q("id")+" "+s.dialect.inIDs+" AND "+q("claim_token")+" = ?", s.idsArg(picked), token)
+	if err != nil {
+		// The claim stands; its lease hands the rows back.
+		return "", nil, fmt.Errorf("outbox: reading claimed messages from %s: %w", s.cfg.table, err)
+	}
 	sort.Slice(msgs, func(i, j int) bool { return lessID(msgs[i].ID, msgs[j].ID) })
 	return token, msgs, nil
 }
 
-func (s *GormStore) claim(tx *gorm.DB, token string, opts ClaimOptions) ([]*OutboxMessage, error) {
-	now := time.Now().UTC()
-	args := []any{now.Add(opts.Lease), now}
-	if !opts.SkipFailedKeys {
-		args = append(args, now)
-	}
-	args = append(args, opts.Limit)
-	var msgs []*OutboxMessage
-	if s.dialect.returning {
-		err := tx.Raw(s.claimSQL(opts.SkipFailedKeys), append([]any{token}, args...)...).Scan(&msgs).Error
-		return msgs, err
-	}
-	// Without UPDATE ... RETURNING: read the busy keys, pick the rows,
-	// stamp them, read them back (see the mysql dialect for why the reads
-	// take no row locks).
-	q, t := s.quote, s.table()
-	busySQL := "SELECT DISTINCT " + q("message_key") + " FROM " + t + " WHERE " + q("state") + " = 'pending' AND "
-	busyArgs := []any{}
-	if opts.SkipFailedKeys {
-		busySQL += q("claim_token") + " IS NOT NULL"
-	} else {
-		busySQL += q("next_attempt_at") + " > ?"
-		busyArgs = append(busyArgs, now)
-	}
-	var busy []string
-	if err := tx.Raw(busySQL, busyArgs...).Scan(&busy).Error; err != nil {
-		return nil, err
-	}
-	pick := "SELECT " + q("id") + " FROM " + t + " WHERE " + q("state") + " = 'pending' AND " + q("next_attempt_at") + " <= ?"
-	pickArgs := []any{now}
-	if len(busy) > 0 {
-		pick += " AND (" + q("message_key") + " = '' OR " + q("message_key") + " NOT IN ?)"
-		pickArgs = append(pickArgs, busy)
-	}
-	pick += " ORDER BY " + q("id") + " LIMIT ?" + s.dialect.skipLocked
-	pickArgs = append(pickArgs, opts.Limit)
-	var ids []uuid.UUID
-	if err := tx.Raw(pick, pickArgs...).Scan(&ids).Error; err != nil {
-		return nil, err
-	}
-	if len(ids) == 0 {
-		return nil, nil
-	}
-	err := tx.Table(s.cfg.table).Where("id IN ? AND state = ? AND next_attempt_at <= ?", ids, StatePending, now).
-		Updates(map[string]any{"claim_token": token, "next_attempt_at": args[0]}).Error
+// queued is what the claim's walk reads of a pending row.
+type queued struct {
+	ID            uuid.UUID
+	MessageKey    string
+	NextAttemptAt time.Time
+	ClaimToken    *string
+}
+
+// readQueue runs the walk's read. It scans by hand: at thousands of rows a
+// second, GORM's reflection would cost more than the query.
+func (s *GormStore) readQueue(tx *gorm.DB, sql string, args ...any) ([]queued, error) {
+	rows, err := tx.Raw(sql, args...).Rows()
 	if err != nil {
 		return nil, err
 	}
-	err = tx.Raw("SELECT "+s.columns+" FROM "+s.table()+" WHERE "+s.quote("claim_token")+" = ?", token).Scan(&msgs).Error
-	return msgs, err
+	defer rows.Close()
+	var out []queued
+	for rows.Next() {
+		var r queued
+		var token sql2.NullString
+		if err := rows.Scan(&r.ID, &r.MessageKey, &r.NextAttemptAt, &token); err != nil {
+			return nil, err
+		}
+		if token.Valid {
+			r.ClaimToken = &token.String
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// claimWindow is how many pending rows one read of the walk takes at
+// first; each further read takes twice as many.
+func claimWindow(limit int) int { return max(2*limit, 256) }
+
+// claim stamps the rows it picks with the token and returns their ids.
+// The rows themselves are read after the commit, outside the lock.
+func (s *GormStore) claim(tx *gorm.DB, token string, opts ClaimOptions) ([]uuid.UUID, error) {
+	if s.dialect.claimCommit != "" {
+		if err := tx.Exec(s.dialect.claimCommit).Error; err != nil {
+			return nil, err
+		}
+	}
+	now := time.Now().UTC()
+	picked, err := s.pick(tx, now, opts)
+	if err != nil || len(picked) == 0 {
+		return nil, err
+	}
+	q := s.quote
+	// The state and due time are checked again: a row picked by the plain
+	// read may have been published since by a claim that had expired.
+	err = tx.Exec("UPDATE "+s.table()+" SET "+q("claim_token")+" = ?, "+q("next_attempt_at")+" = ?"+
+		" WHERE "+q("id")+" "+s.dialect.inIDs+" AND "+q("state")+" = 'pending' AND "+q("next_attempt_at")+" <= ?",
+		token, now.Add(opts.Lease), s.idsArg(picked), now).Error
+	return picked, err
+}
+
+// readMessages reads whole messages in s.columns' order, scanning by hand
+// for the same reason as readQueue.
+func (s *GormStore) readMessages(tx *gorm.DB, sql string, args ...any) ([]*OutboxMessage, error) {
+	rows, err := tx.Raw(sql, args...).Rows()
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []*OutboxMessage
+	for rows.Next() {
+		m := &OutboxMessage{}
+		var state string
+		var token sql2.NullString
+		var published sql2.NullTime
+		err := rows.Scan(&m.ID, &m.Topic, &m.Key, &m.Payload, &m.Headers, &state, &m.Attempts,
+			&m.LastError, &m.NextAttemptAt, &token, &m.CreatedAt, &published)
+		if err != nil {
+			return nil, err
+		}
+		m.State = State(state)
+		if token.Valid {
+			m.ClaimToken = &token.String
+		}
+		if published.Valid {
+			m.PublishedAt = &published.Time
+		}
+		out = append(out, m)
+	}
+	return out, rows.Err()
+}
+
+// pick walks the pending rows in id order and returns the ids to claim:
+// due rows of keys that hold nothing. The state is a SQL literal so that
+// the partial pending index serves the read whatever the statement cache.
+func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions) ([]uuid.UUID, error) {
+	q, t := s.quote, s.table()
+	read := "SELECT " + q("id") + ", " + q("message_key") + ", " + q("next_attempt_at") + ", " + q("claim_token") +
+		" FROM " + t + " WHERE " + q("state") + " = 'pending'"
+	busy := map[string]bool{}
+	var picked []uuid.UUID
+	var after *uuid.UUID
+	for window := claimWindow(opts.Limit); ; window *= 2 {
+		sql, args := read, []any{}
+		if after != nil {
+			sql += " AND " + q("id") + " > ?"
+			args = append(args, *after)
+		}
+		rows, err := s.readQueue(tx, sql+" ORDER BY "+q("id")+" LIMIT ?", append(args, window)...)
+		if err != nil {
+			return nil, err
+		}
+		for _, r := range rows {
+			if !r.NextAttemptAt.After(now) {
+				if r.MessageKey == "" || !busy[r.MessageKey] {
+					picked = append(picked, r.ID)
+					if len(picked) == opts.Limit {
+						return picked, nil
+					}
+				}
+				continue
+			}
+			// Not due: in flight (claimed), or waiting for a retry, which
+			// holds the key too unless SkipFailedKeys.
+			if r.MessageKey != "" && (!opts.SkipFailedKeys || r.ClaimToken != nil) {
+				busy[r.MessageKey] = true
+			}
+		}
+		if len(rows) < window {
+			return picked, nil
+		}
+		after = &rows[len(rows)-1].ID
+	}
 }
 
 // errLockBusy is what lock returns when a try-lock (timeout 0) is taken.
@@ -331,32 +442,31 @@ func (s *GormStore) lockName(key int64) string {
 	return fmt.Sprintf("outbox:%s:%x", s.db.Migrator().CurrentDatabase(), key)
 }
 
-// claimSQL's parameters: token, lease end, now, [now,] limit. The state is
-// a literal, not a parameter: the partial indexes on pending rows serve only
-// a query whose predicate is known when it is planned (a prepared
-// statement's generic plan would otherwise scan the table).
-func (s *GormStore) claimSQL(skipFailedKeys bool) string {
-	q, t := s.quote, s.table()
-	pending := "'" + string(StatePending) + "'"
-	busy := "SELECT h." + q("message_key") + " FROM " + t + " h WHERE h." + q("state") + " = " + pending +
-		" AND h." + q("next_attempt_at") + " > ?" // claimed, or waiting for a retry
-	if skipFailedKeys {
-		busy = "SELECT h." + q("message_key") + " FROM " + t + " h WHERE h." + q("state") + " = " + pending +
-			" AND h." + q("claim_token") + " IS NOT NULL"
-	}
-	pick := "SELECT r." + q("id") + " FROM " + t + " r" +
-		" WHERE r." + q("state") + " = " + pending + " AND r." + q("next_attempt_at") + " <= ?" +
-		" AND (r." + q("message_key") + " = '' OR r." + q("message_key") + " NOT IN (" + busy + "))" +
-		" ORDER BY r." + q("id") + " LIMIT ?" + s.dialect.skipLocked
-	return "UPDATE " + t + " SET " + q("claim_token") + " = ?, " + q("next_attempt_at") + " = ?" +
-		" WHERE " + q("id") + " IN (" + pick + ") RETURNING " + s.columns
-}
-
 // lockKey is the advisory lock that serializes the claims of one table.
 func (s *GormStore) lockKey() int64 {
 	h := fnv.New64a()
 	h.Write([]byte("gorm-outbox:" + s.cfg.table))
 	return int64(h.Sum64())
+}
+
+// idsArg is the argument of dialect.inIDs: on PostgreSQL one array literal,
+// because pgx encodes each of hundreds of uuid parameters at a cost that
+// outweighed the statement itself.
+func (s *GormStore) idsArg(ids []uuid.UUID) any {
+	if s.dialect.name != "postgres" {
+		return ids
+	}
+	var b strings.Builder
+	b.Grow(len(ids)*37 + 2)
+	b.WriteByte('{')
+	for i, id := range ids {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(id.String())
+	}
+	b.WriteByte('}')
+	return b.String()
 }
 
 func lessID(a, b uuid.UUID) bool { return string(a[:]) < string(b[:]) }
@@ -367,7 +477,7 @@ func (s *GormStore) MarkPublished(ctx context.Context, token string, ids []uuid.
 		return nil
 	}
 	err := s.db.WithContext(ctx).Table(s.cfg.table).
-		Where("id IN ? AND claim_token = ?", ids, token).
+		Where("id "+s.dialect.inIDs+" AND claim_token = ?", s.idsArg(ids), token).
 		Updates(map[string]any{"state": StatePublished, "published_at": time.Now().UTC(), "claim_token": nil}).Error
 	if err != nil {
 		return fmt.Errorf("outbox: marking %d messages published in %s: %w", len(ids), s.cfg.table, err)
@@ -413,7 +523,7 @@ func (s *GormStore) Release(ctx context.Context, token string, ids []uuid.UUID) 
 		return nil
 	}
 	err := s.db.WithContext(ctx).Table(s.cfg.table).
-		Where("id IN ? AND claim_token = ?", ids, token).
+		Where("id "+s.dialect.inIDs+" AND claim_token = ?", s.idsArg(ids), token).
 		Updates(map[string]any{"next_attempt_at": time.Now().UTC(), "claim_token": nil}).Error
 	if err != nil {
 		return fmt.Errorf("outbox: releasing %d claimed messages in %s: %w", len(ids), s.cfg.table, err)

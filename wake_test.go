@@ -98,18 +98,24 @@ func TestPublishersWakeWhenATransactionCommits(t *testing.T) {
 
 // BenchmarkCommitToAck measures, on each database, the time from a
 // transaction's commit to the broker's acknowledgement of its one event,
-// with the in-process wake-up and with polling alone (every 100ms, the
-// default). It reports p50 and p99 in milliseconds.
+// with the wake-ups (in-process, and NOTIFY on PostgreSQL) and with polling
+// alone (every 100ms, the default). It reports p50 and p99 in milliseconds.
 //
 //	go test -run x -bench CommitToAck -benchtime 200x .
 func BenchmarkCommitToAck(b *testing.B) {
 	for _, d := range databases {
 		for _, mode := range []string{"wake", "poll"} {
 			b.Run(d.name+"/"+mode, func(b *testing.B) {
-				db := setup(b, d.open(b, nil))
+				var opts []outbox.Option
+				popts := []outbox.PublisherOption{outbox.WithLogger(discardLogger())}
+				if mode == "poll" {
+					opts = append(opts, outbox.WithNotifyInterval(0))
+					popts = append(popts, outbox.WithoutListen())
+				}
+				db := setup(b, d.open(b, nil), opts...)
 				_, addrs := outboxtest.Kafka(b, 1, "latency")
 				clock := newAckClock(kafkaSender(b, addrs))
-				pub, err := outbox.NewPublisher(db, clock, outbox.WithLogger(discardLogger()))
+				pub, err := outbox.NewPublisher(db, clock, popts...)
 				if err != nil {
 					b.Fatal(err)
 				}

@@ -1,0 +1,140 @@
+package outbox
+
+import (
+	"context"
+	"database/sql/driver"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"gorm.io/gorm"
+)
+
+// DefaultNotifyInterval is how often, at most, one process's enqueues send
+// a PostgreSQL NOTIFY (see WithNotifyInterval).
+const DefaultNotifyInterval = 5 * time.Millisecond
+
+// WithNotifyInterval sets how often, at most, this process's enqueuing
+// transactions on PostgreSQL send a NOTIFY that wakes the publishers
+// LISTENing in every process (default DefaultNotifyInterval). PostgreSQL
+// serializes the commits of notifying transactions, so a NOTIFY in every
+// transaction would cost concurrent writers about a third of their
+// throughput; one per interval costs almost nothing, and a publisher woken
+// by one keeps looking for a moment for what the next transactions commit
+// (see Publisher). Zero turns the NOTIFY off: publishers then learn of work
+// from this process's in-process wake-up and from polling.
+func WithNotifyInterval(d time.Duration) Option {
+	return func(c *config) { c.notifyInterval = d }
+}
+
+// notifier sends the debounced NOTIFY of one table's enqueues.
+type notifier struct {
+	channel  string // SQL expression, see channelSQL
+	interval time.Duration
+	last     atomic.Int64 // unix nanoseconds of the last NOTIFY sent
+}
+
+// channelSQL is the SQL expression of a table's NOTIFY channel, computed by
+// the server so that every process agrees: a hash of the schema-qualified
+// table, so that the outboxes of two schemas do not wake each other's
+// publishers and the name stays within PostgreSQL's 63 bytes. The table
+// name is a validated identifier, safe in a literal.
+func channelSQL(table string) string {
+	if strings.Contains(table, ".") {
+		return "'outbox_' || left(md5('" + table + "'), 16)"
+	}
+	return "'outbox_' || left(md5(current_schema() || '." + table + "'), 16)"
+}
+
+func newNotifier(d dialect, table string, interval time.Duration) *notifier {
+	if d.name != "postgres" || interval <= 0 {
+		return nil
+	}
+	return &notifier{channel: channelSQL(table), interval: interval}
+}
+
+// notify sends a NOTIFY on tx, the enqueuing transaction, unless one was
+// sent less than the interval ago. PostgreSQL delivers it when tx commits
+// (and not at all if it rolls back), and delivers one per transaction
+// however many are sent in it.
+func (n *notifier) notify(tx *gorm.DB) error {
+	if n == nil {
+		return nil
+	}
+	now := time.Now().UnixNano()
+	last := n.last.Load()
+	if now-last < int64(n.interval) || !n.last.CompareAndSwap(last, now) {
+		return nil
+	}
+	return tx.Exec("SELECT pg_notify(" + n.channel + ", '')").Error
+}
+
+// listen holds one connection of db's pool LISTENing on the table's channel
+// and wakes p on each notification, until ctx ends. When the connection
+// breaks it listens again after a pause; polling covers the gap, and p is
+// woken after each (re)start in case a notification was missed.
+func (p *Publisher) listen(ctx context.Context, store *GormStore) {
+	var pause time.Duration
+	for ctx.Err() == nil {
+		err := p.listenOnce(ctx, store)
+		if ctx.Err() != nil {
+			return
+		}
+		if errors.Is(err, errNotPgx) {
+			p.cfg.logger.Info("outbox: not listening for notifications, polling", "reason", err)
+			return
+		}
+		pause = min(max(2*pause, p.cfg.pollInterval), p.cfg.maxPause)
+		p.cfg.logger.Warn("outbox: listening for notifications failed; polling meanwhile", "error", err, "retry_in", pause)
+		timer := time.NewTimer(pause)
+		select {
+		case <-ctx.Done():
+		case <-timer.C:
+		}
+		timer.Stop()
+	}
+}
+
+// pgxConn is what pgx's database/sql driver connection offers; naming it
+// here keeps the pgx driver package (and its init) out of this package.
+type pgxConn interface{ Conn() *pgx.Conn }
+
+var errNotPgx = errors.New("outbox: LISTEN needs the pgx driver")
+
+func (p *Publisher) listenOnce(ctx context.Context, store *GormStore) error {
+	sqlDB, err := store.db.DB()
+	if err != nil {
+		return err
+	}
+	conn, err := sqlDB.Conn(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	return conn.Raw(func(dc any) error {
+		pc, ok := dc.(pgxConn)
+		if !ok {
+			return fmt.Errorf("%w, got %T", errNotPgx, dc)
+		}
+		c := pc.Conn()
+		var channel string
+		if err := c.QueryRow(ctx, "SELECT "+channelSQL(store.cfg.table)).Scan(&channel); err != nil {
+			return errors.Join(err, driver.ErrBadConn)
+		}
+		if _, err := c.Exec(ctx, "LISTEN "+pgx.Identifier{channel}.Sanitize()); err != nil {
+			return errors.Join(err, driver.ErrBadConn)
+		}
+		p.Wake()
+		for {
+			if _, err := c.WaitForNotification(ctx); err != nil {
+				// The connection still LISTENs, or is broken: never hand it
+				// back to the pool.
+				return errors.Join(err, driver.ErrBadConn)
+			}
+			p.Wake()
+		}
+	})
+}
