@@ -20,17 +20,16 @@ type dialect struct {
 	skipLocked string
 	// claimLock, run first in the claim's transaction, serializes claims
 	// (see GormStore.Claim). Empty where the database serializes writers.
+	// On PostgreSQL it also makes the claim's commit return before the WAL
+	// is on disk: the claim holds the lock every other claim waits for, and
+	// a claim lost in a crash only hands its rows back (sent again, never
+	// lost).
 	claimLock   string
 	claimUnlock string
 	// cleanupLock, run first in each cleanup batch's transaction, returns
 	// false when another process is cleaning the same table.
 	cleanupLock   string
 	cleanupUnlock string
-	// claimCommit, run first in the claim's transaction, makes its commit
-	// return before the WAL is on disk: the claim holds the lock that every
-	// other claim waits for, and a claim lost in a crash only hands its rows
-	// back (they are sent again, never lost).
-	claimCommit string
 	// claimTx are the claim transaction's options: MySQL's default
 	// REPEATABLE READ would read the busy keys from an older snapshot.
 	claimTx *sql.TxOptions
@@ -54,9 +53,8 @@ var dialects = map[string]dialect{
 		claimLock: "SELECT GET_LOCK(?, 30)", claimUnlock: "SELECT RELEASE_LOCK(?)",
 		cleanupLock: "SELECT GET_LOCK(?, 0)", cleanupUnlock: "SELECT RELEASE_LOCK(?)",
 		claimTx: &sql.TxOptions{Isolation: sql.LevelReadCommitted}, deleteLimit: true, minVersion: mysqlSkipLocked, inIDs: "IN ?"},
-	"postgres": {name: "postgres", skipLocked: " FOR UPDATE SKIP LOCKED", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?)) l",
-		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))",
-		claimCommit: "SET LOCAL synchronous_commit = off"},
+	"postgres": {name: "postgres", skipLocked: " FOR UPDATE SKIP LOCKED", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true)) l",
+		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))"},
 	"sqlite": {name: "sqlite", inIDs: "IN ?"},
 }
 

@@ -254,13 +254,14 @@ func (p *Publisher) Stop(ctx context.Context) error {
 
 // Wake makes a waiting publisher look for work now instead of at its next
 // poll. Call it after committing a transaction that enqueued; it never blocks.
+//
+// It wakes one worker: a worker whose claim comes back full wakes another,
+// so that a backlog brings every worker in while a trickle keeps one busy
+// instead of all of them claiming a few messages each.
 func (p *Publisher) Wake() {
-	for range cap(p.wake) {
-		select {
-		case p.wake <- struct{}{}:
-		default:
-			return
-		}
+	select {
+	case p.wake <- struct{}{}:
+	default:
 	}
 }
 
@@ -312,12 +313,13 @@ func (p *Publisher) loop(ctx context.Context) {
 	log.Info("outbox publisher stopped")
 }
 
-// followUp is how soon a worker looks again after a claim that found work.
+// followUp is how soon a worker looks again after the work stopped.
 const followUp = 2 * DefaultNotifyInterval
 
 // work is one worker: claim, send, record, and wait when there is nothing to do.
 func (p *Publisher) work(ctx, abortCtx context.Context) {
 	var pause time.Duration // grows while the broker or the database is down
+	busy := false           // the last claim found work
 	for ctx.Err() == nil {
 		res, err := p.publishBatch(ctx, abortCtx)
 		if err != nil && ctx.Err() == nil {
@@ -329,19 +331,25 @@ func (p *Publisher) work(ctx, abortCtx context.Context) {
 			}
 			pause = 0
 		}
-		if err == nil && res.Claimed == p.cfg.batchSize {
-			continue // more is waiting
+		if err == nil && res.Claimed > 0 {
+			if res.Claimed == p.cfg.batchSize {
+				p.Wake() // more is waiting: bring in another worker
+			}
+			// Look again at once, for what committed while this batch was out.
+			busy = true
+			continue
 		}
 		wait := p.cfg.pollInterval
 		switch {
 		case pause > 0:
 			wait = pause
-		case err == nil && res.Claimed > 0:
-			// Work is arriving: look again soon, for what committed after
-			// this claim without a wake-up of its own (the NOTIFY is sent
-			// at most once per interval).
+		case busy:
+			// The work just stopped: look once more shortly, for what
+			// committed without a wake-up of its own (an enqueuing process
+			// sends its NOTIFY at most once per interval).
 			wait = min(wait, followUp)
 		}
+		busy = false
 		timer := time.NewTimer(jitter(wait))
 		select {
 		case <-ctx.Done():

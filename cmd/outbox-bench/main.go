@@ -1,14 +1,26 @@
-// Command outbox-bench measures the publisher's drain throughput beside its
-// two ceilings, measured in the same run on the same table shape and
-// payloads: the database alone (the simplest correct drain, one
-// DELETE ... RETURNING per batch, nothing sent) and the broker alone (the
-// same sarama producer settings, no database).
+// Command outbox-bench measures the outbox against PostgreSQL and a kfake
+// broker over TCP, each result beside a reference measured in the same run,
+// because only ratios taken together mean anything on a shared machine:
 //
-//	go run ./cmd/outbox-bench                 # 100k messages against the local PostgreSQL and kfake
-//	go run ./cmd/outbox-bench -n 1000000
+//  1. drain: messages per second to relay a backlog, beside the database
+//     alone (one DELETE ... SKIP LOCKED ... RETURNING per batch, nothing
+//     sent) and the broker alone (the same sarama settings, no database);
 //
-// It prints its conditions first. Only the drain is measured so far; the
-// latency, enqueue-overhead and backlog-scaling parts of issue #4 are to come.
+//  2. latency: commit-to-acknowledgement p50, p99 and max at steady enqueue
+//     rates, with the wake-up (NOTIFY) and with polling only;
+//
+//  3. enqueue: transactions per second of a one-row domain transaction
+//     with and without one event, at 8 writers; and one 500-event transaction;
+//
+//  4. scaling (-scaling): drain throughput at 10k, 100k and 1M pending,
+//     and with 10M published rows retained.
+//
+//     go run ./cmd/outbox-bench                    # parts 1-3, about 3 minutes
+//     go run ./cmd/outbox-bench -scaling           # part 4, about 15 minutes
+//     go run ./cmd/outbox-bench -only drain -n 1000000
+//
+// It prints its conditions first. Every part works in a schema of its own,
+// dropped at the end.
 package main
 
 import (
@@ -16,35 +28,68 @@ import (
 	"flag"
 	"fmt"
 	"log"
-	"log/slog"
 	"os"
 	"runtime"
 	"runtime/debug"
+	"runtime/pprof"
 	"strings"
-	"sync"
-	"sync/atomic"
-	"time"
 
-	"github.com/IBM/sarama"
 	"github.com/google/uuid"
-	"github.com/twmb/franz-go/pkg/kfake"
 	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
 	"gorm.io/gorm/logger"
-
-	"github.com/gorm-outbox/outbox"
-	"github.com/gorm-outbox/outbox/kafka"
 )
 
+type settings struct {
+	dsn          string
+	n            int
+	batch        int
+	workers      int
+	payloadBytes int
+	keys         int
+	rates        []int
+	seconds      int
+	writers      int
+}
+
 func main() {
-	dsn := flag.String("dsn", envOr("OUTBOX_BENCH_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test sslmode=disable"), "PostgreSQL DSN")
-	n := flag.Int("n", 100_000, "messages in the backlog")
-	batch := flag.Int("batch", 500, "batch size")
-	workers := flag.Int("workers", 4, "publisher workers (and ceiling goroutines)")
-	payload := flag.Int("payload", 200, "payload bytes")
-	keys := flag.Int("keys", 10_000, "distinct message keys")
+	var s settings
+	flag.StringVar(&s.dsn, "dsn", envOr("OUTBOX_BENCH_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test sslmode=disable"), "PostgreSQL DSN")
+	flag.IntVar(&s.n, "n", 100_000, "messages in the drained backlog")
+	flag.IntVar(&s.batch, "batch", 500, "publisher batch size (and the database ceiling's)")
+	flag.IntVar(&s.workers, "workers", 4, "publisher workers (and ceiling goroutines)")
+	flag.IntVar(&s.payloadBytes, "payload", 200, "payload bytes")
+	flag.IntVar(&s.keys, "keys", 10_000, "distinct message keys")
+	rates := flag.String("rates", "1000,5000", "steady enqueue rates for the latency part, per second")
+	flag.IntVar(&s.seconds, "seconds", 5, "duration of each latency and enqueue measurement")
+	flag.IntVar(&s.writers, "writers", 8, "concurrent writers (latency and enqueue parts)")
+	only := flag.String("only", "drain,latency,enqueue", "parts to run: drain, latency, enqueue, scaling")
+	scaling := flag.Bool("scaling", false, "run the backlog-scaling part (10k, 100k, 1M pending; 10M published)")
+	published := flag.Int("published", 10_000_000, "published rows retained in the last scaling step")
 	flag.Parse()
-	if err := run(*dsn, *n, *batch, *workers, *payload, *keys); err != nil {
+	for _, r := range strings.Split(*rates, ",") {
+		var v int
+		if _, err := fmt.Sscan(r, &v); err != nil || v <= 0 {
+			log.Fatalf("bad rate %q", r)
+		}
+		s.rates = append(s.rates, v)
+	}
+	parts := map[string]bool{}
+	for _, p := range strings.Split(*only, ",") {
+		parts[strings.TrimSpace(p)] = true
+	}
+	if *scaling {
+		parts = map[string]bool{"scaling": true}
+	}
+	if f := os.Getenv("OUTBOX_BENCH_CPUPROFILE"); f != "" {
+		out, err := os.Create(f)
+		if err != nil {
+			log.Fatal(err)
+		}
+		pprof.StartCPUProfile(out)
+		defer pprof.StopCPUProfile()
+	}
+	if err := run(s, parts, *published); err != nil {
 		log.Fatal(err)
 	}
 }
@@ -56,196 +101,86 @@ func envOr(name, def string) string {
 	return def
 }
 
-func run(dsn string, n, batch, workers, payloadBytes, keys int) error {
+func run(s settings, parts map[string]bool, published int) error {
 	ctx := context.Background()
-	schema := "bench_" + strings.ReplaceAll(uuid.NewString(), "-", "")[:12]
-	admin, err := gorm.Open(postgres.Open(dsn), &gorm.Config{Logger: logger.Discard})
+	admin, err := gorm.Open(postgres.Open(s.dsn), &gorm.Config{Logger: logger.Discard})
 	if err != nil {
 		return err
 	}
+	printConditions(admin, s)
+	if parts["drain"] {
+		if err := withSchema(admin, s.dsn, func(db *gorm.DB, dsn string) error { return drainPart(ctx, db, s) }); err != nil {
+			return fmt.Errorf("drain: %w", err)
+		}
+	}
+	if parts["latency"] {
+		if err := latencyPart(ctx, admin, s); err != nil {
+			return fmt.Errorf("latency: %w", err)
+		}
+	}
+	if parts["enqueue"] {
+		if err := withSchema(admin, s.dsn, func(db *gorm.DB, dsn string) error { return enqueuePart(ctx, db, dsn, s) }); err != nil {
+			return fmt.Errorf("enqueue: %w", err)
+		}
+	}
+	if parts["scaling"] {
+		if err := scalingPart(ctx, admin, s, published); err != nil {
+			return fmt.Errorf("scaling: %w", err)
+		}
+	}
+	return nil
+}
+
+func printConditions(admin *gorm.DB, s settings) {
+	var pgVersion string
+	admin.Raw("SHOW server_version").Scan(&pgVersion)
+	deps := map[string]string{}
+	version := "(devel)"
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		if bi.Main.Version != "" {
+			version = bi.Main.Version
+		}
+		for _, d := range bi.Deps {
+			deps[d.Path] = d.Version
+		}
+	}
+	for _, s := range bi().Settings {
+		if s.Key == "vcs.revision" {
+			version += " " + s.Value[:min(12, len(s.Value))]
+		}
+	}
+	host, _ := os.Hostname()
+	fmt.Printf("conditions: host=%s cpus=%d %s/%s %s postgresql=%s outbox=%s\n",
+		host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, runtime.Version(), pgVersion, version)
+	fmt.Printf("            gorm=%s pgx=%s sarama=%s kafka=kfake %s (in this process, over TCP)\n",
+		deps["gorm.io/gorm"], deps["github.com/jackc/pgx/v5"], deps["github.com/IBM/sarama"], deps["github.com/twmb/franz-go/pkg/kfake"])
+	fmt.Printf("            batch=%d workers=%d payload=%dB keys=%d writers=%d\n", s.batch, s.workers, s.payloadBytes, s.keys, s.writers)
+}
+
+func bi() *debug.BuildInfo {
+	if b, ok := debug.ReadBuildInfo(); ok {
+		return b
+	}
+	return &debug.BuildInfo{}
+}
+
+// withSchema runs fn on a *gorm.DB whose search_path is a new schema,
+// dropped afterwards; dsn reaches the same schema.
+func withSchema(admin *gorm.DB, baseDSN string, fn func(db *gorm.DB, dsn string) error) error {
+	schema := "bench_" + strings.ReplaceAll(uuid.NewString(), "-", "")[:12]
 	if err := admin.Exec("CREATE SCHEMA " + schema).Error; err != nil {
 		return err
 	}
 	defer admin.Exec("DROP SCHEMA " + schema + " CASCADE")
-	db, err := gorm.Open(postgres.Open(dsn+" search_path="+schema), &gorm.Config{Logger: logger.Discard})
+	dsn := baseDSN + " search_path=" + schema
+	db, err := gorm.Open(postgres.Open(dsn), &gorm.Config{Logger: logger.Discard})
 	if err != nil {
 		return err
 	}
-	if err := db.Use(outbox.Plugin()); err != nil {
-		return err
-	}
-	var pgVersion string
-	db.Raw("SHOW server_version").Scan(&pgVersion)
-	version := "(devel)"
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
-		version = bi.Main.Version
-	}
-	host, _ := os.Hostname()
-	fmt.Printf("conditions: host=%s cpus=%d %s/%s go=%s postgresql=%s outbox=%s kafka=kfake(in-process, TCP)\n",
-		host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, runtime.Version(), pgVersion, version)
-	fmt.Printf("            messages=%d batch=%d workers=%d payload=%dB keys=%d\n", n, batch, workers, payloadBytes, keys)
-
-	cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(8, "bench"))
-	if err != nil {
-		return err
-	}
-	defer cluster.Close()
-	payload := []byte(strings.Repeat("x", payloadBytes))
-
-	// Ceiling 1: the database alone, on the same table shape.
-	if err := fill(db, "bench_db", n, keys, payload); err != nil {
-		return err
-	}
-	dbRate, err := drainDB(ctx, db, "bench_db", batch, workers, n)
-	if err != nil {
-		return err
-	}
-	fmt.Printf("ceiling, database alone (DELETE ... SKIP LOCKED ... RETURNING): %8.0f msg/s\n", dbRate)
-
-	// Ceiling 2: the broker alone, same producer settings.
-	brokerRate, err := produceOnly(cluster.ListenAddrs(), batch, workers, n, keys, payload)
-	if err != nil {
-		return err
-	}
-	fmt.Printf("ceiling, broker alone (sarama SendMessages):                %8.0f msg/s\n", brokerRate)
-
-	// The publisher.
-	if err := fill(db, outbox.DefaultTableName, n, keys, payload); err != nil {
-		return err
-	}
-	sender, err := kafka.NewSender(cluster.ListenAddrs(), nil)
-	if err != nil {
-		return err
-	}
-	defer sender.Close()
-	pub, err := outbox.NewPublisher(db, sender, outbox.WithBatchSize(batch), outbox.WithWorkers(workers),
-		outbox.WithPollInterval(5*time.Millisecond), outbox.WithLogger(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))))
-	if err != nil {
-		return err
-	}
-	start := time.Now()
-	if err := pub.Start(ctx); err != nil {
-		return err
-	}
-	for {
-		var pending int64
-		if err := db.Table(outbox.DefaultTableName).Where("state = 'pending'").Count(&pending).Error; err != nil {
-			return err
+	defer func() {
+		if sqlDB, err := db.DB(); err == nil {
+			sqlDB.Close()
 		}
-		if pending == 0 {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	elapsed := time.Since(start)
-	_ = pub.Stop(ctx)
-	pubRate := float64(n) / elapsed.Seconds()
-	lower := min(dbRate, brokerRate)
-	fmt.Printf("publisher (claim, send, mark):                              %8.0f msg/s\n", pubRate)
-	fmt.Printf("ratio publisher / lower ceiling: %.0f%% (target: at least 70%%)\n", 100*pubRate/lower)
-	return nil
-}
-
-// fill writes n pending messages with the outbox's own multi-row insert.
-func fill(db *gorm.DB, table string, n, keys int, payload []byte) error {
-	if table != outbox.DefaultTableName {
-		stmts, err := outbox.DDL("postgres", table)
-		if err != nil {
-			return err
-		}
-		for _, s := range stmts {
-			if err := db.Exec(s).Error; err != nil {
-				return err
-			}
-		}
-	}
-	store, err := outbox.NewStore(db, outbox.WithTableName(table))
-	if err != nil {
-		return err
-	}
-	const chunk = 5000
-	for done := 0; done < n; done += chunk {
-		err := db.Transaction(func(tx *gorm.DB) error {
-			var msgs []*outbox.OutboxMessage
-			now := time.Now().UTC()
-			for i := done; i < min(done+chunk, n); i++ {
-				id, _ := uuid.NewV7()
-				msgs = append(msgs, &outbox.OutboxMessage{ID: id, Topic: "bench", Key: fmt.Sprint("k", i%keys), Payload: payload,
-					Headers: outbox.Headers{}, State: outbox.StatePending, NextAttemptAt: now, CreatedAt: now})
-			}
-			return store.Save(context.Background(), tx, msgs...)
-		})
-		if err != nil {
-			return err
-		}
-	}
-	return db.Exec("ANALYZE " + table).Error
-}
-
-func drainDB(ctx context.Context, db *gorm.DB, table string, batch, workers, n int) (float64, error) {
-	sql := `DELETE FROM ` + table + ` WHERE id IN (SELECT id FROM ` + table + ` WHERE state = 'pending' ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED)
-		RETURNING id, topic, message_key, payload, headers`
-	var drained atomic.Int64
-	var wg sync.WaitGroup
-	var firstErr atomic.Value
-	start := time.Now()
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for drained.Load() < int64(n) {
-				var rows []outbox.OutboxMessage
-				if err := db.WithContext(ctx).Raw(sql, batch).Scan(&rows).Error; err != nil {
-					firstErr.Store(err)
-					return
-				}
-				if len(rows) == 0 {
-					return
-				}
-				drained.Add(int64(len(rows)))
-			}
-		}()
-	}
-	wg.Wait()
-	if err, ok := firstErr.Load().(error); ok {
-		return 0, err
-	}
-	return float64(drained.Load()) / time.Since(start).Seconds(), nil
-}
-
-func produceOnly(addrs []string, batch, workers, n, keys int, payload []byte) (float64, error) {
-	p, err := sarama.NewSyncProducer(addrs, kafka.NewConfig())
-	if err != nil {
-		return 0, err
-	}
-	defer p.Close()
-	var sent atomic.Int64
-	var wg sync.WaitGroup
-	var firstErr atomic.Value
-	start := time.Now()
-	for w := range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; ; i++ {
-				if sent.Add(int64(batch)) > int64(n)+int64(batch) {
-					return
-				}
-				msgs := make([]*sarama.ProducerMessage, batch)
-				for j := range msgs {
-					msgs[j] = &sarama.ProducerMessage{Topic: "bench", Key: sarama.StringEncoder(fmt.Sprint("k", (w*batch+j)%keys)),
-						Value: sarama.ByteEncoder(payload), Headers: []sarama.RecordHeader{{Key: []byte(kafka.MessageIDHeader), Value: []byte(uuid.NewString())}}}
-				}
-				if err := p.SendMessages(msgs); err != nil {
-					firstErr.Store(err)
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	if err, ok := firstErr.Load().(error); ok {
-		return 0, err
-	}
-	return float64(min(sent.Load(), int64(n))) / time.Since(start).Seconds(), nil
+	}()
+	return fn(db, dsn)
 }

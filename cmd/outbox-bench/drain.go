@@ -1,0 +1,203 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/IBM/sarama"
+	"github.com/google/uuid"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"gorm.io/gorm"
+
+	"github.com/gorm-outbox/outbox"
+	"github.com/gorm-outbox/outbox/kafka"
+)
+
+// drainPart measures the publisher's drain beside its two ceilings.
+func drainPart(ctx context.Context, db *gorm.DB, s settings) error {
+	fmt.Printf("\n1. drain: %d pending messages\n", s.n)
+	cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(8, "bench"))
+	if err != nil {
+		return err
+	}
+	defer cluster.Close()
+	if err := db.Use(outbox.Plugin()); err != nil {
+		return err
+	}
+	payload := []byte(strings.Repeat("x", s.payloadBytes))
+
+	// Ceiling 1: the database alone, on a table of the same shape.
+	if err := fill(db, "bench_db", s.n, s.keys, payload); err != nil {
+		return err
+	}
+	dbRate, err := drainDB(ctx, db, "bench_db", s.batch, s.workers, s.n)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("   ceiling, database alone (DELETE ... SKIP LOCKED ... RETURNING): %8.0f msg/s\n", dbRate)
+
+	// Ceiling 2: the broker alone, same producer settings.
+	brokerRate, err := produceOnly(cluster.ListenAddrs(), s.batch, s.workers, s.n, s.keys, payload)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("   ceiling, broker alone (sarama SendMessages):                  %8.0f msg/s\n", brokerRate)
+
+	if err := fill(db, outbox.DefaultTableName, s.n, s.keys, payload); err != nil {
+		return err
+	}
+	pubRate, err := publisherDrain(ctx, db, cluster.ListenAddrs(), s, s.n)
+	if err != nil {
+		return err
+	}
+	lower := min(dbRate, brokerRate)
+	fmt.Printf("   publisher (claim, send, mark published):                       %8.0f msg/s\n", pubRate)
+	fmt.Printf("   ratio publisher / lower ceiling: %.0f%% (target: at least 70%%)\n", 100*pubRate/lower)
+	return nil
+}
+
+// publisherDrain starts a publisher on a filled outbox and returns its rate
+// until no message is pending.
+func publisherDrain(ctx context.Context, db *gorm.DB, addrs []string, s settings, n int) (float64, error) {
+	sender, err := kafka.NewSender(addrs, nil)
+	if err != nil {
+		return 0, err
+	}
+	defer sender.Close()
+	pub, err := outbox.NewPublisher(db, sender, outbox.WithBatchSize(s.batch), outbox.WithWorkers(s.workers),
+		outbox.WithLogger(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))))
+	if err != nil {
+		return 0, err
+	}
+	start := time.Now()
+	if err := pub.Start(ctx); err != nil {
+		return 0, err
+	}
+	defer pub.Stop(ctx)
+	for {
+		// Through the pending index: cheap enough not to slow the drain.
+		var left []int
+		if err := db.Raw("SELECT 1 FROM " + outbox.DefaultTableName + " WHERE state = 'pending' LIMIT 1").Scan(&left).Error; err != nil {
+			return 0, err
+		}
+		if len(left) == 0 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return float64(n) / time.Since(start).Seconds(), nil
+}
+
+// fill writes n pending messages with the outbox's own multi-row insert.
+func fill(db *gorm.DB, table string, n, keys int, payload []byte) error {
+	if table != outbox.DefaultTableName {
+		stmts, err := outbox.DDL("postgres", table)
+		if err != nil {
+			return err
+		}
+		for _, s := range stmts {
+			if err := db.Exec(s).Error; err != nil {
+				return err
+			}
+		}
+	}
+	store, err := outbox.NewStore(db, outbox.WithTableName(table), outbox.WithNotifyInterval(0))
+	if err != nil {
+		return err
+	}
+	const chunk = 5000
+	for done := 0; done < n; done += chunk {
+		err := db.Transaction(func(tx *gorm.DB) error {
+			var msgs []*outbox.OutboxMessage
+			now := time.Now().UTC()
+			for i := done; i < min(done+chunk, n); i++ {
+				id, _ := uuid.NewV7()
+				msgs = append(msgs, &outbox.OutboxMessage{ID: id, Topic: "bench", Key: fmt.Sprint("k", i%keys), Payload: payload,
+					Headers: outbox.Headers{}, State: outbox.StatePending, NextAttemptAt: now, CreatedAt: now})
+			}
+			return store.Save(context.Background(), tx, msgs...)
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return db.Exec("ANALYZE " + table).Error
+}
+
+// drainDB is the simplest correct drain of a queue table: delete a batch of
+// the oldest rows, skipping those another worker holds, and return them.
+func drainDB(ctx context.Context, db *gorm.DB, table string, batch, workers, n int) (float64, error) {
+	sql := `DELETE FROM ` + table + ` WHERE id IN (SELECT id FROM ` + table + ` WHERE state = 'pending' ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED)
+		RETURNING id, topic, message_key, payload, headers`
+	var drained atomic.Int64
+	var wg sync.WaitGroup
+	var firstErr atomic.Value
+	start := time.Now()
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for drained.Load() < int64(n) {
+				var rows []outbox.OutboxMessage
+				if err := db.WithContext(ctx).Raw(sql, batch).Scan(&rows).Error; err != nil {
+					firstErr.Store(err)
+					return
+				}
+				if len(rows) == 0 {
+					return
+				}
+				drained.Add(int64(len(rows)))
+			}
+		}()
+	}
+	wg.Wait()
+	if err, ok := firstErr.Load().(error); ok {
+		return 0, err
+	}
+	return float64(drained.Load()) / time.Since(start).Seconds(), nil
+}
+
+// produceOnly sends n messages of the same shape with the publisher's
+// producer settings and no database.
+func produceOnly(addrs []string, batch, workers, n, keys int, payload []byte) (float64, error) {
+	p, err := sarama.NewSyncProducer(addrs, kafka.NewConfig())
+	if err != nil {
+		return 0, err
+	}
+	defer p.Close()
+	var sent atomic.Int64
+	var wg sync.WaitGroup
+	var firstErr atomic.Value
+	start := time.Now()
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				if sent.Add(int64(batch)) > int64(n)+int64(batch) {
+					return
+				}
+				msgs := make([]*sarama.ProducerMessage, batch)
+				for j := range msgs {
+					msgs[j] = &sarama.ProducerMessage{Topic: "bench", Key: sarama.StringEncoder(fmt.Sprint("k", (w*batch+j)%keys)),
+						Value: sarama.ByteEncoder(payload), Headers: []sarama.RecordHeader{{Key: []byte(kafka.MessageIDHeader), Value: []byte(uuid.NewString())}}}
+				}
+				if err := p.SendMessages(msgs); err != nil {
+					firstErr.Store(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if err, ok := firstErr.Load().(error); ok {
+		return 0, err
+	}
+	return float64(min(sent.Load(), int64(n))) / time.Since(start).Seconds(), nil
+}

@@ -1,0 +1,150 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"gorm.io/driver/postgres"
+	"gorm.io/gorm"
+	"gorm.io/gorm/logger"
+
+	"github.com/gorm-outbox/outbox"
+)
+
+// benchOrder is the domain row of the enqueue part.
+type benchOrder struct {
+	ID       int64 `gorm:"primaryKey"`
+	Customer string
+	Amount   int64
+	Created  time.Time
+}
+
+// benchAudit is the table of the reference variant: a bare second INSERT.
+type benchAudit struct {
+	ID      int64 `gorm:"primaryKey"`
+	OrderID int64
+	Note    string
+}
+
+type orderPlaced struct {
+	OrderID  int64  `json:"order_id"`
+	Customer string `json:"customer"`
+	Amount   int64  `json:"amount"`
+}
+
+// enqueuePart measures what one event adds to a one-row transaction, at
+// s.writers concurrent writers, with the NOTIFY on (the default).
+func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
+	fmt.Printf("\n3. enqueue: one-row transactions per second, %d writers, %ds per variant, each variant run twice, interleaved\n", s.writers, s.seconds)
+	if err := db.Use(outbox.Plugin()); err != nil {
+		return err
+	}
+	if err := db.AutoMigrate(&benchOrder{}, &benchAudit{}); err != nil {
+		return err
+	}
+	// The same outbox seen by a plugin whose enqueues send no NOTIFY.
+	quiet, err := gorm.Open(postgres.Open(dsn), &gorm.Config{Logger: logger.Discard})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if sqlDB, err := quiet.DB(); err == nil {
+			sqlDB.Close()
+		}
+	}()
+	if err := quiet.Use(outbox.Plugin(outbox.WithoutMigration(), outbox.WithNotifyInterval(0))); err != nil {
+		return err
+	}
+	withEvent := func(tx *gorm.DB) error {
+		o := benchOrder{Customer: "c", Amount: 42, Created: time.Now()}
+		if err := tx.Create(&o).Error; err != nil {
+			return err
+		}
+		return outbox.Enqueue(tx, outbox.Message{Topic: "orders", Key: fmt.Sprint(o.ID), Payload: orderPlaced{o.ID, o.Customer, o.Amount}})
+	}
+	variants := []struct {
+		name string
+		db   *gorm.DB
+		tx   func(tx *gorm.DB) error
+	}{
+		{"domain row only", db, func(tx *gorm.DB) error {
+			return tx.Create(&benchOrder{Customer: "c", Amount: 42, Created: time.Now()}).Error
+		}},
+		{"domain row + one event", db, withEvent},
+		{"domain row + one event, no NOTIFY", quiet, withEvent},
+		{"domain row + bare INSERT (reference)", db, func(tx *gorm.DB) error {
+			o := benchOrder{Customer: "c", Amount: 42, Created: time.Now()}
+			if err := tx.Create(&o).Error; err != nil {
+				return err
+			}
+			return tx.Exec("INSERT INTO bench_audits (order_id, note) VALUES (?, ?)", o.ID, "placed").Error
+		}},
+	}
+	rates := make([]float64, len(variants))
+	for range 2 {
+		for i, v := range variants {
+			r, err := txRate(ctx, v.db, s, v.tx)
+			if err != nil {
+				return fmt.Errorf("%s: %w", v.name, err)
+			}
+			rates[i] += r / 2
+		}
+	}
+	for i, v := range variants {
+		extra := ""
+		if i > 0 {
+			extra = fmt.Sprintf("  (%+.0f%% time per transaction)", 100*(rates[0]/rates[i]-1))
+		}
+		fmt.Printf("   %-38s %7.0f tx/s%s\n", v.name, rates[i], extra)
+	}
+	fmt.Printf("   overhead of one event: %.0f%% (target: at most 25%%)\n", 100*(rates[0]/rates[1]-1))
+
+	// One transaction with 500 events, enqueued in one call: one multi-row INSERT.
+	var times []time.Duration
+	for range 20 {
+		msgs := make([]outbox.Message, 500)
+		for i := range msgs {
+			msgs[i] = outbox.Message{Topic: "orders", Key: fmt.Sprint(i), Payload: orderPlaced{int64(i), "c", 42}}
+		}
+		start := time.Now()
+		if err := db.Transaction(func(tx *gorm.DB) error { return outbox.Enqueue(tx, msgs...) }); err != nil {
+			return err
+		}
+		times = append(times, time.Since(start))
+	}
+	sort.Slice(times, func(i, j int) bool { return times[i] < times[j] })
+	med := times[len(times)/2]
+	fmt.Printf("   one transaction of 500 events: median %.1f ms (%.0f events/s)\n", float64(med.Microseconds())/1000, 500/med.Seconds())
+	return nil
+}
+
+// txRate runs tx in transactions from s.writers goroutines for s.seconds.
+func txRate(ctx context.Context, db *gorm.DB, s settings, tx func(tx *gorm.DB) error) (float64, error) {
+	var done atomic.Int64
+	var firstErr atomic.Value
+	stop := time.Now().Add(time.Duration(s.seconds) * time.Second)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for range s.writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(stop) {
+				if err := db.WithContext(ctx).Transaction(tx); err != nil {
+					firstErr.Store(err)
+					return
+				}
+				done.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if err, ok := firstErr.Load().(error); ok {
+		return 0, err
+	}
+	return float64(done.Load()) / time.Since(start).Seconds(), nil
+}

@@ -1,0 +1,77 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kfake"
+	"gorm.io/gorm"
+
+	"github.com/gorm-outbox/outbox"
+)
+
+// scalingPart drains backlogs of growing depth, then one of 100k pending
+// behind many published rows kept for retention, each in a fresh schema.
+func scalingPart(ctx context.Context, admin *gorm.DB, s settings, published int) error {
+	fmt.Printf("\n4. scaling: drain throughput by backlog depth\n")
+	payload := []byte(strings.Repeat("x", s.payloadBytes))
+	var base float64
+	step := func(pending, kept int) error {
+		return withSchema(admin, s.dsn, func(db *gorm.DB, _ string) error {
+			if err := db.Use(outbox.Plugin()); err != nil {
+				return err
+			}
+			if kept > 0 {
+				if err := fillPublished(db, kept, len(payload)); err != nil {
+					return err
+				}
+			}
+			if err := fill(db, outbox.DefaultTableName, pending, s.keys, payload); err != nil {
+				return err
+			}
+			cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(8, "bench"))
+			if err != nil {
+				return err
+			}
+			defer cluster.Close()
+			rate, err := publisherDrain(ctx, db, cluster.ListenAddrs(), s, pending)
+			if err != nil {
+				return err
+			}
+			if base == 0 {
+				base = rate
+			}
+			fmt.Printf("   %8d pending, %8d published kept: %8.0f msg/s  (%3.0f%% of the 10k rate)\n", pending, kept, rate, 100*rate/base)
+			return nil
+		})
+	}
+	for _, n := range []int{10_000, 100_000, 1_000_000} {
+		if err := step(n, 0); err != nil {
+			return err
+		}
+	}
+	return step(100_000, published)
+}
+
+// fillPublished writes n published rows, older than any pending one, in
+// SQL: ids are UUIDv7 built from timestamps of the day before.
+func fillPublished(db *gorm.DB, n, payloadBytes int) error {
+	start := time.Now()
+	const chunk = 1_000_000
+	for done := 0; done < n; done += chunk {
+		err := db.Exec(`INSERT INTO `+outbox.DefaultTableName+`
+			(id, topic, message_key, payload, headers, state, attempts, last_error, next_attempt_at, created_at, published_at)
+			SELECT (lpad(to_hex(ms), 12, '0') || '7' || substr(h, 1, 3) || '8' || substr(h, 4, 15))::uuid,
+				'bench', 'k' || (i % 10000), convert_to(repeat('x', ?), 'UTF8'), '{}', 'published', 0, '', ts, ts, ts
+			FROM (SELECT i, md5(i::text) AS h, now() - interval '1 day' + i * interval '1 microsecond' AS ts,
+				(extract(epoch FROM now() - interval '1 day') * 1000)::bigint + i / 1000 AS ms
+				FROM generate_series(?::bigint, ?::bigint) i) g`, payloadBytes, done, min(done+chunk, n)-1).Error
+		if err != nil {
+			return err
+		}
+	}
+	fmt.Printf("   (wrote %d published rows in %.0fs)\n", n, time.Since(start).Seconds())
+	return db.Exec("VACUUM ANALYZE " + outbox.DefaultTableName).Error
+}
