@@ -14,10 +14,6 @@ import (
 // adding one value here (and its DDL), not touching the store's logic.
 type dialect struct {
 	name string
-	// skipLocked is appended to the claim's inner SELECT so that concurrent
-	// publishers skip each other's rows instead of waiting on them. SQLite
-	// has one writer at a time and needs none.
-	skipLocked string
 	// claimLock, run first in the claim's transaction, serializes claims
 	// (see GormStore.Claim). Empty where the database serializes writers.
 	// On PostgreSQL it also makes the claim's commit return before the WAL
@@ -53,7 +49,7 @@ var dialects = map[string]dialect{
 		claimLock: "SELECT GET_LOCK(?, 30)", claimUnlock: "SELECT RELEASE_LOCK(?)",
 		cleanupLock: "SELECT GET_LOCK(?, 0)", cleanupUnlock: "SELECT RELEASE_LOCK(?)",
 		claimTx: &sql.TxOptions{Isolation: sql.LevelReadCommitted}, deleteLimit: true, minVersion: mysqlSkipLocked, inIDs: "IN ?"},
-	"postgres": {name: "postgres", skipLocked: " FOR UPDATE SKIP LOCKED", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true)) l",
+	"postgres": {name: "postgres", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true)) l",
 		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))"},
 	"sqlite": {name: "sqlite", inIDs: "IN ?"},
 }

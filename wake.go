@@ -9,8 +9,8 @@ import (
 
 // wakeups are the running publishers of one store, woken in-process when a
 // transaction that enqueued commits, so that they need not wait for their
-// next poll. It works on every database; PostgreSQL's NOTIFY would also
-// reach other processes.
+// next poll. It works on every database; on PostgreSQL the NOTIFY (see
+// WithNotifyInterval) also reaches other processes.
 type wakeups struct {
 	mu   sync.Mutex
 	subs map[*Publisher]struct{}
@@ -52,9 +52,10 @@ const enqueuedKey = "outbox:enqueued"
 // Statements that run in GORM's own transaction (Create, Save, Update and
 // Delete of a model whose hooks or recorded events enqueue) wake the
 // publishers after their commit without it: GORM's hooks share the
-// statement, which Enqueue marks. Inside a plain db.Transaction nothing can
-// see the commit (GORM has no after-commit hook): those events leave at the
-// next poll.
+// statement, which Enqueue marks. Inside a plain db.Transaction nothing in
+// the process can see the commit (GORM has no after-commit hook): those
+// events wake the publishers through PostgreSQL's NOTIFY, and on other
+// databases leave at the next poll.
 func Transaction(db *gorm.DB, fn func(tx *gorm.DB) error, opts ...*sql.TxOptions) error {
 	if err := db.Transaction(fn, opts...); err != nil {
 		return err

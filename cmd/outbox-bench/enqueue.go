@@ -8,9 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
-	"gorm.io/gorm/logger"
 
 	"github.com/gorm-outbox/outbox"
 )
@@ -47,15 +45,11 @@ func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error
 		return err
 	}
 	// The same outbox seen by a plugin whose enqueues send no NOTIFY.
-	quiet, err := gorm.Open(postgres.Open(dsn), &gorm.Config{Logger: logger.Discard})
+	quiet, closeQuiet, err := open(dsn)
 	if err != nil {
 		return err
 	}
-	defer func() {
-		if sqlDB, err := quiet.DB(); err == nil {
-			sqlDB.Close()
-		}
-	}()
+	defer closeQuiet()
 	if err := quiet.Use(outbox.Plugin(outbox.WithoutMigration(), outbox.WithNotifyInterval(0))); err != nil {
 		return err
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -11,9 +12,7 @@ import (
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kfake"
-	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
-	"gorm.io/gorm/logger"
 
 	"github.com/gorm-outbox/outbox"
 	"github.com/gorm-outbox/outbox/kafka"
@@ -21,7 +20,8 @@ import (
 
 const seqHeader = "bench-seq"
 
-// ackTimes wraps the Kafka sender and notes when each message was acknowledged.
+// ackTimes wraps the Kafka sender and notes when each message's first send
+// started and when it was acknowledged.
 type ackTimes struct {
 	inner   outbox.Sender
 	mu      sync.Mutex
@@ -46,15 +46,13 @@ func (a *ackTimes) Send(ctx context.Context, msgs []*outbox.OutboxMessage) error
 	now := time.Now()
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	var se *outbox.SendError
-	failed := func(m *outbox.OutboxMessage) bool { return err != nil && (se == nil || se.Failed[m.ID] != nil) }
-	if err != nil {
-		if e, ok := err.(*outbox.SendError); ok {
-			se = e
-		}
-	}
+	var partial *outbox.SendError
+	errors.As(err, &partial)
 	for _, m := range msgs {
-		if seq, perr := strconv.Atoi(m.Headers[seqHeader]); perr == nil && !failed(m) {
+		if err != nil && (partial == nil || partial.Failed[m.ID] != nil) {
+			continue // not acknowledged
+		}
+		if seq, perr := strconv.Atoi(m.Headers[seqHeader]); perr == nil {
 			if _, seen := a.acked[seq]; !seen {
 				a.acked[seq] = now
 			}
@@ -91,15 +89,11 @@ func latencyRun(ctx context.Context, db *gorm.DB, dsn string, s settings, rate i
 	if err := db.Use(outbox.Plugin(opts...)); err != nil {
 		return err
 	}
-	pubDB, err := gorm.Open(postgres.Open(dsn), &gorm.Config{Logger: logger.Discard})
+	pubDB, closeDB, err := open(dsn)
 	if err != nil {
 		return err
 	}
-	defer func() {
-		if sqlDB, err := pubDB.DB(); err == nil {
-			sqlDB.Close()
-		}
-	}()
+	defer closeDB()
 	if err := pubDB.Use(outbox.Plugin(outbox.WithoutMigration())); err != nil {
 		return err
 	}

@@ -173,14 +173,23 @@ func withSchema(admin *gorm.DB, baseDSN string, fn func(db *gorm.DB, dsn string)
 	}
 	defer admin.Exec("DROP SCHEMA " + schema + " CASCADE")
 	dsn := baseDSN + " search_path=" + schema
-	db, err := gorm.Open(postgres.Open(dsn), &gorm.Config{Logger: logger.Discard})
+	db, closeDB, err := open(dsn)
 	if err != nil {
 		return err
 	}
-	defer func() {
+	defer closeDB()
+	return fn(db, dsn)
+}
+
+// open opens a *gorm.DB of its own on dsn: to the outbox, another process.
+func open(dsn string) (*gorm.DB, func(), error) {
+	db, err := gorm.Open(postgres.Open(dsn), &gorm.Config{Logger: logger.Discard})
+	if err != nil {
+		return nil, nil, err
+	}
+	return db, func() {
 		if sqlDB, err := db.DB(); err == nil {
 			sqlDB.Close()
 		}
-	}()
-	return fn(db, dsn)
+	}, nil
 }
