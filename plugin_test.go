@@ -21,7 +21,11 @@ func TestPluginMigratesTableAndIndexes(t *testing.T) {
 		if !m.HasTable(outbox.DefaultTableName) {
 			t.Fatal("outbox table was not created")
 		}
-		for _, idx := range []string{"idx_outbox_messages_pending", "idx_outbox_messages_state"} {
+		indexes := []string{"idx_outbox_messages_pending", "idx_outbox_messages_published", "idx_outbox_messages_dead"}
+		if db.Dialector.Name() == "mysql" {
+			indexes = []string{"idx_outbox_messages_pending", "idx_outbox_messages_state"}
+		}
+		for _, idx := range indexes {
 			if !m.HasIndex(outbox.DefaultTableName, idx) {
 				t.Errorf("index %s missing", idx)
 			}

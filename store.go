@@ -62,6 +62,8 @@ type GormStore struct {
 	cfg     config
 	dialect dialect
 	columns string // the columns Claim and List return, quoted
+	insert  string // Save's INSERT up to VALUES
+	row     string // one row of Save's VALUES
 	wakeups *wakeups
 	notify  *notifier // nil: no NOTIFY
 }
@@ -104,6 +106,12 @@ func newStore(db *gorm.DB, cfg config) (*GormStore, error) {
 		cols[i] = s.quote(c)
 	}
 	s.columns = strings.Join(cols, ", ")
+	ins := make([]string, len(insertColumns))
+	for i, c := range insertColumns {
+		ins[i] = s.quote(c)
+	}
+	s.insert = "INSERT INTO " + s.table() + " (" + strings.Join(ins, ", ") + ") VALUES "
+	s.row = "(" + strings.TrimSuffix(strings.Repeat("?, ", len(ins)), ", ") + ")"
 	return s, nil
 }
 
@@ -179,22 +187,17 @@ func (s *GormStore) Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessag
 		return ErrNoTransaction
 	}
 	session := tx.Session(&gorm.Session{NewDB: true, SkipHooks: true, Context: ctx})
-	cols := make([]string, len(insertColumns))
-	for i, c := range insertColumns {
-		cols[i] = s.quote(c)
-	}
-	head := "INSERT INTO " + s.table() + " (" + strings.Join(cols, ", ") + ") VALUES "
-	row := "(" + strings.TrimSuffix(strings.Repeat("?, ", len(cols)), ", ") + ")"
 	for start := 0; start < len(msgs); start += maxRowsPerInsert {
 		chunk := msgs[start:min(start+maxRowsPerInsert, len(msgs))]
 		var sql strings.Builder
-		sql.WriteString(head)
-		args := make([]any, 0, len(chunk)*len(cols))
+		sql.Grow(len(s.insert) + len(chunk)*(len(s.row)+2))
+		sql.WriteString(s.insert)
+		args := make([]any, 0, len(chunk)*len(insertColumns))
 		for i, m := range chunk {
 			if i > 0 {
 				sql.WriteString(", ")
 			}
-			sql.WriteString(row)
+			sql.WriteString(s.row)
 			args = append(args, m.ID, m.Topic, m.Key, m.Payload, m.Headers, m.State, m.NextAttemptAt.UTC(), m.CreatedAt.UTC())
 		}
 		if err := session.Exec(sql.String(), args...).Error; err != nil {
