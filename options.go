@@ -32,6 +32,7 @@ type config struct {
 	tracerProvider  trace.TracerProvider
 	telemetry       *telemetry
 	notifyInterval  time.Duration
+	deletePublished bool
 }
 
 func newConfig(opts []Option) (config, error) {
@@ -95,6 +96,16 @@ func WithMeterProvider(mp metric.MeterProvider) Option {
 func WithTracerProvider(tp trace.TracerProvider) Option {
 	return func(c *config) { c.tracerProvider = tp }
 }
+
+// WithDeleteOnPublish makes the store delete each message once the broker
+// has acknowledged it, instead of keeping it as published until retention
+// removes it. The table then holds only what is still to be sent and the
+// dead messages. A delete is the cheapest write a message can end with
+// (an UPDATE to published writes a new row version and its index entries),
+// so draining is faster; the price is the table's record of what was sent
+// and when, which Kafka then holds alone. What has not been delivered is
+// kept exactly as without it.
+func WithDeleteOnPublish() Option { return func(c *config) { c.deletePublished = true } }
 
 var identifier = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$`)
 

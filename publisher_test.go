@@ -3,9 +3,11 @@ package outbox_test
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/twmb/franz-go/pkg/kfake"
 	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox"
@@ -109,3 +111,48 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 }
 
 var _ = context.Background
+
+func TestDeleteOnPublishKeepsOnlyWhatWasNotDelivered(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		// The broker refuses one message, too large, so that it fails and must stay.
+		cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "orders"),
+			kfake.BrokerConfigs(map[string]string{"message.max.bytes": "4096"}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(cluster.Close)
+		addrs := cluster.ListenAddrs()
+		poison := strings.Repeat("p", 8000)
+		err = db.Transaction(func(tx *gorm.DB) error {
+			msgs := []outbox.Message{{Topic: "orders", Key: "p", Payload: poison}}
+			for i := range 40 {
+				msgs = append(msgs, outbox.Message{Topic: "orders", Key: fmt.Sprint("k", i%5), Payload: fmt.Sprint("m", i)})
+			}
+			return outbox.Enqueue(tx, msgs...)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pub, err := outbox.NewPublisher(db, kafkaSender(t, addrs), outbox.WithBatchSize(16))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for {
+			res, err := pub.PublishOnce(t.Context())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Claimed == 0 {
+				break
+			}
+		}
+		if n := len(outboxtest.ReadAll(t, addrs, "orders", 40, 300*time.Millisecond)); n != 40 {
+			t.Fatalf("topic holds %d records, want 40", n)
+		}
+		left := messages(t, db)
+		if len(left) != 1 || string(left[0].Payload) != poison || left[0].State != outbox.StatePending ||
+			left[0].Attempts != 1 || left[0].LastError == "" {
+			t.Fatalf("table holds %+v, want only the refused message, pending with its error", left)
+		}
+	}, outbox.WithDeleteOnPublish())
+}

@@ -471,14 +471,21 @@ func (s *GormStore) idsArg(ids []uuid.UUID) any {
 
 func lessID(a, b uuid.UUID) bool { return string(a[:]) < string(b[:]) }
 
-// MarkPublished implements Store.
+// MarkPublished implements Store: the messages become published, or are
+// deleted under WithDeleteOnPublish.
 func (s *GormStore) MarkPublished(ctx context.Context, token string, ids []uuid.UUID) error {
 	if len(ids) == 0 {
 		return nil
 	}
-	err := s.db.WithContext(ctx).Table(s.cfg.table).
-		Where("id "+s.dialect.inIDs+" AND claim_token = ?", s.idsArg(ids), token).
-		Updates(map[string]any{"state": StatePublished, "published_at": time.Now().UTC(), "claim_token": nil}).Error
+	db, q := s.db.WithContext(ctx), s.quote
+	held := q("id") + " " + s.dialect.inIDs + " AND " + q("claim_token") + " = ?"
+	var err error
+	if s.cfg.deletePublished {
+		err = db.Exec("DELETE FROM "+s.table()+" WHERE "+held, s.idsArg(ids), token).Error
+	} else {
+		err = db.Table(s.cfg.table).Where(held, s.idsArg(ids), token).
+			Updates(map[string]any{"state": StatePublished, "published_at": time.Now().UTC(), "claim_token": nil}).Error
+	}
 	if err != nil {
 		return fmt.Errorf("outbox: marking %d messages published in %s: %w", len(ids), s.cfg.table, err)
 	}
