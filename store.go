@@ -8,6 +8,7 @@ import (
 	"hash/fnv"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -66,6 +67,9 @@ type GormStore struct {
 	row     string // one row of Save's VALUES
 	wakeups *wakeups
 	notify  *notifier // nil: no NOTIFY
+	// lastWalk is how many pending rows the last claim read to find its
+	// messages (see claimWindow).
+	lastWalk atomic.Int64
 }
 
 // PostgresOutboxStore is the design document's name for the store on
@@ -289,9 +293,15 @@ func (s *GormStore) readQueue(tx *gorm.DB, sql string, args ...any) ([]queued, e
 	return out, rows.Err()
 }
 
-// claimWindow is how many pending rows one read of the walk takes at
-// first; each further read takes twice as many.
-func claimWindow(limit int) int { return max(2*limit, 256) }
+// claimWindow is how many pending rows the walk's first read takes: a
+// quarter more than the last walk needed, so that a walk whose front is
+// full of rows in flight (another worker's claim) still reads once, and
+// one whose front is free reads little more than it takes. Each further
+// read of a walk takes twice as many.
+func (s *GormStore) claimWindow(limit int) int {
+	last := int(s.lastWalk.Load())
+	return max(last+last/4, limit+limit/8, 64)
+}
 
 // claim stamps the rows it picks with the token and returns their ids.
 // The rows themselves are read after the commit, outside the lock.
@@ -351,7 +361,9 @@ func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions) ([]uuid.
 	busy := map[string]bool{}
 	var picked []uuid.UUID
 	var after *uuid.UUID
-	for window := claimWindow(opts.Limit); ; window *= 2 {
+	walked := 0
+	defer func() { s.lastWalk.Store(int64(walked)) }()
+	for window := s.claimWindow(opts.Limit); ; window *= 2 {
 		sql, args := read, []any{}
 		if after != nil {
 			sql += " AND " + q("id") + " > ?"
@@ -362,6 +374,7 @@ func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions) ([]uuid.
 			return nil, err
 		}
 		for _, r := range rows {
+			walked++
 			if !r.NextAttemptAt.After(now) {
 				if r.MessageKey == "" || !busy[r.MessageKey] {
 					picked = append(picked, r.ID)
