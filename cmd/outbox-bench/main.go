@@ -109,7 +109,7 @@ func run(s settings, parts map[string]bool, published int) error {
 	}
 	printConditions(admin, s)
 	if parts["drain"] {
-		if err := withSchema(admin, s.dsn, func(db *gorm.DB, dsn string) error { return drainPart(ctx, db, s) }); err != nil {
+		if err := withSchema(admin, s.dsn, func(db *gorm.DB, dsn string) error { return drainPart(ctx, db, dsn, s) }); err != nil {
 			return fmt.Errorf("drain: %w", err)
 		}
 	}
