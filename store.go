@@ -62,7 +62,8 @@ type GormStore struct {
 	db      *gorm.DB
 	cfg     config
 	dialect dialect
-	columns string // the columns Claim and List return, quoted
+	columns string // every column, quoted, in readMessages' order
+	walk    string // the claim's read of the pending rows (see pick)
 	insert  string // Save's INSERT up to VALUES
 	row     string // one row of Save's VALUES
 	wakeups *wakeups
@@ -110,6 +111,10 @@ func newStore(db *gorm.DB, cfg config) (*GormStore, error) {
 		cols[i] = s.quote(c)
 	}
 	s.columns = strings.Join(cols, ", ")
+	// The walk reads whole rows, but the payload only of those due: the
+	// rest are read for their key and due time.
+	cols[3] = "CASE WHEN " + s.quote("next_attempt_at") + " <= ? THEN " + s.quote("payload") + " END"
+	s.walk = "SELECT " + strings.Join(cols, ", ") + " FROM " + s.table() + " WHERE " + s.quote("state") + " = 'pending'"
 	ins := make([]string, len(insertColumns))
 	for i, c := range insertColumns {
 		ins[i] = s.quote(c)
@@ -224,13 +229,15 @@ func (s *GormStore) Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessag
 // key is always the front of that key's pending queue, and what a key has
 // held (claimed, or waiting for a retry) is always a front too. So walking
 // the pending rows in id order, a key is busy from its first held row on,
-// and every later row of it is skipped. The walk reads four small columns
-// through the pending index and decides in Go, the same on every database;
-// the stamp changes no indexed column, so PostgreSQL can write it as a HOT
-// update (see the table's fillfactor). Claims are serialized (an advisory
-// lock on PostgreSQL, a named lock on MySQL, the single writer on SQLite)
-// so that each sees the claims committed before it; sending stays
-// parallel. Messages with an empty key are never held back.
+// and every later row of it is skipped. The walk reads the pending rows
+// through the pending index, whole but for the payload of those not due,
+// and decides in Go, the same on every database: the rows it picks need no
+// second read. The stamp changes no indexed column, so PostgreSQL can
+// write it as a HOT update (see the table's fillfactor). Claims are
+// serialized (an advisory lock on PostgreSQL, a named lock on MySQL, the
+// single writer on SQLite) so that each sees the claims committed before
+// it; sending stays parallel. Messages with an empty key are never held
+// back.
 func (s *GormStore) Claim(ctx context.Context, opts ClaimOptions) (string, []*OutboxMessage, error) {
 	if opts.Limit <= 0 {
 		return "", nil, fmt.Errorf("outbox: claim limit must be positive, got %d", opts.Limit)
@@ -239,58 +246,16 @@ func (s *GormStore) Claim(ctx context.Context, opts ClaimOptions) (string, []*Ou
 		return "", nil, fmt.Errorf("outbox: claim lease must be positive, got %v", opts.Lease)
 	}
 	token := uuid.NewString()
-	var picked []uuid.UUID
+	var msgs []*OutboxMessage
 	err := s.serialized(ctx, s.dialect.claimLock, s.dialect.claimUnlock, s.lockKey(), func(tx *gorm.DB) error {
 		var err error
-		picked, err = s.claim(tx, token, opts)
+		msgs, err = s.claim(tx, token, opts)
 		return err
 	}, s.dialect.claimTx)
 	if err != nil {
 		return "", nil, fmt.Errorf("outbox: claiming messages from %s: %w", s.cfg.table, err)
 	}
-	if len(picked) == 0 {
-		return token, nil, nil
-	}
-	q := s.quote
-	msgs, err := s.readMessages(s.db.WithContext(ctx), "SELECT "+s.columns+" FROM "+s.table()+
-		" WHERE "+q("id")+" "+s.dialect.inIDs+" AND "+q("claim_token")+" = ?", s.idsArg(picked), token)
-	if err != nil {
-		// The claim stands; its lease hands the rows back.
-		return "", nil, fmt.Errorf("outbox: reading claimed messages from %s: %w", s.cfg.table, err)
-	}
-	sort.Slice(msgs, func(i, j int) bool { return lessID(msgs[i].ID, msgs[j].ID) })
 	return token, msgs, nil
-}
-
-// queued is what the claim's walk reads of a pending row.
-type queued struct {
-	ID            uuid.UUID
-	MessageKey    string
-	NextAttemptAt time.Time
-	ClaimToken    *string
-}
-
-// readQueue runs the walk's read. It scans by hand: at thousands of rows a
-// second, GORM's reflection would cost more than the query.
-func (s *GormStore) readQueue(tx *gorm.DB, sql string, args ...any) ([]queued, error) {
-	rows, err := tx.Raw(sql, args...).Rows()
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []queued
-	for rows.Next() {
-		var r queued
-		var token sql2.NullString
-		if err := rows.Scan(&r.ID, &r.MessageKey, &r.NextAttemptAt, &token); err != nil {
-			return nil, err
-		}
-		if token.Valid {
-			r.ClaimToken = &token.String
-		}
-		out = append(out, r)
-	}
-	return out, rows.Err()
 }
 
 // claimWindow is how many pending rows the walk's first read takes: a
@@ -303,25 +268,46 @@ func (s *GormStore) claimWindow(limit int) int {
 	return max(last+last/4, limit+limit/8, 64)
 }
 
-// claim stamps the rows it picks with the token and returns their ids.
-// The rows themselves are read after the commit, outside the lock.
-func (s *GormStore) claim(tx *gorm.DB, token string, opts ClaimOptions) ([]uuid.UUID, error) {
-	now := time.Now().UTC()
+// claim stamps the rows it picks with the token and returns them, in id order.
+func (s *GormStore) claim(tx *gorm.DB, token string, opts ClaimOptions) ([]*OutboxMessage, error) {
+	// In milliseconds, which every database stores exactly, so that the
+	// walk's SQL and Go agree on which rows are due (and carry a payload).
+	now := time.Now().UTC().Truncate(time.Millisecond)
 	picked, err := s.pick(tx, now, opts)
 	if err != nil || len(picked) == 0 {
 		return nil, err
 	}
 	q := s.quote
+	ids := make([]uuid.UUID, len(picked))
+	for i, m := range picked {
+		ids[i] = m.ID
+	}
 	// The state and due time are checked again: a row picked by the plain
 	// read may have been published since by a claim that had expired.
-	err = tx.Exec("UPDATE "+s.table()+" SET "+q("claim_token")+" = ?, "+q("next_attempt_at")+" = ?"+
+	leaseEnd := now.Add(opts.Lease)
+	res := tx.Exec("UPDATE "+s.table()+" SET "+q("claim_token")+" = ?, "+q("next_attempt_at")+" = ?"+
 		" WHERE "+q("id")+" "+s.dialect.inIDs+" AND "+q("state")+" = 'pending' AND "+q("next_attempt_at")+" <= ?",
-		token, now.Add(opts.Lease), s.idsArg(picked), now).Error
-	return picked, err
+		token, leaseEnd, s.idsArg(ids), now)
+	if res.Error != nil {
+		return nil, res.Error
+	}
+	if res.RowsAffected != int64(len(picked)) {
+		// Rare: some rows changed between the walk and the stamp. Read
+		// back what this claim holds.
+		msgs, err := s.readMessages(tx, "SELECT "+s.columns+" FROM "+s.table()+
+			" WHERE "+q("id")+" "+s.dialect.inIDs+" AND "+q("claim_token")+" = ?", s.idsArg(ids), token)
+		sort.Slice(msgs, func(i, j int) bool { return lessID(msgs[i].ID, msgs[j].ID) })
+		return msgs, err
+	}
+	for _, m := range picked {
+		m.ClaimToken, m.NextAttemptAt = &token, leaseEnd
+	}
+	return picked, nil
 }
 
-// readMessages reads whole messages in s.columns' order, scanning by hand
-// for the same reason as readQueue.
+// readMessages reads whole messages in s.columns' order. It scans by hand:
+// at thousands of rows a second, GORM's reflection would cost more than
+// the query.
 func (s *GormStore) readMessages(tx *gorm.DB, sql string, args ...any) ([]*OutboxMessage, error) {
 	rows, err := tx.Raw(sql, args...).Rows()
 	if err != nil {
@@ -351,33 +337,31 @@ func (s *GormStore) readMessages(tx *gorm.DB, sql string, args ...any) ([]*Outbo
 	return out, rows.Err()
 }
 
-// pick walks the pending rows in id order and returns the ids to claim:
-// due rows of keys that hold nothing. The state is a SQL literal so that
-// the partial pending index serves the read whatever the statement cache.
-func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions) ([]uuid.UUID, error) {
-	q, t := s.quote, s.table()
-	read := "SELECT " + q("id") + ", " + q("message_key") + ", " + q("next_attempt_at") + ", " + q("claim_token") +
-		" FROM " + t + " WHERE " + q("state") + " = 'pending'"
+// pick walks the pending rows in id order and returns those to claim: due
+// rows of keys that hold nothing. The state is a SQL literal so that the
+// partial pending index serves the read whatever the statement cache.
+func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions) ([]*OutboxMessage, error) {
+	q := s.quote
 	busy := map[string]bool{}
-	var picked []uuid.UUID
+	var picked []*OutboxMessage
 	var after *uuid.UUID
 	walked := 0
 	defer func() { s.lastWalk.Store(int64(walked)) }()
 	for window := s.claimWindow(opts.Limit); ; window *= 2 {
-		sql, args := read, []any{}
+		sql, args := s.walk, []any{now}
 		if after != nil {
 			sql += " AND " + q("id") + " > ?"
 			args = append(args, *after)
 		}
-		rows, err := s.readQueue(tx, sql+" ORDER BY "+q("id")+" LIMIT ?", append(args, window)...)
+		rows, err := s.readMessages(tx, sql+" ORDER BY "+q("id")+" LIMIT ?", append(args, window)...)
 		if err != nil {
 			return nil, err
 		}
 		for _, r := range rows {
 			walked++
 			if !r.NextAttemptAt.After(now) {
-				if r.MessageKey == "" || !busy[r.MessageKey] {
-					picked = append(picked, r.ID)
+				if r.Key == "" || !busy[r.Key] {
+					picked = append(picked, r)
 					if len(picked) == opts.Limit {
 						return picked, nil
 					}
@@ -386,8 +370,8 @@ func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions) ([]uuid.
 			}
 			// Not due: in flight (claimed), or waiting for a retry, which
 			// holds the key too unless SkipFailedKeys.
-			if r.MessageKey != "" && (!opts.SkipFailedKeys || r.ClaimToken != nil) {
-				busy[r.MessageKey] = true
+			if r.Key != "" && (!opts.SkipFailedKeys || r.ClaimToken != nil) {
+				busy[r.Key] = true
 			}
 		}
 		if len(rows) < window {
