@@ -1,0 +1,64 @@
+package outbox_test
+
+import (
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/gorm-outbox/outbox"
+)
+
+// A claim stamps what its walk picked; a row that changed in between (here
+// published by another connection, as the late result of a claim that had
+// expired would be) is not stamped, and the claim must not return it. The
+// change is injected by a GORM callback on the walk's read: there is no
+// other way to land a write between the two statements.
+func TestClaimReturnsOnlyWhatItStamped(t *testing.T) {
+	eachDBWith(t, func(f features) bool { return f.processes }, func(t *testing.T, db *gorm.DB) {
+		store, _ := outbox.StoreOf(db)
+		ctx := t.Context()
+		err := db.Transaction(func(tx *gorm.DB) error {
+			return outbox.Enqueue(tx,
+				outbox.Message{Topic: "t", Key: "a", Payload: "first"},
+				outbox.Message{Topic: "t", Key: "b", Payload: "second"},
+				outbox.Message{Topic: "t", Key: "c", Payload: "third"})
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		other := db.Session(&gorm.Session{NewDB: true})
+		var injected atomic.Bool
+		err = db.Callback().Row().After("gorm:row").Register("test:publish_behind_the_walk", func(tx *gorm.DB) {
+			if !strings.Contains(tx.Statement.SQL.String(), "CASE WHEN") || injected.Swap(true) {
+				return
+			}
+			// Another connection: the claim's transaction is still open.
+			if err := other.Exec("UPDATE "+outbox.DefaultTableName+" SET state = 'published' WHERE payload = ?", []byte("second")).Error; err != nil {
+				t.Errorf("injecting the change: %v", err)
+			}
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = db.Callback().Row().Remove("test:publish_behind_the_walk") })
+
+		token, msgs, err := store.Claim(ctx, outbox.ClaimOptions{Limit: 10, Lease: time.Minute})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !injected.Load() {
+			t.Fatal("the walk's read did not run through the row callback; the test injected nothing")
+		}
+		if got := keysOf(msgs); got != "a:first c:third" {
+			t.Fatalf("claim returned %q, want only the rows it stamped: a:first c:third", got)
+		}
+		for _, m := range msgs {
+			if m.ClaimToken == nil || *m.ClaimToken != token || !m.NextAttemptAt.After(time.Now()) {
+				t.Errorf("message %s: token %v next attempt %v, want the claim's token and lease", m.Key, m.ClaimToken, m.NextAttemptAt)
+			}
+		}
+	})
+}
