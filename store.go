@@ -111,10 +111,15 @@ func newStore(db *gorm.DB, cfg config) (*GormStore, error) {
 		cols[i] = s.quote(c)
 	}
 	s.columns = strings.Join(cols, ", ")
-	// The walk reads whole rows, but the payload only of those due: the
-	// rest are read for their key and due time.
-	cols[3] = "CASE WHEN " + s.quote("next_attempt_at") + " <= ? THEN " + s.quote("payload") + " END"
-	s.walk = "SELECT " + strings.Join(cols, ", ") + " FROM " + s.table() + " WHERE " + s.quote("state") + " = 'pending'"
+	// The walk reads whole rows only where they are due: of the others
+	// (mostly rows in flight, at the front of the queue) it needs the key,
+	// the due time and whether a claim holds them.
+	walk := []string{s.quote("id"), s.quote("message_key"), s.quote("next_attempt_at"), s.quote("claim_token"),
+		s.quote("attempts"), s.quote("created_at")}
+	for _, c := range walkIfDue {
+		walk = append(walk, "CASE WHEN "+s.quote("next_attempt_at")+" <= ? THEN "+s.quote(c)+" END")
+	}
+	s.walk = "SELECT " + strings.Join(walk, ", ") + " FROM " + s.table() + " WHERE " + s.quote("state") + " = 'pending'"
 	ins := make([]string, len(insertColumns))
 	for i, c := range insertColumns {
 		ins[i] = s.quote(c)
@@ -337,6 +342,58 @@ func (s *GormStore) readMessages(tx *gorm.DB, sql string, args ...any) ([]*Outbo
 	return out, rows.Err()
 }
 
+// walkIfDue are the columns the walk reads only of due rows (see readWalk).
+var walkIfDue = []string{"topic", "payload", "headers", "last_error"}
+
+// queued is one row as the walk reads it: msg is nil unless it is due.
+type queued struct {
+	id   uuid.UUID
+	key  string
+	held bool // not due, and a claim holds it (not a retry's backoff)
+	msg  *OutboxMessage
+}
+
+// readWalk runs one read of the walk; due rows are whole messages.
+func (s *GormStore) readWalk(tx *gorm.DB, now time.Time, sql string, args ...any) ([]queued, error) {
+	rows, err := tx.Raw(sql, args...).Rows()
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []queued
+	for rows.Next() {
+		var (
+			r                         queued
+			next, created             time.Time
+			token, topic, hdrs, lastE sql2.NullString
+			attempts                  int
+			payload                   []byte
+		)
+		if err := rows.Scan(&r.id, &r.key, &next, &token, &attempts, &created, &topic, &payload, &hdrs, &lastE); err != nil {
+			return nil, err
+		}
+		if next.After(now) {
+			r.held = token.Valid
+			out = append(out, r)
+			continue
+		}
+		if !topic.Valid { // the SQL and Go disagree on "due": never send a row half read
+			return nil, fmt.Errorf("outbox: message %s is due at %v but was read as not due", r.id, next)
+		}
+		m := &OutboxMessage{ID: r.id, Topic: topic.String, Key: r.key, Payload: payload, State: StatePending,
+			Attempts: attempts, LastError: lastE.String, NextAttemptAt: next, CreatedAt: created}
+		if token.Valid {
+			m.ClaimToken = &token.String
+		}
+		if err := m.Headers.Scan(hdrs.String); err != nil {
+			return nil, err
+		}
+		r.msg = m
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
 // pick walks the pending rows in id order and returns those to claim: due
 // rows of keys that hold nothing. The state is a SQL literal so that the
 // partial pending index serves the read whatever the statement cache.
@@ -348,20 +405,23 @@ func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions) ([]*Outb
 	walked := 0
 	defer func() { s.lastWalk.Store(int64(walked)) }()
 	for window := s.claimWindow(opts.Limit); ; window *= 2 {
-		sql, args := s.walk, []any{now}
+		sql, args := s.walk, make([]any, len(walkIfDue), len(walkIfDue)+2)
+		for i := range walkIfDue {
+			args[i] = now
+		}
 		if after != nil {
 			sql += " AND " + q("id") + " > ?"
 			args = append(args, *after)
 		}
-		rows, err := s.readMessages(tx, sql+" ORDER BY "+q("id")+" LIMIT ?", append(args, window)...)
+		rows, err := s.readWalk(tx, now, sql+" ORDER BY "+q("id")+" LIMIT ?", append(args, window)...)
 		if err != nil {
 			return nil, err
 		}
 		for _, r := range rows {
 			walked++
-			if !r.NextAttemptAt.After(now) {
-				if r.Key == "" || !busy[r.Key] {
-					picked = append(picked, r)
+			if r.msg != nil {
+				if r.key == "" || !busy[r.key] {
+					picked = append(picked, r.msg)
 					if len(picked) == opts.Limit {
 						return picked, nil
 					}
@@ -370,14 +430,14 @@ func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions) ([]*Outb
 			}
 			// Not due: in flight (claimed), or waiting for a retry, which
 			// holds the key too unless SkipFailedKeys.
-			if r.Key != "" && (!opts.SkipFailedKeys || r.ClaimToken != nil) {
-				busy[r.Key] = true
+			if r.key != "" && (!opts.SkipFailedKeys || r.held) {
+				busy[r.key] = true
 			}
 		}
 		if len(rows) < window {
 			return picked, nil
 		}
-		after = &rows[len(rows)-1].ID
+		after = &rows[len(rows)-1].id
 	}
 }
 
