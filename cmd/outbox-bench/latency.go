@@ -176,7 +176,8 @@ func latencyRun(ctx context.Context, db *gorm.DB, dsn string, s settings, rate i
 	sort.Slice(toSend, func(i, j int) bool { return toSend[i] < toSend[j] })
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
 	q := func(f float64) float64 { return float64(lat[int(f*float64(len(lat)-1))].Microseconds()) / 1000 }
-	fmt.Printf("   %5d/s (achieved %5.0f/s) %-9s  p50 %6.1f ms  p99 %6.1f ms  max %7.1f ms  (commit to send p50 %.1f ms; %d batches)\n",
-		rate, achieved, mode, q(0.5), q(0.99), q(1), float64(toSend[len(toSend)/2].Microseconds())/1000, acks.sends)
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	fmt.Printf("   %5d/s (achieved %5.0f/s) %-9s  p50 %6.1f ms  p99 %6.1f ms  max %7.1f ms  (commit to send p50 %.1f p99 %.1f ms; %d batches)\n",
+		rate, achieved, mode, q(0.5), q(0.99), q(1), ms(toSend[len(toSend)/2]), ms(toSend[len(toSend)*99/100]), acks.sends)
 	return nil
 }
