@@ -49,6 +49,7 @@ func (s *GormStore) enqueue(ctx context.Context, tx *gorm.DB, msgs []Message) er
 		return err
 	}
 	tx.Statement.Settings.Store(enqueuedKey, true)
+	s.wakeups.nudge()
 	if s.cfg.telemetry.enqueued.Enabled(ctx) {
 		for _, r := range rows {
 			s.cfg.telemetry.enqueued.Add(ctx, 1, destination(r.Topic))

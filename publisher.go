@@ -27,6 +27,7 @@ type Publisher struct {
 	system string // messaging.system of the sender, for spans
 
 	wake chan struct{}
+	soon chan struct{} // see nudge
 
 	outageMu sync.Mutex
 	inOutage bool
@@ -171,7 +172,8 @@ func NewPublisher(db *gorm.DB, sender Sender, opts ...PublisherOption) (*Publish
 		}
 		store = s
 	}
-	p := &Publisher{store: store, sender: sender, cfg: cfg, wake: make(chan struct{}, cfg.workers), system: "unknown"}
+	p := &Publisher{store: store, sender: sender, cfg: cfg, wake: make(chan struct{}, cfg.workers),
+		soon: make(chan struct{}, 1), system: "unknown"}
 	if gs, ok := store.(*GormStore); ok {
 		p.tel = gs.cfg.telemetry
 	} else {
@@ -350,13 +352,42 @@ func (p *Publisher) work(ctx, abortCtx context.Context) {
 			wait = min(wait, followUp)
 		}
 		busy = false
-		timer := time.NewTimer(jitter(wait))
+		p.wait(ctx, jitter(wait), pause == 0)
+	}
+}
+
+// wait returns after d, on a wake-up, or when ctx ends. A nudge shortens the
+// wait to followUp, unless the wait is an outage's pause.
+func (p *Publisher) wait(ctx context.Context, d time.Duration, nudgeable bool) {
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	deadline := time.Now().Add(d)
+	for {
 		select {
 		case <-ctx.Done():
+			return
 		case <-timer.C:
+			return
 		case <-p.wake:
+			return
+		case <-p.soon:
+			if nudgeable && time.Until(deadline) > followUp {
+				timer.Reset(followUp)
+				deadline = time.Now().Add(followUp)
+			}
 		}
-		timer.Stop()
+	}
+}
+
+// nudge tells a waiting worker that a transaction of this process has just
+// enqueued and will probably commit within moments: it looks again after
+// followUp instead of at its next poll. It is how events enqueued in a
+// plain db.Transaction leave promptly on every database, though no
+// callback sees that transaction's commit. It never blocks.
+func (p *Publisher) nudge() {
+	select {
+	case p.soon <- struct{}{}:
+	default:
 	}
 }
 

@@ -12,7 +12,7 @@ import (
 // next poll. It works on every database; on PostgreSQL the NOTIFY (see
 // WithNotifyInterval) also reaches other processes.
 type wakeups struct {
-	mu   sync.Mutex
+	mu   sync.RWMutex
 	subs map[*Publisher]struct{}
 }
 
@@ -32,10 +32,20 @@ func (w *wakeups) remove(p *Publisher) {
 }
 
 func (w *wakeups) wake() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	w.mu.RLock()
+	defer w.mu.RUnlock()
 	for p := range w.subs {
 		p.Wake()
+	}
+}
+
+// nudge tells the publishers that a transaction has enqueued and has not
+// committed yet (see Publisher.nudge).
+func (w *wakeups) nudge() {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	for p := range w.subs {
+		p.nudge()
 	}
 }
 
@@ -53,9 +63,10 @@ const enqueuedKey = "outbox:enqueued"
 // Delete of a model whose hooks or recorded events enqueue) wake the
 // publishers after their commit without it: GORM's hooks share the
 // statement, which Enqueue marks. Inside a plain db.Transaction nothing in
-// the process can see the commit (GORM has no after-commit hook): those
-// events wake the publishers through PostgreSQL's NOTIFY, and on other
-// databases leave at the next poll.
+// the process can see the commit (GORM has no after-commit hook): there
+// the enqueue nudges this process's publishers to look again shortly (10
+// ms), which finds the events if the transaction has committed by then,
+// and on PostgreSQL its NOTIFY wakes the publishers of every process.
 func Transaction(db *gorm.DB, fn func(tx *gorm.DB) error, opts ...*sql.TxOptions) error {
 	if err := db.Transaction(fn, opts...); err != nil {
 		return err
