@@ -15,9 +15,10 @@
 //  4. scaling (-scaling): drain throughput at 10k, 100k and 1M pending,
 //     and with 10M published rows retained.
 //
-//     go run ./cmd/outbox-bench                    # parts 1-3, about 3 minutes
-//     go run ./cmd/outbox-bench -scaling           # part 4, about 15 minutes
+//     go run ./cmd/outbox-bench                    # parts 1-3, about 2 minutes
+//     go run ./cmd/outbox-bench -scaling           # part 4, 5 to 15 minutes
 //     go run ./cmd/outbox-bench -only drain -n 1000000
+//     cmd/outbox-bench/pgbench/run.sh              # part 3's SQL through pgbench, without Go
 //
 // It prints its conditions first. Every part works in a schema of its own,
 // dropped at the end.
@@ -38,6 +39,8 @@ import (
 	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
 	"gorm.io/gorm/logger"
+
+	"github.com/gorm-outbox/outbox"
 )
 
 type settings struct {
@@ -66,7 +69,16 @@ func main() {
 	only := flag.String("only", "drain,latency,enqueue", "parts to run: drain, latency, enqueue, scaling")
 	scaling := flag.Bool("scaling", false, "run the backlog-scaling part (10k, 100k, 1M pending; 10M published)")
 	published := flag.Int("published", 10_000_000, "published rows retained in the last scaling step")
+	ddl := flag.Bool("ddl", false, "print the outbox table's PostgreSQL DDL and exit (for pgbench/run.sh)")
 	flag.Parse()
+	if *ddl {
+		stmts, err := outbox.DDL("postgres", outbox.DefaultTableName)
+		if err != nil {
+			log.Fatal(err)
+		}
+		fmt.Println(strings.Join(stmts, ";\n") + ";")
+		return
+	}
 	for _, r := range strings.Split(*rates, ",") {
 		var v int
 		if _, err := fmt.Sscan(r, &v); err != nil || v <= 0 {
