@@ -349,7 +349,7 @@ var walkIfDue = []string{"topic", "payload", "headers", "last_error"}
 type queued struct {
 	id   uuid.UUID
 	key  string
-	held bool // not due, and a claim holds it (not a retry's backoff)
+	held bool // not due and claimed (not in a retry's backoff), or read without its payload
 	msg  *OutboxMessage
 }
 
@@ -372,13 +372,13 @@ func (s *GormStore) readWalk(tx *gorm.DB, now time.Time, sql string, args ...any
 		if err := rows.Scan(&r.id, &r.key, &next, &token, &attempts, &created, &topic, &payload, &hdrs, &lastE); err != nil {
 			return nil, err
 		}
-		if next.After(now) {
-			r.held = token.Valid
+		// A row Go finds due but the SQL did not (which the millisecond
+		// clock should rule out) was read without its payload: it waits
+		// for the next claim, holding its key.
+		if next.After(now) || !topic.Valid {
+			r.held = token.Valid || !next.After(now)
 			out = append(out, r)
 			continue
-		}
-		if !topic.Valid { // the SQL and Go disagree on "due": never send a row half read
-			return nil, fmt.Errorf("outbox: message %s is due at %v but was read as not due", r.id, next)
 		}
 		m := &OutboxMessage{ID: r.id, Topic: topic.String, Key: r.key, Payload: payload, State: StatePending,
 			Attempts: attempts, LastError: lastE.String, NextAttemptAt: next, CreatedAt: created}
