@@ -186,3 +186,26 @@ func ExamplePublishFromOutbox() {
 	// user.created {"id":"42"}
 	// 1 published
 }
+
+// With WithDeleteOnPublish the table keeps only what is still to be sent
+// (and the dead messages): an acknowledged message is deleted, not marked.
+func ExampleWithDeleteOnPublish() {
+	db, cleanup := exampleDB()
+	defer cleanup()
+	if err := db.Use(outbox.Plugin(outbox.WithDeleteOnPublish())); err != nil {
+		panic(err)
+	}
+	_ = db.Transaction(func(tx *gorm.DB) error {
+		return outbox.Enqueue(tx, outbox.Message{Topic: "orders", Key: "42", Payload: "placed"})
+	})
+	store, _ := outbox.StoreOf(db)
+	ctx := context.Background()
+	before, _ := store.Count(ctx)
+	acknowledging := outbox.SenderFunc(func(context.Context, []*outbox.OutboxMessage) error { return nil })
+	if err := outbox.PublishFromOutbox(ctx, store, acknowledging, 100); err != nil {
+		panic(err)
+	}
+	after, _ := store.Count(ctx)
+	fmt.Println(before[outbox.StatePending], "pending before;", len(after), "rows of any state after")
+	// Output: 1 pending before; 0 rows of any state after
+}
