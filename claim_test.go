@@ -1,11 +1,14 @@
 package outbox_test
 
 import (
+	"context"
+	"fmt"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox"
@@ -59,6 +62,67 @@ func TestClaimReturnsOnlyWhatItStamped(t *testing.T) {
 			if m.ClaimToken == nil || *m.ClaimToken != token || !m.NextAttemptAt.After(time.Now()) {
 				t.Errorf("message %s: token %v next attempt %v, want the claim's token and lease", m.Key, m.ClaimToken, m.NextAttemptAt)
 			}
+		}
+	})
+}
+
+// A transaction that has enqueued and stays open holds its new row's lock.
+// Recording the results of a batch whose ids lie on both sides of that row
+// must not wait for it: on MariaDB under REPEATABLE READ it did, for as
+// long as the transaction stayed open, and a lease ran out meanwhile.
+func TestRecordingDoesNotWaitForAnOpenEnqueuingTransaction(t *testing.T) {
+	eachDBWith(t, func(f features) bool { return f.processes }, func(t *testing.T, db *gorm.DB) {
+		store, _ := outbox.StoreOf(db)
+		enqueue := func(n int) {
+			t.Helper()
+			msgs := make([]outbox.Message, n)
+			for i := range msgs {
+				msgs[i] = outbox.Message{Topic: "t", Key: fmt.Sprint("k", i), Payload: "x"}
+			}
+			if err := db.Transaction(func(tx *gorm.DB) error { return outbox.Enqueue(tx, msgs...) }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		enqueue(25)
+		open, release := make(chan struct{}), make(chan struct{})
+		done := make(chan error, 1)
+		go func() {
+			done <- db.Transaction(func(tx *gorm.DB) error {
+				if err := outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: "open", Payload: "x"}); err != nil {
+					return err
+				}
+				close(open)
+				<-release
+				return nil
+			})
+		}()
+		<-open
+		enqueue(100)
+
+		// 25 messages older than the open transaction's, 25 newer.
+		token, msgs, err := store.Claim(t.Context(), outbox.ClaimOptions{Limit: 50, Lease: time.Minute})
+		if err != nil || len(msgs) != 50 {
+			close(release)
+			t.Fatalf("claim: %d messages, %v; want 50", len(msgs), err)
+		}
+		ids := make([]uuid.UUID, len(msgs))
+		for i, m := range msgs {
+			ids[i] = m.ID
+		}
+		// Far longer than the statement needs; a wait for the open
+		// transaction would last until release.
+		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		defer cancel()
+		err = store.MarkPublished(ctx, token, ids)
+		close(release)
+		if err != nil {
+			t.Fatalf("recording the batch waited for the open transaction: %v", err)
+		}
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		if n := count(t, db, outbox.DefaultTableName, "state = ?", outbox.StatePublished); n != 50 {
+			t.Fatalf("%d published, want 50", n)
 		}
 	})
 }

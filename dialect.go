@@ -29,6 +29,13 @@ type dialect struct {
 	// claimTx are the claim transaction's options: MySQL's default
 	// REPEATABLE READ would read the busy keys from an older snapshot.
 	claimTx *sql.TxOptions
+	// resultTx are the options of the transaction that records a claim's
+	// results. MySQL's REPEATABLE READ makes InnoDB lock the record after
+	// each id an UPDATE looks up; when that is a row an open transaction
+	// has just inserted, the UPDATE waits for that transaction's end, and
+	// a long one outlasts the lease, so the batch is sent twice. nil: the
+	// single statements run alone.
+	resultTx *sql.TxOptions
 	// deleteLimit: DELETE ... LIMIT, for a database that cannot select from
 	// the table it deletes from.
 	deleteLimit bool
@@ -48,7 +55,9 @@ var dialects = map[string]dialect{
 	"mysql": {name: "mysql",
 		claimLock: "SELECT GET_LOCK(?, 30)", claimUnlock: "SELECT RELEASE_LOCK(?)",
 		cleanupLock: "SELECT GET_LOCK(?, 0)", cleanupUnlock: "SELECT RELEASE_LOCK(?)",
-		claimTx: &sql.TxOptions{Isolation: sql.LevelReadCommitted}, deleteLimit: true, minVersion: mysqlSkipLocked, inIDs: "IN ?"},
+		claimTx:     &sql.TxOptions{Isolation: sql.LevelReadCommitted},
+		resultTx:    &sql.TxOptions{Isolation: sql.LevelReadCommitted},
+		deleteLimit: true, minVersion: mysqlSkipLocked, inIDs: "IN ?"},
 	"postgres": {name: "postgres", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true)) l",
 		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))"},
 	"sqlite": {name: "sqlite", inIDs: "IN ?"},

@@ -98,7 +98,7 @@ func (s *GormStore) deleteBatch(ctx context.Context, state State, cutoff time.Ti
 		res := tx.Exec(sql, args...)
 		deleted = res.RowsAffected
 		return res.Error
-	}, nil)
+	}, s.dialect.resultTx)
 	if errors.Is(err, errLockBusy) {
 		err = ErrCleanupRunning
 	}

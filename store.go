@@ -534,19 +534,29 @@ func (s *GormStore) MarkPublished(ctx context.Context, token string, ids []uuid.
 	if len(ids) == 0 {
 		return nil
 	}
-	db, q := s.db.WithContext(ctx), s.quote
+	q := s.quote
 	held := q("id") + " " + s.dialect.inIDs + " AND " + q("claim_token") + " = ?"
-	var err error
-	if s.cfg.deletePublished {
-		err = db.Exec("DELETE FROM "+s.table()+" WHERE "+held, s.idsArg(ids), token).Error
-	} else {
-		err = db.Table(s.cfg.table).Where(held, s.idsArg(ids), token).
+	err := s.recording(ctx, false, func(db *gorm.DB) error {
+		if s.cfg.deletePublished {
+			return db.Exec("DELETE FROM "+s.table()+" WHERE "+held, s.idsArg(ids), token).Error
+		}
+		return db.Table(s.cfg.table).Where(held, s.idsArg(ids), token).
 			Updates(map[string]any{"state": StatePublished, "published_at": time.Now().UTC(), "claim_token": nil}).Error
-	}
+	})
 	if err != nil {
 		return fmt.Errorf("outbox: marking %d messages published in %s: %w", len(ids), s.cfg.table, err)
 	}
 	return nil
+}
+
+// recording runs fn, which records results of a claim, in a transaction if
+// inTx, and on MySQL always in a READ COMMITTED one (dialect.resultTx).
+func (s *GormStore) recording(ctx context.Context, inTx bool, fn func(db *gorm.DB) error) error {
+	db := s.db.WithContext(ctx)
+	if !inTx && s.dialect.resultTx == nil {
+		return fn(db)
+	}
+	return db.Transaction(fn, s.dialect.resultTx)
 }
 
 // MarkFailed implements Store. Failures are rare, so each is its own UPDATE,
@@ -555,7 +565,7 @@ func (s *GormStore) MarkFailed(ctx context.Context, token string, failures []Fai
 	if len(failures) == 0 {
 		return nil
 	}
-	err := s.db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+	err := s.recording(ctx, true, func(tx *gorm.DB) error {
 		for _, f := range failures {
 			state := StatePending
 			if f.Dead {
@@ -586,9 +596,10 @@ func (s *GormStore) Release(ctx context.Context, token string, ids []uuid.UUID) 
 	if len(ids) == 0 {
 		return nil
 	}
-	err := s.db.WithContext(ctx).Table(s.cfg.table).
-		Where("id "+s.dialect.inIDs+" AND claim_token = ?", s.idsArg(ids), token).
-		Updates(map[string]any{"next_attempt_at": time.Now().UTC(), "claim_token": nil}).Error
+	err := s.recording(ctx, false, func(db *gorm.DB) error {
+		return db.Table(s.cfg.table).Where("id "+s.dialect.inIDs+" AND claim_token = ?", s.idsArg(ids), token).
+			Updates(map[string]any{"next_attempt_at": time.Now().UTC(), "claim_token": nil}).Error
+	})
 	if err != nil {
 		return fmt.Errorf("outbox: releasing %d claimed messages in %s: %w", len(ids), s.cfg.table, err)
 	}
