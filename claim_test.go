@@ -126,3 +126,26 @@ func TestRecordingDoesNotWaitForAnOpenEnqueuingTransaction(t *testing.T) {
 		}
 	})
 }
+
+// A message committed a moment ago is due at once: the claim's clock, kept
+// in milliseconds, must not leave it for the next poll.
+func TestClaimTakesAMessageCommittedAMomentAgo(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		store, _ := outbox.StoreOf(db)
+		for i := range 20 {
+			err := db.Transaction(func(tx *gorm.DB) error {
+				return outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: fmt.Sprint("k", i), Payload: "x"})
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			token, msgs, err := store.Claim(t.Context(), outbox.ClaimOptions{Limit: 10, Lease: time.Minute})
+			if err != nil || len(msgs) != 1 {
+				t.Fatalf("claim %d right after the commit: %d messages, %v; want 1", i, len(msgs), err)
+			}
+			if err := store.MarkPublished(t.Context(), token, []uuid.UUID{msgs[0].ID}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+}

@@ -276,8 +276,10 @@ func (s *GormStore) claimWindow(limit int) int {
 // claim stamps the rows it picks with the token and returns them, in id order.
 func (s *GormStore) claim(tx *gorm.DB, token string, opts ClaimOptions) ([]*OutboxMessage, error) {
 	// In milliseconds, which every database stores exactly, so that the
-	// walk's SQL and Go agree on which rows are due (and carry a payload).
-	now := time.Now().UTC().Truncate(time.Millisecond)
+	// walk's SQL and Go agree on which rows are due (and carry a payload);
+	// rounded up, so that a message committed a moment ago is due now, not
+	// at the next poll.
+	now := time.Now().UTC().Truncate(time.Millisecond).Add(time.Millisecond)
 	picked, err := s.pick(tx, now, opts)
 	if err != nil || len(picked) == 0 {
 		return nil, err
