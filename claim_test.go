@@ -149,3 +149,58 @@ func TestClaimTakesAMessageCommittedAMomentAgo(t *testing.T) {
 		}
 	})
 }
+
+// Past its first read, the walk leaves the rows of keys it already found
+// busy in the database. Keys may hold any character.
+func TestClaimWalkSkipsBusyKeysInTheDatabase(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		store, _ := outbox.StoreOf(db)
+		odd := `we"ird,{key}\ 'x'`
+		enqueue := func(key string, n int) {
+			t.Helper()
+			msgs := make([]outbox.Message, n)
+			for i := range msgs {
+				msgs[i] = outbox.Message{Topic: "t", Key: key, Payload: fmt.Sprint(key, i)}
+			}
+			if err := db.Transaction(func(tx *gorm.DB) error { return outbox.Enqueue(tx, msgs...) }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		enqueue(odd, 1)
+		if _, held, err := store.Claim(t.Context(), outbox.ClaimOptions{Limit: 1, Lease: time.Minute}); err != nil || len(held) != 1 {
+			t.Fatalf("holding the odd key: %d, %v", len(held), err)
+		}
+		enqueue(odd, 200) // all behind the held one: busy
+		enqueue("b", 3)
+
+		// The exclusion itself, on this database.
+		if n, err := outbox.CountKeysNotIn(store, odd); err != nil || n != 3 {
+			t.Fatalf("rows whose key is not the odd one: %d, %v; want 3", n, err)
+		}
+		if n, err := outbox.CountKeysNotIn(store, "b", "unused"); err != nil || n != 201 {
+			t.Fatalf("rows whose key is not b: %d, %v; want 201", n, err)
+		}
+
+		var excluding atomic.Int32
+		err := db.Callback().Row().After("gorm:row").Register("test:see_exclusion", func(tx *gorm.DB) {
+			sql := tx.Statement.SQL.String()
+			if strings.Contains(sql, "CASE WHEN") && (strings.Contains(sql, "NOT IN") || strings.Contains(sql, "<> ALL")) {
+				excluding.Add(1)
+			}
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = db.Callback().Row().Remove("test:see_exclusion") })
+		_, msgs, err := store.Claim(t.Context(), outbox.ClaimOptions{Limit: 10, Lease: time.Minute})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := keysOf(msgs); got != "b:b0 b:b1 b:b2" {
+			t.Fatalf("claim behind a busy key took %q, want b:b0 b:b1 b:b2", got)
+		}
+		if excluding.Load() == 0 {
+			t.Error("the walk read past its first window without leaving the busy key to the database")
+		}
+	})
+}

@@ -41,6 +41,8 @@ type dialect struct {
 	deleteLimit bool
 	// inIDs matches a list of ids given as one argument (GormStore.idsArg).
 	inIDs string
+	// notInKeys excludes a list of keys given as one argument (GormStore.keysArg).
+	notInKeys string
 	// minVersion checks the server when a publisher starts.
 	minVersion func(db *gorm.DB) error
 }
@@ -57,10 +59,11 @@ var dialects = map[string]dialect{
 		cleanupLock: "SELECT GET_LOCK(?, 0)", cleanupUnlock: "SELECT RELEASE_LOCK(?)",
 		claimTx:     &sql.TxOptions{Isolation: sql.LevelReadCommitted},
 		resultTx:    &sql.TxOptions{Isolation: sql.LevelReadCommitted},
-		deleteLimit: true, minVersion: mysqlSkipLocked, inIDs: "IN ?"},
+		deleteLimit: true, minVersion: mysqlSkipLocked, inIDs: "IN ?", notInKeys: "NOT IN ?"},
 	"postgres": {name: "postgres", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true)) l",
-		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))"},
-	"sqlite": {name: "sqlite", inIDs: "IN ?"},
+		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))",
+		notInKeys: "<> ALL(CAST(? AS text[]))"},
+	"sqlite": {name: "sqlite", inIDs: "IN ?", notInKeys: "NOT IN ?"},
 }
 
 func dialectOf(db *gorm.DB) (dialect, error) {

@@ -37,3 +37,15 @@ func HoldCleanupLock(s *GormStore) (release func(), ok bool, err error) {
 	}
 	return nil, false, nil
 }
+
+// CountKeysNotIn counts the rows of s's table whose key is not among keys,
+// with the claim walk's own exclusion (dialect.notInKeys, keysArg).
+func CountKeysNotIn(s *GormStore, keys ...string) (int64, error) {
+	set := map[string]bool{}
+	for _, k := range keys {
+		set[k] = true
+	}
+	var n int64
+	err := s.db.Raw("SELECT count(*) FROM "+s.table()+" WHERE "+s.quote("message_key")+" "+s.dialect.notInKeys, s.keysArg(set)).Scan(&n).Error
+	return n, err
+}

@@ -414,6 +414,13 @@ func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions) ([]*Outb
 		if after != nil {
 			sql += " AND " + q("id") + " > ?"
 			args = append(args, *after)
+			// A busy key's later rows are never picked, so the database
+			// can skip them: with few keys, all held (a poison message in
+			// backoff on each), the walk otherwise reads the whole backlog.
+			if len(busy) > 0 && len(busy) <= maxSkippedKeys {
+				sql += " AND " + q("message_key") + " " + s.dialect.notInKeys
+				args = append(args, s.keysArg(busy))
+			}
 		}
 		rows, err := s.readWalk(tx, now, sql+" ORDER BY "+q("id")+" LIMIT ?", append(args, window)...)
 		if err != nil {
@@ -441,6 +448,41 @@ func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions) ([]*Outb
 		}
 		after = &rows[len(rows)-1].id
 	}
+}
+
+// maxSkippedKeys bounds the list of busy keys a walk's later reads leave
+// out in SQL; past it, they are read and skipped in Go.
+const maxSkippedKeys = 1000
+
+// keysArg is the argument of dialect.notInKeys: on PostgreSQL one text[]
+// literal (see idsArg), each key quoted, so that any character is safe.
+func (s *GormStore) keysArg(keys map[string]bool) any {
+	if s.dialect.name != "postgres" {
+		out := make([]string, 0, len(keys))
+		for k := range keys {
+			out = append(out, k)
+		}
+		return out
+	}
+	var b strings.Builder
+	b.WriteByte('{')
+	first := true
+	for k := range keys {
+		if !first {
+			b.WriteByte(',')
+		}
+		first = false
+		b.WriteByte('"')
+		for _, r := range k {
+			if r == '"' || r == '\\' {
+				b.WriteByte('\\')
+			}
+			b.WriteRune(r)
+		}
+		b.WriteByte('"')
+	}
+	b.WriteByte('}')
+	return b.String()
 }
 
 // errLockBusy is what lock returns when a try-lock (timeout 0) is taken.
