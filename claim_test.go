@@ -73,17 +73,7 @@ func TestClaimReturnsOnlyWhatItStamped(t *testing.T) {
 func TestRecordingDoesNotWaitForAnOpenEnqueuingTransaction(t *testing.T) {
 	eachDBWith(t, func(f features) bool { return f.processes }, func(t *testing.T, db *gorm.DB) {
 		store, _ := outbox.StoreOf(db)
-		enqueue := func(n int) {
-			t.Helper()
-			msgs := make([]outbox.Message, n)
-			for i := range msgs {
-				msgs[i] = outbox.Message{Topic: "t", Key: fmt.Sprint("k", i), Payload: "x"}
-			}
-			if err := db.Transaction(func(tx *gorm.DB) error { return outbox.Enqueue(tx, msgs...) }); err != nil {
-				t.Fatal(err)
-			}
-		}
-		enqueue(25)
+		enqueueN(t, db, "t", 25)
 		open, release := make(chan struct{}), make(chan struct{})
 		done := make(chan error, 1)
 		go func() {
@@ -97,7 +87,7 @@ func TestRecordingDoesNotWaitForAnOpenEnqueuingTransaction(t *testing.T) {
 			})
 		}()
 		<-open
-		enqueue(100)
+		enqueueN(t, db, "t", 100)
 
 		// 25 messages older than the open transaction's, 25 newer.
 		token, msgs, err := store.Claim(t.Context(), outbox.ClaimOptions{Limit: 50, Lease: time.Minute})
@@ -158,13 +148,7 @@ func TestClaimWalkSkipsBusyKeysInTheDatabase(t *testing.T) {
 		odd := `we"ird,{key}\ 'x'`
 		enqueue := func(key string, n int) {
 			t.Helper()
-			msgs := make([]outbox.Message, n)
-			for i := range msgs {
-				msgs[i] = outbox.Message{Topic: "t", Key: key, Payload: fmt.Sprint(key, i)}
-			}
-			if err := db.Transaction(func(tx *gorm.DB) error { return outbox.Enqueue(tx, msgs...) }); err != nil {
-				t.Fatal(err)
-			}
+			enqueueKeyed(t, db, "t", n, func(int) string { return key })
 		}
 		enqueue(odd, 1)
 		if _, held, err := store.Claim(t.Context(), outbox.ClaimOptions{Limit: 1, Lease: time.Minute}); err != nil || len(held) != 1 {
@@ -196,8 +180,8 @@ func TestClaimWalkSkipsBusyKeysInTheDatabase(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := keysOf(msgs); got != "b:b0 b:b1 b:b2" {
-			t.Fatalf("claim behind a busy key took %q, want b:b0 b:b1 b:b2", got)
+		if got := keysOf(msgs); got != "b:m0 b:m1 b:m2" {
+			t.Fatalf("claim behind a busy key took %q, want b:m0 b:m1 b:m2", got)
 		}
 		if excluding.Load() == 0 {
 			t.Error("the walk read past its first window without leaving the busy key to the database")

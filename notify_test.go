@@ -41,22 +41,15 @@ func TestNotifyWakesPublishersOfOtherProcesses(t *testing.T) {
 			other := openAgain(t, dsn)
 			_, addrs := outboxtest.Kafka(t, 1, "notify")
 			clock := newAckClock(kafkaSender(t, addrs))
-			opts := []outbox.PublisherOption{outbox.WithPollInterval(time.Hour), outbox.WithLogger(discardLogger())}
+			opts := []outbox.PublisherOption{outbox.WithPollInterval(time.Hour)}
 			if !listen {
 				opts = append(opts, outbox.WithoutListen())
 			}
-			pub, err := outbox.NewPublisher(other, clock, opts...)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := pub.Start(context.Background()); err != nil {
-				t.Fatal(err)
-			}
-			defer pub.Stop(context.Background())
+			startClockedPublisher(t, other, clock, opts...)
 			time.Sleep(200 * time.Millisecond) // the first, empty claims are over
 
 			// A plain db.Transaction, which nothing in-process sees commit.
-			err = enqueuer.Transaction(func(tx *gorm.DB) error {
+			err := enqueuer.Transaction(func(tx *gorm.DB) error {
 				return outbox.Enqueue(tx, outbox.Message{Topic: "notify", Key: "k", Payload: "hello"})
 			})
 			if err != nil {

@@ -18,10 +18,17 @@ import (
 
 func enqueueN(t *testing.T, db *gorm.DB, topic string, n int) {
 	t.Helper()
+	enqueueKeyed(t, db, topic, n, func(i int) string { return fmt.Sprint("k", i%3) })
+}
+
+// enqueueKeyed enqueues n messages in one transaction, the i-th with key(i)
+// and payload m<i>.
+func enqueueKeyed(t *testing.T, db *gorm.DB, topic string, n int, key func(i int) string) {
+	t.Helper()
 	err := db.Transaction(func(tx *gorm.DB) error {
 		msgs := make([]outbox.Message, n)
 		for i := range msgs {
-			msgs[i] = outbox.Message{Topic: topic, Key: fmt.Sprint("k", i%3), Payload: fmt.Sprint("m", i)}
+			msgs[i] = outbox.Message{Topic: topic, Key: key(i), Payload: fmt.Sprint("m", i)}
 		}
 		return outbox.Enqueue(tx, msgs...)
 	})

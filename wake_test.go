@@ -51,22 +51,29 @@ func (a *ackClock) count() int {
 	return len(a.acked)
 }
 
+// startClockedPublisher starts a publisher on db that sends through clock,
+// with opts after a discarding logger, and stops it when the test ends.
+func startClockedPublisher(tb testing.TB, db *gorm.DB, clock *ackClock, opts ...outbox.PublisherOption) {
+	tb.Helper()
+	pub, err := outbox.NewPublisher(db, clock, append([]outbox.PublisherOption{outbox.WithLogger(discardLogger())}, opts...)...)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := pub.Start(context.Background()); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { _ = pub.Stop(context.Background()) })
+}
+
 func TestPublishersWakeWhenATransactionCommits(t *testing.T) {
 	eachDB(t, func(t *testing.T, db *gorm.DB) {
 		_, addrs := outboxtest.Kafka(t, 1, "wake", "orders", "invoices")
 		clock := newAckClock(kafkaSender(t, addrs))
 		// A poll interval no test would wait for: only a wake-up can deliver.
-		pub, err := outbox.NewPublisher(db, clock, outbox.WithPollInterval(time.Hour), outbox.WithLogger(discardLogger()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := pub.Start(context.Background()); err != nil {
-			t.Fatal(err)
-		}
-		defer pub.Stop(context.Background())
+		startClockedPublisher(t, db, clock, outbox.WithPollInterval(time.Hour))
 		time.Sleep(50 * time.Millisecond) // the first, empty poll is over
 
-		err = outbox.Transaction(db, func(tx *gorm.DB) error {
+		err := outbox.Transaction(db, func(tx *gorm.DB) error {
 			return outbox.Enqueue(tx, outbox.Message{Topic: "wake", Payload: "from outbox.Transaction"})
 		})
 		if err != nil {
@@ -103,15 +110,7 @@ func TestEnqueueInAPlainTransactionNudgesThePublishers(t *testing.T) {
 	eachDB(t, func(t *testing.T, db *gorm.DB) {
 		_, addrs := outboxtest.Kafka(t, 1, "nudge")
 		clock := newAckClock(kafkaSender(t, addrs))
-		pub, err := outbox.NewPublisher(db, clock, outbox.WithPollInterval(time.Hour), outbox.WithoutListen(),
-			outbox.WithLogger(discardLogger()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := pub.Start(context.Background()); err != nil {
-			t.Fatal(err)
-		}
-		defer pub.Stop(context.Background())
+		startClockedPublisher(t, db, clock, outbox.WithPollInterval(time.Hour), outbox.WithoutListen())
 		time.Sleep(50 * time.Millisecond) // the first, empty poll is over
 		for i := range 3 {
 			err := db.Transaction(func(tx *gorm.DB) error {
@@ -138,7 +137,7 @@ func BenchmarkCommitToAck(b *testing.B) {
 		for _, mode := range []string{"wake", "plain"} {
 			b.Run(d.name+"/"+mode, func(b *testing.B) {
 				var opts []outbox.Option
-				popts := []outbox.PublisherOption{outbox.WithLogger(discardLogger())}
+				var popts []outbox.PublisherOption
 				if mode == "plain" {
 					opts = append(opts, outbox.WithNotifyInterval(0))
 					popts = append(popts, outbox.WithoutListen())
@@ -146,14 +145,7 @@ func BenchmarkCommitToAck(b *testing.B) {
 				db := setup(b, d.open(b, nil), opts...)
 				_, addrs := outboxtest.Kafka(b, 1, "latency")
 				clock := newAckClock(kafkaSender(b, addrs))
-				pub, err := outbox.NewPublisher(db, clock, popts...)
-				if err != nil {
-					b.Fatal(err)
-				}
-				if err := pub.Start(context.Background()); err != nil {
-					b.Fatal(err)
-				}
-				defer pub.Stop(context.Background())
+				startClockedPublisher(b, db, clock, popts...)
 				run := db.Transaction
 				if mode == "wake" {
 					run = func(fn func(tx *gorm.DB) error, _ ...*sql.TxOptions) error { return outbox.Transaction(db, fn) }
