@@ -65,7 +65,7 @@ type Headers map[string]string
 
 // Value implements driver.Valuer.
 func (h Headers) Value() (driver.Value, error) {
-	if h == nil {
+	if len(h) == 0 {
 		return "{}", nil
 	}
 	b, err := json.Marshal(map[string]string(h))

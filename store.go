@@ -181,7 +181,9 @@ var ErrNoTransaction = errors.New("outbox: enqueue needs a transaction so that e
 	"(use db.Transaction, or do not use SkipDefaultTransaction; AllowWithoutTransaction permits it)")
 
 // insertColumns are written by Save; every other column takes its default.
-var insertColumns = []string{"id", "topic", "message_key", "payload", "headers", "state", "next_attempt_at", "created_at"}
+// The id is not first: GORM expands an array given right after "(" into a
+// list, and on PostgreSQL Save passes the id as a [16]byte (binaryIDs).
+var insertColumns = []string{"topic", "id", "message_key", "payload", "headers", "state", "next_attempt_at", "created_at"}
 
 // maxRowsPerInsert keeps a multi-row INSERT's parameters far below
 // PostgreSQL's limit of 65535 (and SQLite's of 32766).
@@ -212,7 +214,11 @@ func (s *GormStore) Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessag
 				sql.WriteString(", ")
 			}
 			sql.WriteString(s.row)
-			args = append(args, m.ID, m.Topic, m.Key, m.Payload, m.Headers, m.State, m.NextAttemptAt.UTC(), m.CreatedAt.UTC())
+			var id any = m.ID
+			if s.dialect.binaryIDs {
+				id = [16]byte(m.ID)
+			}
+			args = append(args, m.Topic, id, m.Key, m.Payload, m.Headers, m.State, m.NextAttemptAt.UTC(), m.CreatedAt.UTC())
 		}
 		if err := session.Exec(sql.String(), args...).Error; err != nil {
 			return fmt.Errorf("outbox: writing %d messages to %s: %w", len(chunk), s.cfg.table, err)
