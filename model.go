@@ -87,6 +87,10 @@ func (h *Headers) Scan(src any) error {
 		return fmt.Errorf("outbox: cannot scan %T into Headers", src)
 	}
 	m := map[string]string{}
+	if string(b) == "{}" { // most messages: no JSON decoder for them
+		*h = m
+		return nil
+	}
 	if err := json.Unmarshal(b, &m); err != nil {
 		return errors.Join(errors.New("outbox: headers column is not a JSON object of strings"), err)
 	}

@@ -361,14 +361,15 @@ type queued struct {
 	msg  *OutboxMessage
 }
 
-// readWalk runs one read of the walk; due rows are whole messages.
-func (s *GormStore) readWalk(tx *gorm.DB, now time.Time, sql string, args ...any) ([]queued, error) {
+// readWalk runs one read of the walk, of at most window rows; due rows are
+// whole messages.
+func (s *GormStore) readWalk(tx *gorm.DB, now time.Time, window int, sql string, args ...any) ([]queued, error) {
 	rows, err := tx.Raw(sql, args...).Rows()
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
-	var out []queued
+	out := make([]queued, 0, min(window, 4096))
 	for rows.Next() {
 		var (
 			r                         queued
@@ -428,7 +429,7 @@ func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions) ([]*Outb
 				args = append(args, s.keysArg(busy))
 			}
 		}
-		rows, err := s.readWalk(tx, now, sql+" ORDER BY "+q("id")+" LIMIT ?", append(args, window)...)
+		rows, err := s.readWalk(tx, now, window, sql+" ORDER BY "+q("id")+" LIMIT ?", append(args, window)...)
 		if err != nil {
 			return nil, err
 		}
