@@ -29,6 +29,8 @@ var databases = []struct {
 	features features
 }{
 	{"postgres", outboxtest.Postgres, features{processes: true, partialIndexes: true, returning: true}},
+	// As behind PgBouncer in transaction pooling: arguments go as text.
+	{"postgres-simple-protocol", outboxtest.PostgresSimpleProtocol, features{processes: true, partialIndexes: true, returning: true}},
 	{"sqlite", outboxtest.SQLite, features{partialIndexes: true, returning: true}},
 	{"mariadb", outboxtest.MariaDB, features{processes: true}},
 }

@@ -49,7 +49,7 @@ func TestPluginTableNameAndWithoutMigration(t *testing.T) {
 				t.Fatal("WithoutMigration created a table")
 			}
 			// The user's own migration, from DDL, makes the table usable.
-			stmts, err := outbox.DDL(d.name, "app_events")
+			stmts, err := outbox.DDL(db.Dialector.Name(), "app_events")
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -144,7 +144,7 @@ func TestDDLMatchesMigration(t *testing.T) {
 			if err := db.Use(outbox.Plugin(outbox.WithTableName("migrated"))); err != nil {
 				t.Fatal(err)
 			}
-			stmts, err := outbox.DDL(d.name, "from_ddl")
+			stmts, err := outbox.DDL(db.Dialector.Name(), "from_ddl")
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -153,7 +153,7 @@ func TestDDLMatchesMigration(t *testing.T) {
 					t.Fatalf("%s: %v", s, err)
 				}
 			}
-			migrated, fromDDL := describe(t, db, d.name, "migrated"), describe(t, db, d.name, "from_ddl")
+			migrated, fromDDL := describe(t, db, db.Dialector.Name(), "migrated"), describe(t, db, db.Dialector.Name(), "from_ddl")
 			if migrated != fromDDL {
 				t.Fatalf("schemas differ\nmigration:\n%s\nDDL:\n%s", migrated, fromDDL)
 			}
@@ -210,7 +210,7 @@ func describe(t *testing.T, db *gorm.DB, dialect, table string) string {
 			def = regexp.MustCompile(`\b\w*`+table+`\w*\b`).ReplaceAllStringFunc(def, func(s string) string { return strings.ReplaceAll(s, table, "T") })
 			lines = append(lines, "index "+def)
 		}
-	case "mariadb":
+	case "mysql":
 		var cols []struct {
 			ColumnName, ColumnType, IsNullable string
 			ColumnDefault                      *string

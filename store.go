@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgtype"
 	"gorm.io/gorm"
 )
 
@@ -181,9 +182,7 @@ var ErrNoTransaction = errors.New("outbox: enqueue needs a transaction so that e
 	"(use db.Transaction, or do not use SkipDefaultTransaction; AllowWithoutTransaction permits it)")
 
 // insertColumns are written by Save; every other column takes its default.
-// The id is not first: GORM expands an array given right after "(" into a
-// list, and on PostgreSQL Save passes the id as a [16]byte (binaryIDs).
-var insertColumns = []string{"topic", "id", "message_key", "payload", "headers", "state", "next_attempt_at", "created_at"}
+var insertColumns = []string{"id", "topic", "message_key", "payload", "headers", "state", "next_attempt_at", "created_at"}
 
 // maxRowsPerInsert keeps a multi-row INSERT's parameters far below
 // PostgreSQL's limit of 65535 (and SQLite's of 32766).
@@ -216,9 +215,9 @@ func (s *GormStore) Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessag
 			sql.WriteString(s.row)
 			var id any = m.ID
 			if s.dialect.binaryIDs {
-				id = [16]byte(m.ID)
+				id = pgtype.UUID{Bytes: m.ID, Valid: true}
 			}
-			args = append(args, m.Topic, id, m.Key, m.Payload, m.Headers, m.State, m.NextAttemptAt.UTC(), m.CreatedAt.UTC())
+			args = append(args, id, m.Topic, m.Key, m.Payload, m.Headers, m.State, m.NextAttemptAt.UTC(), m.CreatedAt.UTC())
 		}
 		if err := session.Exec(sql.String(), args...).Error; err != nil {
 			return fmt.Errorf("outbox: writing %d messages to %s: %w", len(chunk), s.cfg.table, err)

@@ -62,6 +62,21 @@ func Postgres(t testing.TB, cfg *gorm.Config) *gorm.DB {
 // other processes.
 func PostgresSchema(t testing.TB, cfg *gorm.Config) (*gorm.DB, string) {
 	t.Helper()
+	return postgresSchema(t, cfg, false)
+}
+
+// PostgresSimpleProtocol is Postgres through pgx's simple protocol
+// (PreferSimpleProtocol), as an application behind PgBouncer in
+// transaction pooling talks to its database: every argument is sent as
+// text, which some Go types cannot be.
+func PostgresSimpleProtocol(t testing.TB, cfg *gorm.Config) *gorm.DB {
+	t.Helper()
+	db, _ := postgresSchema(t, cfg, true)
+	return db
+}
+
+func postgresSchema(t testing.TB, cfg *gorm.Config, simpleProtocol bool) (*gorm.DB, string) {
+	t.Helper()
 	admin, err := sql.Open("pgx", PostgresDSN())
 	if err == nil {
 		err = pingWithin(admin, 5*time.Second)
@@ -78,7 +93,7 @@ func PostgresSchema(t testing.TB, cfg *gorm.Config) (*gorm.DB, string) {
 		_ = admin.Close()
 	})
 	dsn := PostgresDSN() + " search_path=" + schema
-	db, err := gorm.Open(postgres.Open(dsn), quiet(cfg))
+	db, err := gorm.Open(postgres.New(postgres.Config{DSN: dsn, PreferSimpleProtocol: simpleProtocol}), quiet(cfg))
 	if err != nil {
 		t.Fatalf("opening PostgreSQL: %v", err)
 	}

@@ -66,6 +66,23 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 	line("ceiling, broker alone (sarama SendMessages):", brokerRate, brokerCPU)
 	lower := min(dbRate, brokerRate)
 
+	// A reference, not a ceiling: the simplest relay, which keeps its
+	// transaction open across the send. It has no lease (a stalled
+	// process holds its rows until its connection dies) and no per-key
+	// order across workers (SKIP LOCKED passes a key's locked head); what
+	// the publisher pays beyond it is the price of those two.
+	for _, workers := range []int{1, 2} {
+		if err := fill(db, "bench_db", s.n, s.keys, payload); err != nil {
+			return err
+		}
+		cpu = machineCPU()
+		rate, err := drainHeld(ctx, db, cluster.ListenAddrs(), "bench_db", s.batch, workers, s.n)
+		if err != nil {
+			return err
+		}
+		line(fmt.Sprintf("reference, one transaction across the send, %d worker(s):", workers), rate, machineCPU()-cpu)
+	}
+
 	// The publisher, keeping published rows (the default), then deleting them.
 	deleting, closeDeleting, err := open(dsn)
 	if err != nil {
@@ -219,6 +236,60 @@ func drainDB(ctx context.Context, db *gorm.DB, table string, batch, workers, n i
 			for drained.Load() < int64(n) {
 				var rows []outbox.OutboxMessage
 				if err := db.WithContext(ctx).Raw(sql, batch).Scan(&rows).Error; err != nil {
+					firstErr.Store(err)
+					return
+				}
+				if len(rows) == 0 {
+					return
+				}
+				drained.Add(int64(len(rows)))
+			}
+		}()
+	}
+	wg.Wait()
+	if err, ok := firstErr.Load().(error); ok {
+		return 0, err
+	}
+	return float64(drained.Load()) / time.Since(start).Seconds(), nil
+}
+
+// drainHeld relays the table with one transaction per batch held open
+// across the send: lock the oldest rows, send them, delete them, commit.
+func drainHeld(ctx context.Context, db *gorm.DB, addrs []string, table string, batch, workers, n int) (float64, error) {
+	p, err := sarama.NewSyncProducer(addrs, kafka.NewConfig())
+	if err != nil {
+		return 0, err
+	}
+	defer p.Close()
+	lock := `SELECT id, topic, message_key, payload, headers FROM ` + table +
+		` WHERE state = 'pending' ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED`
+	var drained atomic.Int64
+	var wg sync.WaitGroup
+	var firstErr atomic.Value
+	start := time.Now()
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for drained.Load() < int64(n) {
+				var rows []outbox.OutboxMessage
+				err := db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+					if err := tx.Raw(lock, batch).Scan(&rows).Error; err != nil || len(rows) == 0 {
+						return err
+					}
+					msgs := make([]*sarama.ProducerMessage, len(rows))
+					ids := make([]uuid.UUID, len(rows))
+					for i, r := range rows {
+						msgs[i] = &sarama.ProducerMessage{Topic: r.Topic, Key: sarama.StringEncoder(r.Key), Value: sarama.ByteEncoder(r.Payload),
+							Headers: []sarama.RecordHeader{{Key: []byte(kafka.MessageIDHeader), Value: []byte(r.ID.String())}}}
+						ids[i] = r.ID
+					}
+					if err := p.SendMessages(msgs); err != nil {
+						return err
+					}
+					return tx.Exec("DELETE FROM "+table+" WHERE id IN ?", ids).Error
+				})
+				if err != nil {
 					firstErr.Store(err)
 					return
 				}

@@ -4,7 +4,9 @@
 //
 //  1. drain: messages per second to relay a backlog, beside the database
 //     alone (one DELETE ... SKIP LOCKED ... RETURNING per batch, nothing
-//     sent) and the broker alone (the same sarama settings, no database);
+//     sent) and the broker alone (the same sarama settings, no database),
+//     and beside a relay that holds a transaction across each send (no
+//     lease, no per-key order across workers);
 //
 //  2. latency: commit-to-acknowledgement p50, p99 and max at steady enqueue
 //     rates, with the wake-up (NOTIFY) and with polling only;
