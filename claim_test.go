@@ -12,6 +12,7 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox"
+	"github.com/gorm-outbox/outbox/outboxtest"
 )
 
 // A claim stamps what its walk picked; a row that changed in between (here
@@ -187,4 +188,38 @@ func TestClaimWalkSkipsBusyKeysInTheDatabase(t *testing.T) {
 			t.Error("the walk read past its first window without leaving the busy key to the database")
 		}
 	})
+}
+
+// With the published rows of a busy day in front of a few pending ones,
+// MariaDB's optimizer read "state = 'pending' ORDER BY id LIMIT n" along
+// the primary key, through every published row (seconds a claim on a
+// large table), instead of along the pending index. The walk must read
+// the pending index.
+func TestClaimWalkReadsThePendingIndexOnMariaDB(t *testing.T) {
+	db := setup(t, outboxtest.MariaDB(t, nil))
+	enqueueN(t, db, "orders", 20000)
+	// All but the newest 200 published, as a publisher that keeps published
+	// rows leaves them; then fresh statistics, as the server keeps them.
+	err := db.Exec("UPDATE outbox_messages SET state = 'published', published_at = created_at ORDER BY id LIMIT 19800").Error
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Exec("ANALYZE TABLE outbox_messages").Error; err != nil {
+		t.Fatal(err)
+	}
+	store, err := outbox.StoreOf(db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sql, args := outbox.WalkSQL(store, 64)
+	var plan []map[string]any
+	if err := db.Raw("EXPLAIN "+sql, args...).Scan(&plan).Error; err != nil {
+		t.Fatal(err)
+	}
+	if len(plan) != 1 {
+		t.Fatalf("plan %v, want one table", plan)
+	}
+	if key := fmt.Sprint(plan[0]["key"]); key != "idx_outbox_messages_pending" {
+		t.Fatalf("the walk reads index %q (plan %v), want the pending index", key, plan[0])
+	}
 }

@@ -39,6 +39,13 @@ type dialect struct {
 	// deleteLimit: DELETE ... LIMIT, for a database that cannot select from
 	// the table it deletes from.
 	deleteLimit bool
+	// walkFrom follows the table's name in the walk's FROM. MariaDB's
+	// optimizer reads "state = 'pending' ORDER BY id LIMIT n" along the
+	// primary key, through every published row, instead of along the
+	// pending index (measured: 0.7 s instead of 1 ms with 140k published
+	// rows); a hint that names no index of ours cannot fail on a table
+	// created by hand.
+	walkFrom string
 	// inIDs matches a list of ids given as one argument (GormStore.idsArg).
 	inIDs string
 	// notInKeys excludes a list of keys given as one argument (GormStore.keysArg).
@@ -65,7 +72,8 @@ var dialects = map[string]dialect{
 		cleanupLock: "SELECT GET_LOCK(?, 0)", cleanupUnlock: "SELECT RELEASE_LOCK(?)",
 		claimTx:     &sql.TxOptions{Isolation: sql.LevelReadCommitted},
 		resultTx:    &sql.TxOptions{Isolation: sql.LevelReadCommitted},
-		deleteLimit: true, minVersion: mysqlSkipLocked, inIDs: "IN ?", notInKeys: "NOT IN ?"},
+		deleteLimit: true, minVersion: mysqlSkipLocked, inIDs: "IN ?", notInKeys: "NOT IN ?",
+		walkFrom: " IGNORE INDEX (PRIMARY)"},
 	"postgres": {name: "postgres", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true)) l",
 		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))",
 		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true},

@@ -1,6 +1,9 @@
 package outbox
 
-import "context"
+import (
+	"context"
+	"time"
+)
 
 // CleanupLockKey exposes the cleanup's advisory lock to the tests, which
 // hold it as another process would.
@@ -48,4 +51,15 @@ func CountKeysNotIn(s *GormStore, keys ...string) (int64, error) {
 	var n int64
 	err := s.db.Raw("SELECT count(*) FROM "+s.table()+" WHERE "+s.quote("message_key")+" "+s.dialect.notInKeys, s.keysArg(set)).Scan(&n).Error
 	return n, err
+}
+
+// WalkSQL is the SQL of a walk's first read, with its arguments for a claim
+// now of at most limit rows.
+func WalkSQL(s *GormStore, limit int) (string, []any) {
+	now := time.Now().UTC()
+	args := make([]any, 0, len(walkIfDue)+1)
+	for range walkIfDue {
+		args = append(args, now)
+	}
+	return s.walk + " ORDER BY " + s.quote("id") + " LIMIT ?", append(args, limit)
 }

@@ -120,7 +120,7 @@ func newStore(db *gorm.DB, cfg config) (*GormStore, error) {
 	for _, c := range walkIfDue {
 		walk = append(walk, "CASE WHEN "+s.quote("next_attempt_at")+" <= ? THEN "+s.quote(c)+" END")
 	}
-	s.walk = "SELECT " + strings.Join(walk, ", ") + " FROM " + s.table() + " WHERE " + s.quote("state") + " = 'pending'"
+	s.walk = "SELECT " + strings.Join(walk, ", ") + " FROM " + s.table() + s.dialect.walkFrom + " WHERE " + s.quote("state") + " = 'pending'"
 	ins := make([]string, len(insertColumns))
 	for i, c := range insertColumns {
 		ins[i] = s.quote(c)
