@@ -37,13 +37,15 @@ var outboxColumns = []column{
 // monitoring; being partial, they take no entry when a message is
 // enqueued, so an enqueue writes two indexes, not three. MySQL and MariaDB
 // have no partial indexes: there the state, first, narrows the same way,
-// and one (state, created_at) index serves retention.
+// the key, last, lets a walk that skips busy keys test them in the index
+// (index condition pushdown) instead of reading each row, and one
+// (state, created_at) index serves retention.
 var outboxIndexes = []struct {
 	suffix  string
 	columns map[string]string // by dialect; "" where the index does not exist
 	where   string            // where partial indexes exist
 }{
-	{"pending", map[string]string{"postgres": "id", "sqlite": "id", "mysql": "state, id"}, "state = 'pending'"},
+	{"pending", map[string]string{"postgres": "id", "sqlite": "id", "mysql": "state, id, message_key"}, "state = 'pending'"},
 	{"published", map[string]string{"postgres": "published_at", "sqlite": "published_at"}, "state = 'published'"},
 	{"dead", map[string]string{"postgres": "created_at", "sqlite": "created_at"}, "state = 'dead'"},
 	{"state", map[string]string{"mysql": "state, created_at"}, ""},
