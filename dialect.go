@@ -39,7 +39,8 @@ type dialect struct {
 	// deleteLimit: DELETE ... LIMIT, for a database that cannot select from
 	// the table it deletes from.
 	deleteLimit bool
-	// walkFrom follows the table's name in the walk's FROM. MariaDB's
+	// walkFrom follows the table's name in the walk's FROM, and in any read
+	// of the pending rows in id order (Stats' oldest). MariaDB's
 	// optimizer reads "state = 'pending' ORDER BY id LIMIT n" along the
 	// primary key, through every published row, instead of along the
 	// pending index (measured: 0.7 s instead of 1 ms with 140k published

@@ -791,7 +791,7 @@ func (s *GormStore) Stats(ctx context.Context, attemptBudget int) (Stats, error)
 	// The oldest by id is the oldest by creation (UUIDv7), found on the
 	// pending index; a real column keeps its type on every driver.
 	var oldest []time.Time
-	err = s.db.WithContext(ctx).Table(s.cfg.table).Where(q("state")+" = "+pending).
+	err = s.db.WithContext(ctx).Table(s.table()+s.dialect.walkFrom).Where(q("state")+" = "+pending).
 		Order(q("id")).Limit(1).Pluck("created_at", &oldest).Error
 	if err != nil {
 		return st, fmt.Errorf("outbox: reading stats of %s: %w", s.cfg.table, err)
