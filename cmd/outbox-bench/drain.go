@@ -225,32 +225,11 @@ func fill(db *gorm.DB, table string, n, keys int, payload []byte) error {
 func drainDB(ctx context.Context, db *gorm.DB, table string, batch, workers, n int) (float64, error) {
 	sql := `DELETE FROM ` + table + ` WHERE id IN (SELECT id FROM ` + table + ` WHERE state = 'pending' ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED)
 		RETURNING id, topic, message_key, payload, headers`
-	var drained atomic.Int64
-	var wg sync.WaitGroup
-	var firstErr atomic.Value
-	start := time.Now()
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for drained.Load() < int64(n) {
-				var rows []outbox.OutboxMessage
-				if err := db.WithContext(ctx).Raw(sql, batch).Scan(&rows).Error; err != nil {
-					firstErr.Store(err)
-					return
-				}
-				if len(rows) == 0 {
-					return
-				}
-				drained.Add(int64(len(rows)))
-			}
-		}()
-	}
-	wg.Wait()
-	if err, ok := firstErr.Load().(error); ok {
-		return 0, err
-	}
-	return float64(drained.Load()) / time.Since(start).Seconds(), nil
+	return drainWith(workers, n, func() (int, error) {
+		var rows []outbox.OutboxMessage
+		err := db.WithContext(ctx).Raw(sql, batch).Scan(&rows).Error
+		return len(rows), err
+	})
 }
 
 // drainHeld relays the table with one transaction per batch held open
@@ -263,6 +242,31 @@ func drainHeld(ctx context.Context, db *gorm.DB, addrs []string, table string, b
 	defer p.Close()
 	lock := `SELECT id, topic, message_key, payload, headers FROM ` + table +
 		` WHERE state = 'pending' ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED`
+	return drainWith(workers, n, func() (int, error) {
+		var rows []outbox.OutboxMessage
+		err := db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+			if err := tx.Raw(lock, batch).Scan(&rows).Error; err != nil || len(rows) == 0 {
+				return err
+			}
+			msgs := make([]*sarama.ProducerMessage, len(rows))
+			ids := make([]uuid.UUID, len(rows))
+			for i, r := range rows {
+				msgs[i] = &sarama.ProducerMessage{Topic: r.Topic, Key: sarama.StringEncoder(r.Key), Value: sarama.ByteEncoder(r.Payload),
+					Headers: []sarama.RecordHeader{{Key: []byte(kafka.MessageIDHeader), Value: []byte(r.ID.String())}}}
+				ids[i] = r.ID
+			}
+			if err := p.SendMessages(msgs); err != nil {
+				return err
+			}
+			return tx.Exec("DELETE FROM "+table+" WHERE id IN ?", ids).Error
+		})
+		return len(rows), err
+	})
+}
+
+// drainWith runs batch from workers goroutines until n messages are
+// drained or a batch finds none, and returns the rate.
+func drainWith(workers, n int, batch func() (int, error)) (float64, error) {
 	var drained atomic.Int64
 	var wg sync.WaitGroup
 	var firstErr atomic.Value
@@ -272,31 +276,15 @@ func drainHeld(ctx context.Context, db *gorm.DB, addrs []string, table string, b
 		go func() {
 			defer wg.Done()
 			for drained.Load() < int64(n) {
-				var rows []outbox.OutboxMessage
-				err := db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
-					if err := tx.Raw(lock, batch).Scan(&rows).Error; err != nil || len(rows) == 0 {
-						return err
-					}
-					msgs := make([]*sarama.ProducerMessage, len(rows))
-					ids := make([]uuid.UUID, len(rows))
-					for i, r := range rows {
-						msgs[i] = &sarama.ProducerMessage{Topic: r.Topic, Key: sarama.StringEncoder(r.Key), Value: sarama.ByteEncoder(r.Payload),
-							Headers: []sarama.RecordHeader{{Key: []byte(kafka.MessageIDHeader), Value: []byte(r.ID.String())}}}
-						ids[i] = r.ID
-					}
-					if err := p.SendMessages(msgs); err != nil {
-						return err
-					}
-					return tx.Exec("DELETE FROM "+table+" WHERE id IN ?", ids).Error
-				})
+				got, err := batch()
 				if err != nil {
 					firstErr.Store(err)
 					return
 				}
-				if len(rows) == 0 {
+				if got == 0 {
 					return
 				}
-				drained.Add(int64(len(rows)))
+				drained.Add(int64(got))
 			}
 		}()
 	}
