@@ -194,8 +194,9 @@ func TestClaimWalkSkipsBusyKeysInTheDatabase(t *testing.T) {
 // MariaDB's optimizer read "state = 'pending' ORDER BY id LIMIT n" along
 // the primary key, through every published row (seconds a claim on a
 // large table), instead of along the pending index. On every database the
-// walk must read the pending index.
-func TestClaimWalkReadsThePendingIndex(t *testing.T) {
+// claim's walk, and Stats' search for the oldest pending message, must
+// read the pending index.
+func TestReadsOfPendingRowsUseThePendingIndex(t *testing.T) {
 	eachDB(t, func(t *testing.T, db *gorm.DB) {
 		enqueueN(t, db, "orders", 20000)
 		// All but the newest 200 published, as a publisher that keeps
@@ -214,23 +215,50 @@ func TestClaimWalkReadsThePendingIndex(t *testing.T) {
 			t.Fatal(err)
 		}
 		sql, args := outbox.WalkSQL(store, 64)
-		explain := map[string]string{"sqlite": "EXPLAIN QUERY PLAN "}[db.Dialector.Name()]
-		var plan []map[string]any
-		if err := db.Raw(cmp.Or(explain, "EXPLAIN ")+sql, args...).Scan(&plan).Error; err != nil {
+		if read := indexRead(t, db, sql, args); !strings.Contains(read, "idx_outbox_messages_pending") {
+			t.Errorf("the claim's walk reads %q, want the pending index", read)
+		}
+
+		// Stats' query, as GORM runs it.
+		var oldestSQL string
+		var oldestArgs []any
+		err = db.Callback().Query().After("gorm:query").Register("test:oldest", func(tx *gorm.DB) {
+			if q := tx.Statement.SQL.String(); strings.Contains(q, "created_at") && strings.Contains(q, "LIMIT") {
+				oldestSQL, oldestArgs = q, tx.Statement.Vars
+			}
+		})
+		if err != nil {
 			t.Fatal(err)
 		}
-		// The index read: MySQL's "key" column; PostgreSQL's and SQLite's
-		// plan text.
-		var read []string
-		for _, row := range plan {
-			for col, v := range row {
-				if col == "key" || col == "QUERY PLAN" || col == "detail" {
-					read = append(read, fmt.Sprint(v))
-				}
-			}
+		t.Cleanup(func() { _ = db.Callback().Query().Remove("test:oldest") })
+		if _, err := store.Stats(t.Context(), 0); err != nil {
+			t.Fatal(err)
 		}
-		if !strings.Contains(strings.Join(read, " "), "idx_outbox_messages_pending") {
-			t.Fatalf("the walk reads %q (plan %v), want the pending index", read, plan)
+		if oldestSQL == "" {
+			t.Fatal("Stats ran no query for the oldest pending message")
+		}
+		if read := indexRead(t, db, oldestSQL, oldestArgs); !strings.Contains(read, "idx_outbox_messages_pending") {
+			t.Errorf("Stats' oldest pending message is read with %q, want the pending index", read)
 		}
 	})
+}
+
+// indexRead is what a database's plan for sql says it reads: MySQL's "key"
+// column, PostgreSQL's and SQLite's plan text.
+func indexRead(t *testing.T, db *gorm.DB, sql string, args []any) string {
+	t.Helper()
+	explain := map[string]string{"sqlite": "EXPLAIN QUERY PLAN "}[db.Dialector.Name()]
+	var plan []map[string]any
+	if err := db.Raw(cmp.Or(explain, "EXPLAIN ")+sql, args...).Scan(&plan).Error; err != nil {
+		t.Fatal(err)
+	}
+	var read []string
+	for _, row := range plan {
+		for col, v := range row {
+			if col == "key" || col == "QUERY PLAN" || col == "detail" {
+				read = append(read, fmt.Sprint(v))
+			}
+		}
+	}
+	return strings.Join(read, " ")
 }

@@ -120,7 +120,7 @@ func newStore(db *gorm.DB, cfg config) (*GormStore, error) {
 	for _, c := range walkIfDue {
 		walk = append(walk, "CASE WHEN "+s.quote("next_attempt_at")+" <= ? THEN "+s.quote(c)+" END")
 	}
-	s.walk = "SELECT " + strings.Join(walk, ", ") + " FROM " + s.table() + s.dialect.walkFrom + " WHERE " + s.quote("state") + " = 'pending'"
+	s.walk = "SELECT " + strings.Join(walk, ", ") + " FROM " + s.table() + s.dialect.pendingHint + " WHERE " + s.quote("state") + " = 'pending'"
 	ins := make([]string, len(insertColumns))
 	for i, c := range insertColumns {
 		ins[i] = s.quote(c)
@@ -791,7 +791,7 @@ func (s *GormStore) Stats(ctx context.Context, attemptBudget int) (Stats, error)
 	// The oldest by id is the oldest by creation (UUIDv7), found on the
 	// pending index; a real column keeps its type on every driver.
 	var oldest []time.Time
-	err = s.db.WithContext(ctx).Table(s.table()+s.dialect.walkFrom).Where(q("state")+" = "+pending).
+	err = s.db.WithContext(ctx).Table(s.table()+s.dialect.pendingHint).Where(q("state")+" = "+pending).
 		Order(q("id")).Limit(1).Pluck("created_at", &oldest).Error
 	if err != nil {
 		return st, fmt.Errorf("outbox: reading stats of %s: %w", s.cfg.table, err)
