@@ -57,6 +57,10 @@ type dialect struct {
 	// together. A plain [16]byte would be cheaper still, but pgx's simple
 	// protocol (PgBouncer setups) cannot encode it.
 	binaryIDs bool
+	// holdClaims: the publisher claims with a transaction held across the
+	// send (heldClaim), and Claim locks the rows it picks so that it never
+	// takes one of them.
+	holdClaims bool
 	// minVersion checks the server when a publisher starts.
 	minVersion func(db *gorm.DB) error
 }
@@ -77,7 +81,7 @@ var dialects = map[string]dialect{
 		pendingHint: " IGNORE INDEX (PRIMARY)"},
 	"postgres": {name: "postgres", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true)) l",
 		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))",
-		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true},
+		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true, holdClaims: true},
 	"sqlite": {name: "sqlite", inIDs: "IN ?", notInKeys: "NOT IN ?"},
 }
 

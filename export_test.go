@@ -3,6 +3,8 @@ package outbox
 import (
 	"context"
 	"time"
+
+	"github.com/google/uuid"
 )
 
 // CleanupLockKey exposes the cleanup's advisory lock to the tests, which
@@ -62,4 +64,15 @@ func WalkSQL(s *GormStore, limit int) (string, []any) {
 		args = append(args, now)
 	}
 	return s.walk + " ORDER BY " + s.quote("id") + " LIMIT ?", append(args, limit)
+}
+
+// ClaimHeld is the publisher's claim on PostgreSQL (heldClaim): msgs stay
+// locked until finish records their results and commits, or abandon hands
+// them back.
+func ClaimHeld(ctx context.Context, s *GormStore, opts ClaimOptions) (msgs []*OutboxMessage, finish func(published []uuid.UUID, failures []Failure) error, abandon func(), err error) {
+	c, err := s.claimHeld(ctx, ctx, opts)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return c.msgs, c.finish, c.abandon, nil
 }

@@ -20,6 +20,8 @@ type features struct {
 	partialIndexes bool
 	// returning: UPDATE ... RETURNING claims in one statement.
 	returning bool
+	// heldClaims: the publisher's claims hold a transaction across the send.
+	heldClaims bool
 }
 
 // databases are the backends every shared case runs on.
@@ -28,9 +30,9 @@ var databases = []struct {
 	open     func(testing.TB, *gorm.Config) *gorm.DB
 	features features
 }{
-	{"postgres", outboxtest.Postgres, features{processes: true, partialIndexes: true, returning: true}},
+	{"postgres", outboxtest.Postgres, features{processes: true, partialIndexes: true, returning: true, heldClaims: true}},
 	// As behind PgBouncer in transaction pooling: arguments go as text.
-	{"postgres-simple-protocol", outboxtest.PostgresSimpleProtocol, features{processes: true, partialIndexes: true, returning: true}},
+	{"postgres-simple-protocol", outboxtest.PostgresSimpleProtocol, features{processes: true, partialIndexes: true, returning: true, heldClaims: true}},
 	{"sqlite", outboxtest.SQLite, features{partialIndexes: true, returning: true}},
 	{"mariadb", outboxtest.MariaDB, features{processes: true}},
 }

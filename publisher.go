@@ -12,10 +12,14 @@ import (
 	"gorm.io/gorm"
 )
 
-// Publisher relays committed outbox messages to a Sender: it claims a batch
-// in a short transaction, sends it with no transaction open, and writes the
-// result back. It is at-least-once: a crash between the send and the write-
-// back sends that batch again (with the same message ids).
+// Publisher relays committed outbox messages to a Sender: it claims a
+// batch, sends it, and writes the result back. On MySQL/MariaDB and SQLite
+// the claim is a lease written in a short transaction, and no transaction
+// is open during the send; on PostgreSQL the batch's rows stay locked in
+// one transaction from the claim to the write-back (see heldClaim), which
+// writes each message once instead of twice. It is at-least-once: a crash
+// between the send and the write-back sends that batch again (with the
+// same message ids).
 //
 // Start it with Start (or Run) and stop it with Stop; it starts no goroutine
 // before that.
@@ -233,7 +237,8 @@ func (p *Publisher) begin(ctx context.Context) (context.Context, error) {
 // Stop asks the publisher to stop and waits until it has: the batch in
 // flight is sent and recorded, or, if it was not yet sent, handed back. If
 // ctx ends first, the batch in flight is cancelled (what it had not recorded
-// becomes due again when its lease expires), and Stop still waits for the
+// becomes due again: at once on PostgreSQL, when its lease expires
+// elsewhere), and Stop still waits for the
 // goroutine before returning ctx's error.
 func (p *Publisher) Stop(ctx context.Context) error {
 	p.mu.Lock()
@@ -464,7 +469,22 @@ func PublishFromOutbox(ctx context.Context, store Store, sender Sender, limit in
 // sends and records with work (a stop after the claim still finishes).
 func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error) {
 	var res BatchResult
-	token, msgs, err := p.store.Claim(ctx, ClaimOptions{Limit: p.cfg.batchSize, Lease: p.cfg.lease, SkipFailedKeys: p.cfg.keyPolicy == KeySkip})
+	opts := ClaimOptions{Limit: p.cfg.batchSize, Lease: p.cfg.lease, SkipFailedKeys: p.cfg.keyPolicy == KeySkip}
+	var (
+		token string
+		msgs  []*OutboxMessage
+		held  *heldClaim
+		err   error
+	)
+	if gs, ok := p.store.(*GormStore); ok && gs.dialect.holdClaims {
+		held, err = gs.claimHeld(ctx, work, opts)
+		if held != nil {
+			msgs = held.msgs
+			defer held.abandon() // whatever happens below, the transaction ends
+		}
+	} else {
+		token, msgs, err = p.store.Claim(ctx, opts)
+	}
 	if err != nil {
 		return res, err
 	}
@@ -474,6 +494,10 @@ func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error)
 	}
 	if ctx.Err() != nil { // stopping: hand the claim back unsent
 		res.Released = len(msgs)
+		if held != nil {
+			held.abandon()
+			return res, nil
+		}
 		return res, p.store.Release(work, token, ids(msgs))
 	}
 	started := time.Now()
@@ -515,11 +539,15 @@ func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error)
 		}
 	}
 	res.Published, res.Failed, res.Released = len(published), len(failures), len(released)
-	err = errors.Join(
-		p.store.MarkPublished(work, token, published),
-		p.store.MarkFailed(work, token, failures),
-		p.store.Release(work, token, released),
-	)
+	if held != nil {
+		err = held.finish(published, failures) // what it leaves out is released
+	} else {
+		err = errors.Join(
+			p.store.MarkPublished(work, token, published),
+			p.store.MarkFailed(work, token, failures),
+			p.store.Release(work, token, released),
+		)
+	}
 	if err != nil {
 		return res, err
 	}

@@ -72,6 +72,7 @@ type GormStore struct {
 	// lastWalk is how many pending rows the last claim read to find its
 	// messages (see claimWindow).
 	lastWalk atomic.Int64
+	flying   inFlight // rows locked by this process's held claims
 }
 
 // PostgresOutboxStore is the design document's name for the store on
@@ -247,7 +248,9 @@ func (s *GormStore) Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessag
 // serialized (an advisory lock on PostgreSQL, a named lock on MySQL, the
 // single writer on SQLite) so that each sees the claims committed before
 // it; sending stays parallel. Messages with an empty key are never held
-// back.
+// back. On PostgreSQL the claim also locks the rows it picks, and leaves
+// those it cannot lock: they are in a publisher's held claim, which does
+// not stamp them (see heldClaim).
 func (s *GormStore) Claim(ctx context.Context, opts ClaimOptions) (string, []*OutboxMessage, error) {
 	if opts.Limit <= 0 {
 		return "", nil, fmt.Errorf("outbox: claim limit must be positive, got %d", opts.Limit)
@@ -285,7 +288,12 @@ func (s *GormStore) claim(tx *gorm.DB, token string, opts ClaimOptions) ([]*Outb
 	// rounded up, so that a message committed a moment ago is due now, not
 	// at the next poll.
 	now := time.Now().UTC().Truncate(time.Millisecond).Add(time.Millisecond)
-	picked, err := s.pick(tx, now, opts)
+	picked, err := s.pick(tx, now, opts, nil)
+	if err == nil && s.dialect.holdClaims {
+		// Rows in a publisher's held claim look due: lock what was picked,
+		// and leave what cannot be locked (see heldClaim).
+		picked, err = s.lockPicked(tx, now, picked)
+	}
 	if err != nil || len(picked) == 0 {
 		return nil, err
 	}
@@ -405,7 +413,8 @@ func (s *GormStore) readWalk(tx *gorm.DB, now time.Time, window int, sql string,
 // pick walks the pending rows in id order and returns those to claim: due
 // rows of keys that hold nothing. The state is a SQL literal so that the
 // partial pending index serves the read whatever the statement cache.
-func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions) ([]*OutboxMessage, error) {
+// Rows for which flying is true are in flight, though due.
+func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions, flying func(uuid.UUID) bool) ([]*OutboxMessage, error) {
 	q := s.quote
 	busy := map[string]bool{}
 	var picked []*OutboxMessage
@@ -434,6 +443,9 @@ func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions) ([]*Outb
 		}
 		for _, r := range rows {
 			walked++
+			if r.msg != nil && flying != nil && flying(r.id) {
+				r.msg, r.held = nil, true
+			}
 			if r.msg != nil {
 				if r.key == "" || !busy[r.key] {
 					picked = append(picked, r.msg)
@@ -581,18 +593,32 @@ func lessID(a, b uuid.UUID) bool { return string(a[:]) < string(b[:]) }
 // MarkPublished implements Store: the messages become published, or are
 // deleted under WithDeleteOnPublish.
 func (s *GormStore) MarkPublished(ctx context.Context, token string, ids []uuid.UUID) error {
+	return s.recording(ctx, false, func(db *gorm.DB) error { return s.markPublished(db, &token, ids) })
+}
+
+// heldBy is the condition that a row is still held by the claim of token;
+// nil is a held claim, whose rows are locked by the transaction itself.
+func (s *GormStore) heldBy(token *string) (string, []any) {
+	if token == nil {
+		return "", nil
+	}
+	return " AND " + s.quote("claim_token") + " = ?", []any{*token}
+}
+
+func (s *GormStore) markPublished(db *gorm.DB, token *string, ids []uuid.UUID) error {
 	if len(ids) == 0 {
 		return nil
 	}
-	q := s.quote
-	held := q("id") + " " + s.dialect.inIDs + " AND " + q("claim_token") + " = ?"
-	err := s.recording(ctx, false, func(db *gorm.DB) error {
-		if s.cfg.deletePublished {
-			return db.Exec("DELETE FROM "+s.table()+" WHERE "+held, s.idsArg(ids), token).Error
-		}
-		return db.Table(s.cfg.table).Where(held, s.idsArg(ids), token).
+	held, args := s.heldBy(token)
+	where := s.quote("id") + " " + s.dialect.inIDs + held
+	args = append([]any{s.idsArg(ids)}, args...)
+	var err error
+	if s.cfg.deletePublished {
+		err = db.Exec("DELETE FROM "+s.table()+" WHERE "+where, args...).Error
+	} else {
+		err = db.Table(s.cfg.table).Where(where, args...).
 			Updates(map[string]any{"state": StatePublished, "published_at": time.Now().UTC(), "claim_token": nil}).Error
-	})
+	}
 	if err != nil {
 		return fmt.Errorf("outbox: marking %d messages published in %s: %w", len(ids), s.cfg.table, err)
 	}
@@ -615,28 +641,27 @@ func (s *GormStore) MarkFailed(ctx context.Context, token string, failures []Fai
 	if len(failures) == 0 {
 		return nil
 	}
-	err := s.recording(ctx, true, func(tx *gorm.DB) error {
-		for _, f := range failures {
-			state := StatePending
-			if f.Dead {
-				state = StateDead
-			}
-			err := tx.Table(s.cfg.table).Where("id = ? AND claim_token = ?", f.ID, token).
-				Updates(map[string]any{
-					"state":           state,
-					"attempts":        gorm.Expr(s.quote("attempts") + " + 1"),
-					"last_error":      f.Err,
-					"next_attempt_at": f.NextAttemptAt.UTC(),
-					"claim_token":     nil,
-				}).Error
-			if err != nil {
-				return err
-			}
+	return s.recording(ctx, true, func(tx *gorm.DB) error { return s.markFailed(tx, &token, failures) })
+}
+
+func (s *GormStore) markFailed(tx *gorm.DB, token *string, failures []Failure) error {
+	held, args := s.heldBy(token)
+	for _, f := range failures {
+		state := StatePending
+		if f.Dead {
+			state = StateDead
 		}
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("outbox: recording %d failed sends in %s: %w", len(failures), s.cfg.table, err)
+		err := tx.Table(s.cfg.table).Where(s.quote("id")+" = ?"+held, append([]any{f.ID}, args...)...).
+			Updates(map[string]any{
+				"state":           state,
+				"attempts":        gorm.Expr(s.quote("attempts") + " + 1"),
+				"last_error":      f.Err,
+				"next_attempt_at": f.NextAttemptAt.UTC(),
+				"claim_token":     nil,
+			}).Error
+		if err != nil {
+			return fmt.Errorf("outbox: recording %d failed sends in %s: %w", len(failures), s.cfg.table, err)
+		}
 	}
 	return nil
 }

@@ -1,0 +1,128 @@
+package outbox_test
+
+import (
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"gorm.io/gorm"
+
+	"github.com/gorm-outbox/outbox"
+)
+
+func heldClaims(f features) bool { return f.heldClaims }
+
+// Two stores of one table are two publisher processes: each knows only its
+// own claims, so what keeps a key's order between them is the database's
+// row locks.
+func TestHeldClaimKeepsItsKeysFromOtherPublishers(t *testing.T) {
+	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
+		ctx := t.Context()
+		a, _ := outbox.StoreOf(db)
+		b, err := outbox.NewStore(db)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = db.Transaction(func(tx *gorm.DB) error {
+			return outbox.Enqueue(tx,
+				outbox.Message{Topic: "t", Key: "a", Payload: "1"},
+				outbox.Message{Topic: "t", Key: "a", Payload: "2"},
+				outbox.Message{Topic: "t", Key: "b", Payload: "1"},
+				outbox.Message{Topic: "t", Key: "", Payload: "x"})
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		held, finishA, abandonA, err := outbox.ClaimHeld(ctx, a, outbox.ClaimOptions{Limit: 1, Lease: time.Minute})
+		if err != nil || keysOf(held) != "a:1" {
+			t.Fatalf("first claim: %q, %v", keysOf(held), err)
+		}
+		defer abandonA()
+		// a:1 is locked, not stamped: another process reads it as due,
+		// and must still hold a:2 back.
+		got, finishB, _, err := outbox.ClaimHeld(ctx, b, outbox.ClaimOptions{Limit: 10, Lease: time.Minute})
+		if err != nil || keysOf(got) != "b:1 :x" {
+			t.Fatalf("other process's held claim: %q, %v", keysOf(got), err)
+		}
+		if err := finishB([]uuid.UUID{got[0].ID, got[1].ID}, nil); err != nil {
+			t.Fatal(err)
+		}
+		// So must a leased claim, and this process's own next claim.
+		if _, leased, err := b.Claim(ctx, outbox.ClaimOptions{Limit: 10, Lease: time.Minute}); err != nil || len(leased) != 0 {
+			t.Fatalf("leased claim beside a held one: %q, %v", keysOf(leased), err)
+		}
+		if again, _, _, err := outbox.ClaimHeld(ctx, a, outbox.ClaimOptions{Limit: 10, Lease: time.Minute}); err != nil || len(again) != 0 {
+			t.Fatalf("same process, second claim: %q, %v", keysOf(again), err)
+		}
+		// a:1 fails: its retry holds the key, unless KeySkip.
+		retry := outbox.Failure{ID: held[0].ID, Err: "refused", NextAttemptAt: time.Now().Add(time.Hour)}
+		if err := finishA(nil, []outbox.Failure{retry}); err != nil {
+			t.Fatal(err)
+		}
+		if got, _, _, err := outbox.ClaimHeld(ctx, b, outbox.ClaimOptions{Limit: 10, Lease: time.Minute}); err != nil || len(got) != 0 {
+			t.Fatalf("claimed behind a retry: %q, %v", keysOf(got), err)
+		}
+		got, _, abandon, err := outbox.ClaimHeld(ctx, b, outbox.ClaimOptions{Limit: 10, Lease: time.Minute, SkipFailedKeys: true})
+		if err != nil || keysOf(got) != "a:2" {
+			t.Fatalf("KeySkip: %q, %v", keysOf(got), err)
+		}
+		abandon()
+		m := messages(t, db)
+		if len(m) != 4 || m[0].Attempts != 1 || m[0].LastError != "refused" || m[1].State != outbox.StatePending {
+			t.Fatalf("rows after the claims: %+v", m)
+		}
+		if n := count(t, db, outbox.DefaultTableName, "state = ?", outbox.StatePublished); n != 2 {
+			t.Fatalf("%d published, want 2", n)
+		}
+	})
+}
+
+// A publisher that stops answering mid-send frees its rows after the lease:
+// PostgreSQL ends its idle transaction, and its results, written too late,
+// are refused rather than recorded over another claim's.
+func TestHeldClaimEndsAfterTheLease(t *testing.T) {
+	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
+		ctx := t.Context()
+		a, _ := outbox.StoreOf(db)
+		b, err := outbox.NewStore(db)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := db.Transaction(func(tx *gorm.DB) error {
+			return outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: "k", Payload: "1"})
+		}); err != nil {
+			t.Fatal(err)
+		}
+		lease := 300 * time.Millisecond
+		held, finish, abandon, err := outbox.ClaimHeld(ctx, a, outbox.ClaimOptions{Limit: 1, Lease: lease})
+		if err != nil || len(held) != 1 {
+			t.Fatalf("claim: %d, %v", len(held), err)
+		}
+		defer abandon()
+		var got []*outbox.OutboxMessage
+		deadline := time.Now().Add(10 * time.Second)
+		for len(got) == 0 && time.Now().Before(deadline) {
+			time.Sleep(lease / 3)
+			var finishB func([]uuid.UUID, []outbox.Failure) error
+			got, finishB, _, err = outbox.ClaimHeld(ctx, b, outbox.ClaimOptions{Limit: 1, Lease: time.Minute})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) == 1 {
+				if err := finishB(nil, []outbox.Failure{{ID: got[0].ID, Err: "second claim", NextAttemptAt: time.Now()}}); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		if len(got) != 1 {
+			t.Fatalf("the row was not free 10 s after a lease of %v", lease)
+		}
+		if err := finish([]uuid.UUID{held[0].ID}, nil); err == nil {
+			t.Fatal("the expired claim recorded its result")
+		}
+		m := messages(t, db)
+		if len(m) != 1 || m[0].State != outbox.StatePending || m[0].LastError != "second claim" {
+			t.Fatalf("row after the expired claim: %+v", m)
+		}
+	})
+}
