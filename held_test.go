@@ -16,10 +16,19 @@ func heldClaims(f features) bool { return f.heldClaims }
 // own claims, so what keeps a key's order between them is the database's
 // row locks.
 func TestHeldClaimKeepsItsKeysFromOtherPublishers(t *testing.T) {
+	t.Run("keep", func(t *testing.T) { testHeldClaimKeys(t, false) })
+	t.Run("delete", func(t *testing.T) { testHeldClaimKeys(t, true) })
+}
+
+func testHeldClaimKeys(t *testing.T, deleteOnPublish bool) {
+	var opts []outbox.Option
+	if deleteOnPublish {
+		opts = append(opts, outbox.WithDeleteOnPublish())
+	}
 	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
 		ctx := t.Context()
 		a, _ := outbox.StoreOf(db)
-		b, err := outbox.NewStore(db)
+		b, err := outbox.NewStore(db, opts...)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -38,8 +47,8 @@ func TestHeldClaimKeepsItsKeysFromOtherPublishers(t *testing.T) {
 			t.Fatalf("first claim: %q, %v", keysOf(held), err)
 		}
 		defer abandonA()
-		// a:1 is locked, not stamped: another process reads it as due,
-		// and must still hold a:2 back.
+		// a:1 is locked, not stamped: another process reads it as
+		// due, and must still hold a:2 back.
 		got, finishB, _, err := outbox.ClaimHeld(ctx, b, outbox.ClaimOptions{Limit: 10, Lease: time.Minute})
 		if err != nil || keysOf(got) != "b:1 :x" {
 			t.Fatalf("other process's held claim: %q, %v", keysOf(got), err)
@@ -68,13 +77,18 @@ func TestHeldClaimKeepsItsKeysFromOtherPublishers(t *testing.T) {
 		}
 		abandon()
 		m := messages(t, db)
-		if len(m) != 4 || m[0].Attempts != 1 || m[0].LastError != "refused" || m[1].State != outbox.StatePending {
+		published, rows := int64(2), 4
+		if deleteOnPublish {
+			published, rows = 0, 2
+		}
+		if len(m) != rows || m[0].Attempts != 1 || m[0].LastError != "refused" || m[1].State != outbox.StatePending ||
+			string(m[1].Payload) != "2" || m[1].Attempts != 0 {
 			t.Fatalf("rows after the claims: %+v", m)
 		}
-		if n := count(t, db, outbox.DefaultTableName, "state = ?", outbox.StatePublished); n != 2 {
-			t.Fatalf("%d published, want 2", n)
+		if n := count(t, db, outbox.DefaultTableName, "state = ?", outbox.StatePublished); n != published {
+			t.Fatalf("%d published, want %d", n, published)
 		}
-	})
+	}, opts...)
 }
 
 // A publisher that stops answering mid-send frees its rows after the lease:
