@@ -115,7 +115,8 @@ func WithPollInterval(d time.Duration) PublisherOption {
 // WithLease sets how long a claim holds its messages (default 30s). It must
 // outlast a batch's send: a claim that expires mid-send lets another
 // publisher send the same messages again. Claims of a publisher that dies
-// come back to work after it.
+// come back to work after it (on PostgreSQL at once, when its connection
+// drops; the lease bounds a publisher that hangs).
 func WithLease(d time.Duration) PublisherOption { return func(c *publisherConfig) { c.lease = d } }
 
 // WithRetryPolicy sets the backoff and the attempt budget of failed messages.
