@@ -328,6 +328,10 @@ const followUp = 2 * DefaultNotifyInterval
 func (p *Publisher) work(ctx, abortCtx context.Context) {
 	var pause time.Duration // grows while the broker or the database is down
 	busy := false           // the last claim found work
+	// After a nudge, empty claims look again at growing intervals: the
+	// nudging transaction may not have committed within followUp (a
+	// loaded machine), and nothing else would wake this worker for it.
+	var recheck time.Duration
 	for ctx.Err() == nil {
 		res, err := p.publishBatch(ctx, abortCtx)
 		if err != nil && ctx.Err() == nil {
@@ -356,15 +360,24 @@ func (p *Publisher) work(ctx, abortCtx context.Context) {
 			// committed without a wake-up of its own (an enqueuing process
 			// sends its NOTIFY at most once per interval).
 			wait = min(wait, followUp)
+		case recheck > 0:
+			wait = min(wait, recheck)
 		}
 		busy = false
-		p.wait(ctx, jitter(wait), pause == 0)
+		switch nudged := p.wait(ctx, jitter(wait), pause == 0); {
+		case nudged:
+			recheck = 4 * followUp
+		case recheck > 0 && recheck < 16*followUp:
+			recheck *= 4 // 40 ms, 160 ms, 640 ms, then the poll again
+		default:
+			recheck = 0
+		}
 	}
 }
 
 // wait returns after d, on a wake-up, or when ctx ends. A nudge shortens the
-// wait to followUp, unless the wait is an outage's pause.
-func (p *Publisher) wait(ctx context.Context, d time.Duration, nudgeable bool) {
+// wait to followUp, unless the wait is an outage's pause; nudged says it did.
+func (p *Publisher) wait(ctx context.Context, d time.Duration, nudgeable bool) (nudged bool) {
 	timer := time.NewTimer(d)
 	defer timer.Stop()
 	deadline := time.Now().Add(d)
@@ -377,6 +390,7 @@ func (p *Publisher) wait(ctx context.Context, d time.Duration, nudgeable bool) {
 		case <-p.wake:
 			return
 		case <-p.soon:
+			nudged = nudged || nudgeable
 			if nudgeable && time.Until(deadline) > followUp {
 				timer.Reset(followUp)
 				deadline = time.Now().Add(followUp)

@@ -114,7 +114,14 @@ func TestEnqueueInAPlainTransactionNudgesThePublishers(t *testing.T) {
 		time.Sleep(50 * time.Millisecond) // the first, empty poll is over
 		for i := range 3 {
 			err := db.Transaction(func(tx *gorm.DB) error {
-				return outbox.Enqueue(tx, outbox.Message{Topic: "nudge", Payload: fmt.Sprint("plain ", i)})
+				if err := outbox.Enqueue(tx, outbox.Message{Topic: "nudge", Payload: fmt.Sprint("plain ", i)}); err != nil {
+					return err
+				}
+				if i == 2 {
+					// Commits after the nudged look: a later look finds it.
+					time.Sleep(50 * time.Millisecond)
+				}
+				return nil
 			})
 			if err != nil {
 				t.Fatal(err)
