@@ -47,8 +47,9 @@ type dialect struct {
 	// rows); a hint that names no index of ours cannot fail on a table
 	// created by hand.
 	pendingHint string
-	// inIDs matches a list of ids given as one argument (GormStore.idsArg).
-	inIDs string
+	// inIDs matches a list of ids given as one argument (GormStore.idsArg),
+	// notInIDs excludes one (PostgreSQL 15 hashes a long list).
+	inIDs, notInIDs string
 	// notInKeys excludes a list of keys given as one argument (GormStore.keysArg).
 	notInKeys string
 	// binaryIDs: Save passes ids as pgtype.UUID. pgx encodes a uuid.UUID
@@ -77,12 +78,12 @@ var dialects = map[string]dialect{
 		cleanupLock: "SELECT GET_LOCK(?, 0)", cleanupUnlock: "SELECT RELEASE_LOCK(?)",
 		claimTx:     &sql.TxOptions{Isolation: sql.LevelReadCommitted},
 		resultTx:    &sql.TxOptions{Isolation: sql.LevelReadCommitted},
-		deleteLimit: true, minVersion: mysqlSkipLocked, inIDs: "IN ?", notInKeys: "NOT IN ?",
+		deleteLimit: true, minVersion: mysqlSkipLocked, inIDs: "IN ?", notInIDs: "NOT IN ?", notInKeys: "NOT IN ?",
 		pendingHint: " IGNORE INDEX (PRIMARY)"},
 	"postgres": {name: "postgres", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true)) l",
-		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))",
+		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))", notInIDs: "<> ALL(CAST(? AS uuid[]))",
 		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true, holdClaims: true},
-	"sqlite": {name: "sqlite", inIDs: "IN ?", notInKeys: "NOT IN ?"},
+	"sqlite": {name: "sqlite", inIDs: "IN ?", notInIDs: "NOT IN ?", notInKeys: "NOT IN ?"},
 }
 
 func dialectOf(db *gorm.DB) (dialect, error) {

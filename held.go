@@ -27,30 +27,39 @@ type heldClaim struct {
 	done  bool
 }
 
-// inFlight is the set of rows this process's held claims have locked. A
-// walk reads them as due rows like any other (they are not stamped); it
-// skips them, and their keys, without asking the database to lock them.
+// inFlight is the set of rows this process's held claims have locked, with
+// their keys. They are not stamped, so a walk would read them as due rows
+// at the front of the queue, with their payloads, only to skip them: the
+// walk leaves them out in SQL instead, and starts with their keys busy.
 type inFlight struct {
 	mu   sync.Mutex
 	pick sync.Mutex // one walk at a time in this process: no two pick the same rows
-	ids  map[uuid.UUID]struct{}
+	ids  map[uuid.UUID]string
 }
 
-func (f *inFlight) has(id uuid.UUID) bool {
+// snapshot returns the rows in flight and their keys. A row that lands
+// after it is not in it; one that leaves after it is skipped once more.
+func (f *inFlight) snapshot() (ids []uuid.UUID, keys map[string]bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	_, ok := f.ids[id]
-	return ok
+	keys = make(map[string]bool, len(f.ids))
+	for id, key := range f.ids {
+		ids = append(ids, id)
+		if key != "" {
+			keys[key] = true
+		}
+	}
+	return ids, keys
 }
 
 func (f *inFlight) add(msgs []*OutboxMessage) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.ids == nil {
-		f.ids = map[uuid.UUID]struct{}{}
+		f.ids = map[uuid.UUID]string{}
 	}
 	for _, m := range msgs {
-		f.ids[m.ID] = struct{}{}
+		f.ids[m.ID] = m.Key
 	}
 }
 
@@ -83,7 +92,8 @@ func (s *GormStore) claimHeld(ctx, work context.Context, opts ClaimOptions) (*he
 		s.flying.pick.Lock()
 		defer s.flying.pick.Unlock()
 		now := time.Now().UTC().Truncate(time.Millisecond).Add(time.Millisecond)
-		picked, err := s.pick(c.tx, now, opts, s.flying.has)
+		inFlight, keys := s.flying.snapshot()
+		picked, err := s.pick(c.tx, now, opts, inFlight, keys)
 		if err != nil {
 			return err
 		}

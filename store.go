@@ -288,7 +288,7 @@ func (s *GormStore) claim(tx *gorm.DB, token string, opts ClaimOptions) ([]*Outb
 	// rounded up, so that a message committed a moment ago is due now, not
 	// at the next poll.
 	now := time.Now().UTC().Truncate(time.Millisecond).Add(time.Millisecond)
-	picked, err := s.pick(tx, now, opts, nil)
+	picked, err := s.pick(tx, now, opts, nil, nil)
 	if err == nil && s.dialect.holdClaims {
 		// Rows in a publisher's held claim look due: lock what was picked,
 		// and leave what cannot be locked (see heldClaim).
@@ -413,10 +413,13 @@ func (s *GormStore) readWalk(tx *gorm.DB, now time.Time, window int, sql string,
 // pick walks the pending rows in id order and returns those to claim: due
 // rows of keys that hold nothing. The state is a SQL literal so that the
 // partial pending index serves the read whatever the statement cache.
-// Rows for which flying is true are in flight, though due.
-func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions, flying func(uuid.UUID) bool) ([]*OutboxMessage, error) {
+// The rows of inFlight are left out, and their keys are busy.
+func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions, inFlight []uuid.UUID, inFlightKeys map[string]bool) ([]*OutboxMessage, error) {
 	q := s.quote
-	busy := map[string]bool{}
+	busy := make(map[string]bool, len(inFlightKeys))
+	for k := range inFlightKeys {
+		busy[k] = true
+	}
 	var picked []*OutboxMessage
 	var after *uuid.UUID
 	walked := 0
@@ -425,6 +428,10 @@ func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions, flying f
 		sql, args := s.walk, make([]any, len(walkIfDue), len(walkIfDue)+2)
 		for i := range walkIfDue {
 			args[i] = now
+		}
+		if len(inFlight) > 0 {
+			sql += " AND " + q("id") + " " + s.dialect.notInIDs
+			args = append(args, s.idsArg(inFlight))
 		}
 		if after != nil {
 			sql += " AND " + q("id") + " > ?"
@@ -443,9 +450,6 @@ func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions, flying f
 		}
 		for _, r := range rows {
 			walked++
-			if r.msg != nil && flying != nil && flying(r.id) {
-				r.msg, r.held = nil, true
-			}
 			if r.msg != nil {
 				if r.key == "" || !busy[r.key] {
 					picked = append(picked, r.msg)
