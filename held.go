@@ -89,18 +89,22 @@ func (s *GormStore) claimHeld(ctx, work context.Context, opts ClaimOptions) (*he
 		if err := c.tx.Exec("SELECT set_config('idle_in_transaction_session_timeout', ?, true)", timeout).Error; err != nil {
 			return err
 		}
-		s.flying.pick.Lock()
-		defer s.flying.pick.Unlock()
 		now := time.Now().UTC().Truncate(time.Millisecond).Add(time.Millisecond)
-		inFlight, keys := s.flying.snapshot()
-		picked, err := s.pick(c.tx, now, opts, inFlight, keys)
+		var err error
+		if c.msgs, err = s.pickHeld(c.tx, now, opts); err != nil {
+			return err
+		}
+		// Outside the walk's turn: the picked rows are in flight already,
+		// so the other workers' walks leave them out.
+		locked, err := s.lockPicked(c.tx, now, c.msgs)
 		if err != nil {
 			return err
 		}
-		if c.msgs, err = s.lockPicked(c.tx, now, picked); err != nil {
-			return err
+		if len(locked) < len(c.msgs) {
+			s.flying.remove(c.msgs)
+			s.flying.add(locked)
 		}
-		s.flying.add(c.msgs)
+		c.msgs = locked
 		return nil
 	}()
 	if err != nil || len(c.msgs) == 0 {
@@ -110,6 +114,19 @@ func (s *GormStore) claimHeld(ctx, work context.Context, opts ClaimOptions) (*he
 		}
 	}
 	return c, nil
+}
+
+// pickHeld walks in this process's turn and puts what it picked in flight.
+func (s *GormStore) pickHeld(tx *gorm.DB, now time.Time, opts ClaimOptions) ([]*OutboxMessage, error) {
+	s.flying.pick.Lock()
+	defer s.flying.pick.Unlock()
+	inFlight, keys := s.flying.snapshot()
+	picked, err := s.pick(tx, now, opts, inFlight, keys)
+	if err != nil {
+		return nil, err
+	}
+	s.flying.add(picked)
+	return picked, nil
 }
 
 // finish records the sends' results in the claim's transaction and
@@ -183,7 +200,7 @@ func (s *GormStore) lockPicked(tx *gorm.DB, now time.Time, picked []*OutboxMessa
 		return picked, nil
 	}
 	busy := map[string]bool{}
-	out := picked[:0]
+	out := make([]*OutboxMessage, 0, len(picked)) // not in place: the caller still needs picked
 	for _, m := range picked {
 		switch {
 		case !locked[m.ID]:
