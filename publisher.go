@@ -510,8 +510,7 @@ func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error)
 	if ctx.Err() != nil { // stopping: hand the claim back unsent
 		res.Released = len(msgs)
 		if held != nil {
-			held.abandon()
-			return res, nil
+			return res, nil // the deferred abandon rolls it back
 		}
 		return res, p.store.Release(work, token, ids(msgs))
 	}
