@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/IBM/sarama"
@@ -36,10 +37,11 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 		return err
 	}
 	payload := []byte(strings.Repeat("x", s.payloadBytes))
-	line := func(name string, rate float64, cpu time.Duration) {
+	perMsg := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1000 / float64(s.n) }
+	line := func(name string, rate float64, cpu cpuTime) {
 		fmt.Printf("   %-72s %8.0f msg/s", name, rate)
-		if cpu > 0 {
-			fmt.Printf("  (%.1f µs CPU/msg)", float64(cpu.Nanoseconds())/1000/float64(s.n))
+		if cpu.machine > 0 {
+			fmt.Printf("  (%.1f µs CPU/msg, %.1f of it here)", perMsg(cpu.machine), perMsg(cpu.process))
 		}
 		fmt.Println()
 	}
@@ -48,21 +50,21 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 	if err := fill(db, "bench_db", s.n, s.keys, payload); err != nil {
 		return err
 	}
-	cpu := machineCPU()
+	cpu := cpuNow()
 	dbRate, err := drainDB(ctx, db, "bench_db", s.batch, s.workers, s.n)
 	if err != nil {
 		return err
 	}
-	dbCPU := machineCPU() - cpu
+	dbCPU := cpuNow().since(cpu)
 	line("ceiling, database alone (DELETE ... SKIP LOCKED ... RETURNING):", dbRate, dbCPU)
 
 	// Ceiling 2: the broker alone, same producer settings.
-	cpu = machineCPU()
+	cpu = cpuNow()
 	brokerRate, err := produceOnly(cluster.ListenAddrs(), s.batch, s.workers, s.n, s.keys, payload)
 	if err != nil {
 		return err
 	}
-	brokerCPU := machineCPU() - cpu
+	brokerCPU := cpuNow().since(cpu)
 	line("ceiling, broker alone (sarama SendMessages):", brokerRate, brokerCPU)
 	lower := min(dbRate, brokerRate)
 
@@ -75,12 +77,12 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 		if err := fill(db, "bench_db", s.n, s.keys, payload); err != nil {
 			return err
 		}
-		cpu = machineCPU()
+		cpu = cpuNow()
 		rate, err := drainHeld(ctx, db, cluster.ListenAddrs(), "bench_db", s.batch, workers, s.n)
 		if err != nil {
 			return err
 		}
-		line(fmt.Sprintf("reference, one transaction across the send, %d worker(s):", workers), rate, machineCPU()-cpu)
+		line(fmt.Sprintf("reference, one transaction across the send, %d worker(s):", workers), rate, cpuNow().since(cpu))
 	}
 
 	// The publisher, keeping published rows (the default), then deleting them.
@@ -112,25 +114,43 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 			}
 			run := s
 			run.workers = workers
-			cpu = machineCPU()
+			cpu = cpuNow()
 			pubRate, err := publisherDrain(ctx, v.db, cluster.ListenAddrs(), run, s.n)
 			if err != nil {
 				return err
 			}
-			line(fmt.Sprintf("publisher, %d worker(s), %s:", workers, v.name), pubRate, machineCPU()-cpu)
+			line(fmt.Sprintf("publisher, %d worker(s), %s:", workers, v.name), pubRate, cpuNow().since(cpu))
 			fmt.Printf("      ratio to the lower ceiling: %.0f%% (target: at least 70%%)\n", 100*pubRate/lower)
 			if err := db.Exec("TRUNCATE " + outbox.DefaultTableName).Error; err != nil {
 				return err
 			}
 		}
 	}
-	if dbCPU > 0 && brokerCPU > 0 {
+	if dbCPU.machine > 0 && brokerCPU.machine > 0 {
 		// Both ceilings' work on this machine's cores, with nothing else.
-		both := float64(s.n) / (dbCPU + brokerCPU).Seconds() * float64(runtime.NumCPU())
+		both := float64(s.n) / (dbCPU.machine + brokerCPU.machine).Seconds() * float64(runtime.NumCPU())
 		fmt.Printf("   both ceilings' work on %d cores, if it were all CPU-bound: %.0f msg/s (%.0f%% of the lower ceiling)\n",
 			runtime.NumCPU(), both, 100*both/lower)
 	}
 	return nil
+}
+
+// cpuTime is CPU time used by the whole machine and, of it, by this
+// process (the Go side and the in-process broker); the rest is mostly
+// PostgreSQL's.
+type cpuTime struct{ machine, process time.Duration }
+
+func cpuNow() cpuTime {
+	var ru syscall.Rusage
+	var process time.Duration
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) == nil {
+		process = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	return cpuTime{machineCPU(), process}
+}
+
+func (c cpuTime) since(start cpuTime) cpuTime {
+	return cpuTime{c.machine - start.machine, c.process - start.process}
 }
 
 // machineCPU is the CPU time all processes of the machine have used so
