@@ -76,3 +76,25 @@ func ClaimHeld(ctx context.Context, s *GormStore, opts ClaimOptions) (msgs []*Ou
 	}
 	return c.msgs, c.finish, c.abandon, nil
 }
+
+// HeldClaimSetting claims like the publisher on PostgreSQL, returns what
+// the claim's transaction reads of a setting, and commits the claimed
+// messages as failed (due again at once).
+func HeldClaimSetting(ctx context.Context, s *GormStore, opts ClaimOptions, name string) (claimed int, value string, err error) {
+	c, err := s.claimHeld(ctx, ctx, opts)
+	if err != nil {
+		return 0, "", err
+	}
+	defer c.abandon()
+	if len(c.msgs) == 0 {
+		return 0, "", nil
+	}
+	if err := c.tx.Raw("SELECT current_setting(?)", name).Scan(&value).Error; err != nil {
+		return 0, "", err
+	}
+	var failures []Failure
+	for _, m := range c.msgs {
+		failures = append(failures, Failure{ID: m.ID, Err: "setting read", NextAttemptAt: time.Now()})
+	}
+	return len(c.msgs), value, c.finish(nil, failures)
+}

@@ -85,10 +85,6 @@ func (s *GormStore) claimHeld(ctx, work context.Context, opts ClaimOptions) (*he
 		if c.tx.Error != nil {
 			return c.tx.Error
 		}
-		timeout := strconv.FormatInt(max(opts.Lease.Milliseconds(), 1), 10)
-		if err := c.tx.Exec("SELECT set_config('idle_in_transaction_session_timeout', ?, true)", timeout).Error; err != nil {
-			return err
-		}
 		now := time.Now().UTC().Truncate(time.Millisecond).Add(time.Millisecond)
 		var err error
 		if c.msgs, err = s.pickHeld(c.tx, now, opts); err != nil {
@@ -96,7 +92,7 @@ func (s *GormStore) claimHeld(ctx, work context.Context, opts ClaimOptions) (*he
 		}
 		// Outside the walk's turn: the picked rows are in flight already,
 		// so the other workers' walks leave them out.
-		locked, err := s.lockPicked(c.tx, now, c.msgs)
+		locked, err := s.lockPicked(c.tx, now, c.msgs, opts.Lease)
 		if err != nil {
 			return err
 		}
@@ -173,14 +169,27 @@ func (c *heldClaim) abandon() {
 // changed since the walk (published, or put back in a retry's backoff):
 // either way its key is busy, and the later picked rows of that key are
 // dropped too (they stay locked until this transaction ends, unsent).
-func (s *GormStore) lockPicked(tx *gorm.DB, now time.Time, picked []*OutboxMessage) ([]*OutboxMessage, error) {
+//
+// A held claim (lease > 0) sets two things for its transaction in the same
+// statement, before it holds anything: idle_in_transaction_session_timeout,
+// so that PostgreSQL ends the claim of a publisher that stops answering
+// after the lease; and synchronous_commit off, because its commit only
+// records results, and one lost in a crash of the database sends those
+// messages again, never loses one (the enqueues stay synchronous).
+func (s *GormStore) lockPicked(tx *gorm.DB, now time.Time, picked []*OutboxMessage, lease time.Duration) ([]*OutboxMessage, error) {
 	if len(picked) == 0 {
 		return nil, nil
 	}
 	q := s.quote
-	rows, err := tx.Raw("SELECT "+q("id")+" FROM "+s.table()+" WHERE "+q("id")+" "+s.dialect.inIDs+
-		" AND "+q("state")+" = 'pending' AND "+q("next_attempt_at")+" <= ? FOR UPDATE SKIP LOCKED",
-		s.idsArg(ids(picked)), now).Rows()
+	from, args := s.table()+" AS o", []any{}
+	if lease > 0 {
+		from += ", (SELECT set_config('idle_in_transaction_session_timeout', ?, true)," +
+			" set_config('synchronous_commit', 'off', true)) AS settings"
+		args = append(args, strconv.FormatInt(max(lease.Milliseconds(), 1), 10))
+	}
+	rows, err := tx.Raw("SELECT o."+q("id")+" FROM "+from+" WHERE o."+q("id")+" "+s.dialect.inIDs+
+		" AND o."+q("state")+" = 'pending' AND o."+q("next_attempt_at")+" <= ? FOR UPDATE OF o SKIP LOCKED",
+		append(args, s.idsArg(ids(picked)), now)...).Rows()
 	if err != nil {
 		return nil, err
 	}

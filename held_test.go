@@ -140,3 +140,34 @@ func TestHeldClaimEndsAfterTheLease(t *testing.T) {
 		}
 	})
 }
+
+// A held claim's transaction ends after the lease if idle, and commits
+// without waiting for the disk (its results, lost in a crash, only send
+// messages again); neither setting outlives it on the pooled connection.
+func TestHeldClaimSettingsAreItsOwn(t *testing.T) {
+	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
+		ctx := t.Context()
+		store, _ := outbox.StoreOf(db)
+		if err := db.Transaction(func(tx *gorm.DB) error {
+			return outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: "k", Payload: "1"})
+		}); err != nil {
+			t.Fatal(err)
+		}
+		sqlDB, err := db.DB()
+		if err != nil {
+			t.Fatal(err)
+		}
+		sqlDB.SetMaxOpenConns(1) // the read after the claim is on the claim's connection
+		opts := outbox.ClaimOptions{Limit: 1, Lease: 90 * time.Second}
+		for name, want := range map[string]string{"idle_in_transaction_session_timeout": "90s", "synchronous_commit": "off"} {
+			n, got, err := outbox.HeldClaimSetting(ctx, store, opts, name)
+			if err != nil || n != 1 || got != want {
+				t.Fatalf("%s in a claim of %d: %q, %v; want %q", name, n, got, err, want)
+			}
+			var after string
+			if err := db.Raw("SELECT current_setting(?)", name).Scan(&after).Error; err != nil || after == want {
+				t.Fatalf("%s after the claim: %q, %v", name, after, err)
+			}
+		}
+	})
+}
