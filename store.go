@@ -288,7 +288,7 @@ func (s *GormStore) claim(tx *gorm.DB, token string, opts ClaimOptions) ([]*Outb
 	// rounded up, so that a message committed a moment ago is due now, not
 	// at the next poll.
 	now := time.Now().UTC().Truncate(time.Millisecond).Add(time.Millisecond)
-	picked, err := s.pick(tx, now, opts, nil, nil)
+	picked, err := s.pick(s.gormWalk(tx, now), now, opts, nil, nil)
 	if err == nil && s.dialect.holdClaims {
 		// Rows in a publisher's held claim look due: lock what was picked,
 		// and leave what cannot be locked (see heldClaim).
@@ -368,53 +368,78 @@ type queued struct {
 	msg  *OutboxMessage
 }
 
-// readWalk runs one read of the walk, of at most window rows; due rows are
-// whole messages.
-func (s *GormStore) readWalk(tx *gorm.DB, now time.Time, window int, sql string, args ...any) ([]queued, error) {
-	rows, err := tx.Raw(sql, args...).Rows()
-	if err != nil {
-		return nil, err
+// walkReader runs one read of the walk (sql, args, then the window as the
+// LIMIT) and returns its rows; due rows are whole messages.
+type walkReader func(window int, sql string, args []any) ([]queued, error)
+
+// walkRow is one row of a walk's read, as scanned.
+type walkRow struct {
+	id                 uuid.UUID
+	key                string
+	next, created      time.Time
+	token, topic       *string // nil where NULL
+	attempts           int
+	payload            []byte
+	headers, lastError string
+}
+
+// queued returns what the walk makes of the row at now. A row Go finds due
+// but the SQL did not (which the millisecond clock should rule out) was
+// read without its payload: it waits for the next claim, holding its key.
+func (w *walkRow) queued(now time.Time) (queued, error) {
+	r := queued{id: w.id, key: w.key}
+	if w.next.After(now) || w.topic == nil {
+		r.held = w.token != nil || !w.next.After(now)
+		return r, nil
 	}
-	defer rows.Close()
-	out := make([]queued, 0, min(window, 4096))
-	for rows.Next() {
-		var (
-			r                         queued
-			next, created             time.Time
-			token, topic, hdrs, lastE sql2.NullString
-			attempts                  int
-			payload                   []byte
-		)
-		if err := rows.Scan(&r.id, &r.key, &next, &token, &attempts, &created, &topic, &payload, &hdrs, &lastE); err != nil {
+	m := &OutboxMessage{ID: w.id, Topic: *w.topic, Key: w.key, Payload: w.payload, State: StatePending,
+		Attempts: w.attempts, LastError: w.lastError, NextAttemptAt: w.next, CreatedAt: w.created, ClaimToken: w.token}
+	if err := m.Headers.Scan(w.headers); err != nil {
+		return r, err
+	}
+	r.msg = m
+	return r, nil
+}
+
+// gormWalk reads the walk through tx.
+func (s *GormStore) gormWalk(tx *gorm.DB, now time.Time) walkReader {
+	return func(window int, sql string, args []any) ([]queued, error) {
+		rows, err := tx.Raw(sql, append(args, window)...).Rows()
+		if err != nil {
 			return nil, err
 		}
-		// A row Go finds due but the SQL did not (which the millisecond
-		// clock should rule out) was read without its payload: it waits
-		// for the next claim, holding its key.
-		if next.After(now) || !topic.Valid {
-			r.held = token.Valid || !next.After(now)
+		defer rows.Close()
+		out := make([]queued, 0, min(window, 4096))
+		for rows.Next() {
+			var (
+				w                         walkRow
+				token, topic, hdrs, lastE sql2.NullString
+			)
+			if err := rows.Scan(&w.id, &w.key, &w.next, &token, &w.attempts, &w.created, &topic, &w.payload, &hdrs, &lastE); err != nil {
+				return nil, err
+			}
+			if token.Valid {
+				w.token = &token.String
+			}
+			if topic.Valid {
+				w.topic = &topic.String
+			}
+			w.headers, w.lastError = hdrs.String, lastE.String
+			r, err := w.queued(now)
+			if err != nil {
+				return nil, err
+			}
 			out = append(out, r)
-			continue
 		}
-		m := &OutboxMessage{ID: r.id, Topic: topic.String, Key: r.key, Payload: payload, State: StatePending,
-			Attempts: attempts, LastError: lastE.String, NextAttemptAt: next, CreatedAt: created}
-		if token.Valid {
-			m.ClaimToken = &token.String
-		}
-		if err := m.Headers.Scan(hdrs.String); err != nil {
-			return nil, err
-		}
-		r.msg = m
-		out = append(out, r)
+		return out, rows.Err()
 	}
-	return out, rows.Err()
 }
 
 // pick walks the pending rows in id order and returns those to claim: due
 // rows of keys that hold nothing. The state is a SQL literal so that the
 // partial pending index serves the read whatever the statement cache.
 // The rows of inFlight are left out, and their keys are busy.
-func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions, inFlight []uuid.UUID, inFlightKeys map[string]bool) ([]*OutboxMessage, error) {
+func (s *GormStore) pick(read walkReader, now time.Time, opts ClaimOptions, inFlight []uuid.UUID, inFlightKeys map[string]bool) ([]*OutboxMessage, error) {
 	q := s.quote
 	busy := make(map[string]bool, len(inFlightKeys))
 	for k := range inFlightKeys {
@@ -444,7 +469,7 @@ func (s *GormStore) pick(tx *gorm.DB, now time.Time, opts ClaimOptions, inFlight
 				args = append(args, s.keysArg(busy))
 			}
 		}
-		rows, err := s.readWalk(tx, now, window, sql+" ORDER BY "+q("id")+" LIMIT ?", append(args, window)...)
+		rows, err := read(window, sql+" ORDER BY "+q("id")+" LIMIT ?", args)
 		if err != nil {
 			return nil, err
 		}
