@@ -25,9 +25,13 @@ import (
 // drainPart measures the publisher's drain beside its two ceilings. Each
 // line also gives the machine's CPU time per message (every process: Go,
 // PostgreSQL, the in-process broker), because on a shared machine the two
-// ceilings cannot both be reached at once: a relay pays for both.
+// ceilings cannot both be reached at once: a relay pays for both. The
+// machine's speed drifts within a minute, so every measurement runs once
+// per round, the rounds interleaved; a line gives the median of its
+// rounds, and a ratio the median of the rounds' ratios, each to the lower
+// ceiling of its own round.
 func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
-	fmt.Printf("\n1. drain: %d pending messages\n", s.n)
+	fmt.Printf("\n1. drain: %d pending messages, %d rounds, interleaved (medians)\n", s.n, s.rounds)
 	cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(8, "bench"))
 	if err != nil {
 		return err
@@ -36,56 +40,6 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 	if err := db.Use(outbox.Plugin()); err != nil {
 		return err
 	}
-	payload := []byte(strings.Repeat("x", s.payloadBytes))
-	perMsg := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1000 / float64(s.n) }
-	line := func(name string, rate float64, cpu cpuTime) {
-		fmt.Printf("   %-72s %8.0f msg/s", name, rate)
-		if cpu.machine > 0 {
-			fmt.Printf("  (%.1f µs CPU/msg, %.1f of it here)", perMsg(cpu.machine), perMsg(cpu.process))
-		}
-		fmt.Println()
-	}
-
-	// Ceiling 1: the database alone, on a table of the same shape.
-	if err := fill(db, "bench_db", s.n, s.keys, payload); err != nil {
-		return err
-	}
-	cpu := cpuNow()
-	dbRate, err := drainDB(ctx, db, "bench_db", s.batch, s.workers, s.n)
-	if err != nil {
-		return err
-	}
-	dbCPU := cpuNow().since(cpu)
-	line("ceiling, database alone (DELETE ... SKIP LOCKED ... RETURNING):", dbRate, dbCPU)
-
-	// Ceiling 2: the broker alone, same producer settings.
-	cpu = cpuNow()
-	brokerRate, err := produceOnly(cluster.ListenAddrs(), s.batch, s.workers, s.n, s.keys, payload)
-	if err != nil {
-		return err
-	}
-	brokerCPU := cpuNow().since(cpu)
-	line("ceiling, broker alone (sarama SendMessages):", brokerRate, brokerCPU)
-	lower := min(dbRate, brokerRate)
-
-	// A reference, not a ceiling: the simplest relay, which keeps its
-	// transaction open across the send. It has no lease (a stalled
-	// process holds its rows until its connection dies) and no per-key
-	// order across workers (SKIP LOCKED passes a key's locked head); what
-	// the publisher pays beyond it is the price of those two.
-	for _, workers := range []int{1, 2} {
-		if err := fill(db, "bench_db", s.n, s.keys, payload); err != nil {
-			return err
-		}
-		cpu = cpuNow()
-		rate, err := drainHeld(ctx, db, cluster.ListenAddrs(), "bench_db", s.batch, workers, s.n)
-		if err != nil {
-			return err
-		}
-		line(fmt.Sprintf("reference, one transaction across the send, %d worker(s):", workers), rate, cpuNow().since(cpu))
-	}
-
-	// The publisher, keeping published rows (the default), then deleting them.
 	deleting, closeDeleting, err := open(dsn)
 	if err != nil {
 		return err
@@ -94,9 +48,44 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 	if err := deleting.Use(outbox.Plugin(outbox.WithoutMigration(), outbox.WithDeleteOnPublish())); err != nil {
 		return err
 	}
-	// Workers share one claim lock and walk past each other's rows in
-	// flight, so more is not always faster: the publisher runs with 1, 2
-	// and -workers.
+	payload := []byte(strings.Repeat("x", s.payloadBytes))
+	addrs := cluster.ListenAddrs()
+
+	type measure struct {
+		name      string
+		publisher bool
+		run       func() (float64, cpuTime, error)
+	}
+	measures := []measure{
+		// Ceiling 1: the database alone, on a table of the same shape.
+		{"ceiling, database alone (DELETE ... SKIP LOCKED ... RETURNING):", false, func() (float64, cpuTime, error) {
+			if err := fill(db, "bench_db", s.n, s.keys, payload); err != nil {
+				return 0, cpuTime{}, err
+			}
+			return measured(func() (float64, error) { return drainDB(ctx, db, "bench_db", s.batch, s.workers, s.n) })
+		}},
+		// Ceiling 2: the broker alone, same producer settings.
+		{"ceiling, broker alone (sarama SendMessages):", false, func() (float64, cpuTime, error) {
+			return measured(func() (float64, error) { return produceOnly(addrs, s.batch, s.workers, s.n, s.keys, payload) })
+		}},
+	}
+	// A reference, not a ceiling: the simplest relay, which keeps its
+	// transaction open across the send. It has no lease (a stalled
+	// process holds its rows until its connection dies) and no per-key
+	// order across workers (SKIP LOCKED passes a key's locked head); what
+	// the publisher pays beyond it is the price of those two.
+	for _, workers := range []int{1, 2} {
+		measures = append(measures, measure{fmt.Sprintf("reference, one transaction across the send, %d worker(s):", workers), false,
+			func() (float64, cpuTime, error) {
+				if err := fill(db, "bench_db", s.n, s.keys, payload); err != nil {
+					return 0, cpuTime{}, err
+				}
+				return measured(func() (float64, error) { return drainHeld(ctx, db, addrs, "bench_db", s.batch, workers, s.n) })
+			}})
+	}
+	// The publisher, keeping published rows (the default), then deleting
+	// them, with 1, 2 and -workers workers: on two cores more is not
+	// always faster.
 	sweep := []int{1, 2}
 	if s.workers > 2 {
 		sweep = append(sweep, s.workers)
@@ -109,30 +98,77 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 			{"claim, send, mark published", db},
 			{"WithDeleteOnPublish: claim, send, delete", deleting},
 		} {
-			if err := fill(db, outbox.DefaultTableName, s.n, s.keys, payload); err != nil {
-				return err
-			}
-			run := s
-			run.workers = workers
-			cpu = cpuNow()
-			pubRate, err := publisherDrain(ctx, v.db, cluster.ListenAddrs(), run, s.n)
-			if err != nil {
-				return err
-			}
-			line(fmt.Sprintf("publisher, %d worker(s), %s:", workers, v.name), pubRate, cpuNow().since(cpu))
-			fmt.Printf("      ratio to the lower ceiling: %.0f%% (target: at least 70%%)\n", 100*pubRate/lower)
-			if err := db.Exec("TRUNCATE " + outbox.DefaultTableName).Error; err != nil {
-				return err
-			}
+			measures = append(measures, measure{fmt.Sprintf("publisher, %d worker(s), %s:", workers, v.name), true,
+				func() (float64, cpuTime, error) {
+					if err := fill(db, outbox.DefaultTableName, s.n, s.keys, payload); err != nil {
+						return 0, cpuTime{}, err
+					}
+					run := s
+					run.workers = workers
+					rate, cpu, err := measured(func() (float64, error) { return publisherDrain(ctx, v.db, addrs, run, s.n) })
+					if err != nil {
+						return 0, cpu, err
+					}
+					return rate, cpu, db.Exec("TRUNCATE " + outbox.DefaultTableName).Error
+				}})
 		}
 	}
-	if dbCPU.machine > 0 && brokerCPU.machine > 0 {
-		// Both ceilings' work on this machine's cores, with nothing else.
-		both := float64(s.n) / (dbCPU.machine + brokerCPU.machine).Seconds() * float64(runtime.NumCPU())
-		fmt.Printf("   both ceilings' work on %d cores, if it were all CPU-bound: %.0f msg/s (%.0f%% of the lower ceiling)\n",
-			runtime.NumCPU(), both, 100*both/lower)
+
+	rates := make([][]float64, len(measures))
+	cpus := make([][]cpuTime, len(measures))
+	for r := range s.rounds {
+		fmt.Fprintf(os.Stderr, "   drain round %d of %d\n", r+1, s.rounds)
+		for i, m := range measures {
+			rate, cpu, err := m.run()
+			if err != nil {
+				return fmt.Errorf("%s %w", m.name, err)
+			}
+			rates[i] = append(rates[i], rate)
+			cpus[i] = append(cpus[i], cpu)
+		}
 	}
+	perMsg := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1000 / float64(s.n) }
+	lower := make([]float64, s.rounds) // each round's lower ceiling
+	for r := range s.rounds {
+		lower[r] = min(rates[0][r], rates[1][r])
+	}
+	for i, m := range measures {
+		machine, process := make([]float64, s.rounds), make([]float64, s.rounds)
+		for r, c := range cpus[i] {
+			machine[r], process[r] = perMsg(c.machine), perMsg(c.process)
+		}
+		fmt.Printf("   %-72s %8.0f msg/s  (%.1f µs CPU/msg, %.1f of it here)\n", m.name, median(rates[i]), median(machine), median(process))
+		if m.publisher {
+			ratios := make([]float64, s.rounds)
+			for r := range s.rounds {
+				ratios[r] = 100 * rates[i][r] / lower[r]
+			}
+			fmt.Printf("      ratio to the lower ceiling: %.0f%%, rounds %s (target: at least 70%%)\n", median(ratios), percents(ratios))
+		}
+	}
+	// Both ceilings' work on this machine's cores, with nothing else.
+	both := make([]float64, s.rounds)
+	for r := range s.rounds {
+		both[r] = 100 * float64(s.n) / (cpus[0][r].machine + cpus[1][r].machine).Seconds() * float64(runtime.NumCPU()) / lower[r]
+	}
+	fmt.Printf("   both ceilings' work on %d cores, if it were all CPU-bound: %.0f%% of the lower ceiling, rounds %s\n",
+		runtime.NumCPU(), median(both), percents(both))
 	return nil
+}
+
+// measured runs fn, a drain, and returns its rate and CPU time.
+func measured(fn func() (float64, error)) (float64, cpuTime, error) {
+	start := cpuNow()
+	rate, err := fn()
+	return rate, cpuNow().since(start), err
+}
+
+func percents(xs []float64) string {
+	out := make([]string, len(xs))
+	for i, x := range xs {
+		out[i] = fmt.Sprintf("%.0f%%", x)
+	}
+	return strings.Join(out, " ")
 }
 
 // cpuTime is CPU time used by the whole machine and, of it, by this

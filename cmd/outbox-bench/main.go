@@ -55,6 +55,7 @@ type settings struct {
 	rates        []int
 	seconds      int
 	writers      int
+	rounds       int
 }
 
 func main() {
@@ -67,6 +68,7 @@ func main() {
 	flag.IntVar(&s.keys, "keys", 10_000, "distinct message keys")
 	rates := flag.String("rates", "1000,5000", "steady enqueue rates for the latency part, per second")
 	flag.IntVar(&s.seconds, "seconds", 5, "duration of each latency and enqueue measurement")
+	flag.IntVar(&s.rounds, "rounds", 3, "rounds of the drain part, interleaved (medians are printed)")
 	flag.IntVar(&s.writers, "writers", 8, "concurrent writers (latency and enqueue parts)")
 	only := flag.String("only", "drain,latency,enqueue", "parts to run: drain, latency, enqueue, scaling")
 	scaling := flag.Bool("scaling", false, "run the backlog-scaling part (10k, 100k, 1M pending; 10M published)")
@@ -80,6 +82,9 @@ func main() {
 		}
 		fmt.Println(strings.Join(stmts, ";\n") + ";")
 		return
+	}
+	if s.rounds < 1 {
+		log.Fatalf("-rounds must be at least 1, got %d", s.rounds)
 	}
 	for _, r := range strings.Split(*rates, ",") {
 		var v int
