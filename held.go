@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
 	"gorm.io/gorm"
 )
@@ -147,10 +148,20 @@ func (s *GormStore) pgxWalk(ctx context.Context, conn *sql.Conn, fallback walkRe
 				out, err = fallback(window, query, args)
 				return err
 			}
-			rows, err := pc.Conn().Query(ctx, dollarParams(query), append(args, window)...)
+			conn := pc.Conn()
+			args := append(args, window)
+			// An unnamed statement is planned for its arguments each time:
+			// a cached one may get a generic plan, in which the in-flight
+			// ids are a parameter array, matched against each row one by
+			// one instead of through a hash (measured: 4.6 ms against 1.7).
+			if conn.Config().DefaultQueryExecMode == pgx.QueryExecModeCacheStatement {
+				args = append([]any{pgx.QueryExecModeCacheDescribe}, args...)
+			}
+			rows, err := conn.Query(ctx, dollarParams(query), args...)
 			if err != nil {
 				return err
 			}
+
 			defer rows.Close()
 			out = make([]queued, 0, min(window, 4096))
 			for rows.Next() {
