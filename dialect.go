@@ -62,6 +62,11 @@ type dialect struct {
 	// send (heldClaim), and Claim locks the rows it picks so that it never
 	// takes one of them.
 	holdClaims bool
+	// oneWriter: the store's own write transactions (claims, results,
+	// cleanups) take turns in the process. SQLite has one writer, and one
+	// that finds it taken sleeps in steps of up to 100 ms (busy_timeout):
+	// four workers spent most of their time asleep.
+	oneWriter bool
 	// minVersion checks the server when a publisher starts.
 	minVersion func(db *gorm.DB) error
 }
@@ -83,7 +88,7 @@ var dialects = map[string]dialect{
 	"postgres": {name: "postgres", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true)) l",
 		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))", notInIDs: "<> ALL(CAST(? AS uuid[]))",
 		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true, holdClaims: true},
-	"sqlite": {name: "sqlite", inIDs: "IN ?", notInIDs: "NOT IN ?", notInKeys: "NOT IN ?"},
+	"sqlite": {name: "sqlite", inIDs: "IN ?", notInIDs: "NOT IN ?", notInKeys: "NOT IN ?", oneWriter: true},
 }
 
 func dialectOf(db *gorm.DB) (dialect, error) {

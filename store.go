@@ -8,6 +8,7 @@ import (
 	"hash/fnv"
 	"sort"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -72,7 +73,8 @@ type GormStore struct {
 	// lastWalk is how many pending rows the last claim read to find its
 	// messages (see claimWindow).
 	lastWalk atomic.Int64
-	flying   inFlight // rows locked by this process's held claims
+	flying   inFlight   // rows locked by this process's held claims
+	writer   sync.Mutex // see writing
 }
 
 // PostgresOutboxStore is the design document's name for the store on
@@ -532,6 +534,16 @@ func (s *GormStore) keysArg(keys map[string]bool) any {
 	return b.String()
 }
 
+// writing waits for this store's turn to write where the database has one
+// writer (dialect.oneWriter), and returns what ends the turn.
+func (s *GormStore) writing() func() {
+	if !s.dialect.oneWriter {
+		return func() {}
+	}
+	s.writer.Lock()
+	return s.writer.Unlock
+}
+
 // errLockBusy is what lock returns when a try-lock (timeout 0) is taken.
 var errLockBusy = errors.New("outbox: lock held by another process")
 
@@ -542,6 +554,7 @@ var errLockBusy = errors.New("outbox: lock held by another process")
 // transaction and released after the commit, so that the next holder sees
 // what this one committed.
 func (s *GormStore) serialized(ctx context.Context, lock, unlock string, key int64, fn func(tx *gorm.DB) error, txOpts *sql2.TxOptions) error {
+	defer s.writing()()
 	db := s.db.WithContext(ctx)
 	if lock == "" {
 		return db.Transaction(fn, txOpts)
@@ -657,6 +670,7 @@ func (s *GormStore) markPublished(db *gorm.DB, token *string, ids []uuid.UUID) e
 // recording runs fn, which records results of a claim, in a transaction if
 // inTx, and on MySQL always in a READ COMMITTED one (dialect.resultTx).
 func (s *GormStore) recording(ctx context.Context, inTx bool, fn func(db *gorm.DB) error) error {
+	defer s.writing()()
 	db := s.db.WithContext(ctx)
 	if !inTx && s.dialect.resultTx == nil {
 		return fn(db)
