@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -40,7 +41,22 @@ type inFlight struct {
 	mu   sync.Mutex
 	pick sync.Mutex // one walk at a time in this process: no two pick the same rows
 	ids  map[uuid.UUID]string
+
+	// A walk's fixed cost (a read that starts at the queue's front, past
+	// the entries of rows published since the last vacuum) is most of it,
+	// and walks take turns: so while another claim is open (another worker
+	// sending, soon back for more), a walk picks two batches and leaves the
+	// second here, in flight, for the next claim to take instead of walking.
+	claims    atomic.Int32 // held claims open, from their start to their end
+	spare     []*OutboxMessage
+	spareOpts ClaimOptions
+	spareAt   time.Time
 }
+
+// spareFresh is how long a spare batch waits for its claim before it is
+// dropped: it is meant for a claim already waiting, and what a walk read
+// should not be sent much later.
+const spareFresh = 50 * time.Millisecond
 
 // snapshot returns the rows in flight and their keys. A row that lands
 // after it is not in it; one that leaves after it is skipped once more.
@@ -85,6 +101,7 @@ func (s *GormStore) claimHeld(ctx, work context.Context, opts ClaimOptions) (*he
 		return nil, err
 	}
 	c := &heldClaim{store: s}
+	s.flying.claims.Add(1)
 	err := func() error {
 		if err := c.begin(work); err != nil {
 			return err
@@ -212,16 +229,69 @@ func dollarParams(query string) string {
 }
 
 // pickHeld walks in this process's turn and puts what it picked in flight.
+// A claim that finds a spare batch for it takes that instead of walking.
 func (s *GormStore) pickHeld(read walkReader, now time.Time, opts ClaimOptions) ([]*OutboxMessage, error) {
-	s.flying.pick.Lock()
-	defer s.flying.pick.Unlock()
-	inFlight, keys := s.flying.snapshot()
-	picked, err := s.pick(read, now, opts, inFlight, keys)
+	f := &s.flying
+	f.pick.Lock()
+	defer f.pick.Unlock()
+	if spare := f.takeSpare(opts); spare != nil {
+		return spare, nil
+	}
+	walk := opts
+	if f.claims.Load() > 1 {
+		walk.Limit *= 2
+	}
+	inFlight, keys := f.snapshot()
+	picked, err := s.pick(read, now, walk, inFlight, keys)
 	if err != nil {
 		return nil, err
 	}
-	s.flying.add(picked)
-	return picked, nil
+	mine, spare := splitPicked(picked, opts.Limit)
+	f.add(mine)
+	if len(spare) > 0 {
+		f.add(spare)
+		f.spare, f.spareOpts, f.spareAt = spare, opts, time.Now()
+	}
+	return mine, nil
+}
+
+// takeSpare returns the spare batch if it was picked for claims like opts
+// and is fresh; otherwise it drops it (its rows leave the rows in flight,
+// still due). Called in the walk's turn.
+func (f *inFlight) takeSpare(opts ClaimOptions) []*OutboxMessage {
+	spare := f.spare
+	if spare == nil {
+		return nil
+	}
+	f.spare = nil
+	if f.spareOpts != opts || time.Since(f.spareAt) > spareFresh {
+		f.remove(spare)
+		return nil
+	}
+	return spare
+}
+
+// splitPicked splits a walk's picks, in id order, into the first limit and
+// a spare batch. A key's messages must not be sent by two claims at once,
+// so the spare batch leaves out the keys of the first; those messages stay
+// due, behind their key's batch.
+func splitPicked(picked []*OutboxMessage, limit int) (first, spare []*OutboxMessage) {
+	if len(picked) <= limit {
+		return picked, nil
+	}
+	first = picked[:limit:limit]
+	keys := make(map[string]bool, limit)
+	for _, m := range first {
+		if m.Key != "" {
+			keys[m.Key] = true
+		}
+	}
+	for _, m := range picked[limit:] {
+		if m.Key == "" || !keys[m.Key] {
+			spare = append(spare, m)
+		}
+	}
+	return first, spare
 }
 
 // finish records the sends' results in the claim's transaction and
@@ -266,6 +336,7 @@ func (c *heldClaim) abandon() {
 // release hands the claim's connection back to the pool once its
 // transaction has ended, and its messages leave the rows in flight.
 func (c *heldClaim) release() {
+	c.store.flying.claims.Add(-1)
 	if c.conn != nil {
 		c.conn.Close()
 	}
