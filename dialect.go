@@ -19,7 +19,8 @@ type dialect struct {
 	// On PostgreSQL it also makes the claim's commit return before the WAL
 	// is on disk: the claim holds the lock every other claim waits for, and
 	// a claim lost in a crash only hands its rows back (sent again, never
-	// lost).
+	// lost); and it plans the claim's statements for their arguments (see
+	// GormStore.lockPicked).
 	claimLock   string
 	claimUnlock string
 	// cleanupLock, run first in each cleanup batch's transaction, returns
@@ -85,7 +86,7 @@ var dialects = map[string]dialect{
 		resultTx:    &sql.TxOptions{Isolation: sql.LevelReadCommitted},
 		deleteLimit: true, minVersion: mysqlSkipLocked, inIDs: "IN ?", notInIDs: "NOT IN ?", notInKeys: "NOT IN ?",
 		pendingHint: " IGNORE INDEX (PRIMARY)"},
-	"postgres": {name: "postgres", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true)) l",
+	"postgres": {name: "postgres", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true), set_config('plan_cache_mode', 'force_custom_plan', true)) l",
 		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))", notInIDs: "<> ALL(CAST(? AS uuid[]))",
 		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true, holdClaims: true},
 	"sqlite": {name: "sqlite", inIDs: "IN ?", notInIDs: "NOT IN ?", notInKeys: "NOT IN ?", oneWriter: true},

@@ -141,9 +141,10 @@ func TestHeldClaimEndsAfterTheLease(t *testing.T) {
 	})
 }
 
-// A held claim's transaction ends after the lease if idle, and commits
-// without waiting for the disk (its results, lost in a crash, only send
-// messages again); neither setting outlives it on the pooled connection.
+// A held claim's transaction ends after the lease if idle, commits without
+// waiting for the disk (its results, lost in a crash, only send messages
+// again), and plans its statements for their id lists; no setting outlives
+// it on the pooled connection.
 func TestHeldClaimSettingsAreItsOwn(t *testing.T) {
 	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
 		ctx := t.Context()
@@ -159,7 +160,8 @@ func TestHeldClaimSettingsAreItsOwn(t *testing.T) {
 		}
 		sqlDB.SetMaxOpenConns(1) // the read after the claim is on the claim's connection
 		opts := outbox.ClaimOptions{Limit: 1, Lease: 90 * time.Second}
-		for name, want := range map[string]string{"idle_in_transaction_session_timeout": "90s", "synchronous_commit": "off"} {
+		for name, want := range map[string]string{"idle_in_transaction_session_timeout": "90s", "synchronous_commit": "off",
+			"plan_cache_mode": "force_custom_plan"} {
 			n, got, err := outbox.HeldClaimSetting(ctx, store, opts, name)
 			if err != nil || n != 1 || got != want {
 				t.Fatalf("%s in a claim of %d: %q, %v; want %q", name, n, got, err, want)

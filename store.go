@@ -294,7 +294,7 @@ func (s *GormStore) claim(tx *gorm.DB, token string, opts ClaimOptions) ([]*Outb
 	if err == nil && s.dialect.holdClaims {
 		// Rows in a publisher's held claim look due: lock what was picked,
 		// and leave what cannot be locked (see heldClaim).
-		picked, err = s.lockPicked(tx, now, picked, 0)
+		picked, err = s.lockPicked(tx, nil, now, picked, 0)
 	}
 	if err != nil || len(picked) == 0 {
 		return nil, err
