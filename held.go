@@ -160,7 +160,7 @@ func (c *heldClaim) begin(work context.Context) error {
 func (s *GormStore) pgxWalk(ctx context.Context, conn *sql.Conn, fallback walkReader, now time.Time) walkReader {
 	return func(window int, query string, args []any) ([]queued, error) {
 		out := make([]queued, 0, min(window, 4096))
-		ok, err := pgxQuery(ctx, conn, query, append(args, window), func(rows pgx.Rows) error {
+		ok, err := pgxQuery(ctx, conn, false, query, append(args, window), func(rows pgx.Rows) error {
 			var (
 				w                         walkRow
 				id                        pgtype.UUID
@@ -193,13 +193,19 @@ func (s *GormStore) pgxWalk(ctx context.Context, conn *sql.Conn, fallback walkRe
 
 // pgxQuery runs query (with GORM's ? placeholders) through pgx itself on
 // conn and calls row for each row; ok is false, and nothing ran, where the
-// driver is not pgx. Unless the connection is set to another mode (the
-// simple protocol, for PgBouncer), the statement is unnamed, so planned
-// for its arguments each time: a cached one may get a generic plan, in
-// which an id list is a parameter array, matched against each row one by
-// one instead of through a hash or an index (measured: 4.6 ms against 1.7
-// for a walk; a sequential scan of the table for a lock).
-func pgxQuery(ctx context.Context, conn *sql.Conn, query string, args []any, row func(pgx.Rows) error) (ok bool, err error) {
+// driver is not pgx. unnamed runs it as an unnamed statement, planned for
+// its arguments each time, unless the connection is set to another mode
+// (the simple protocol, for PgBouncer): a cached statement may get a
+// generic plan, in which an id list is a parameter array matched against
+// each row one by one, and one chosen while the table was nearly empty can
+// scan it whole once it has grown. The lock needs it (it is the statement
+// that sets plan_cache_mode for the rest of the claim); the walk does not
+// take it: its generic plan costs far more than its custom one whenever
+// the table holds more than a few rows, so PostgreSQL keeps planning it
+// for its arguments, and parsing it each time added 2 to 3 ms to the
+// commit-to-send time at 1,000 messages a second (outbox-bench, back to
+// back).
+func pgxQuery(ctx context.Context, conn *sql.Conn, unnamed bool, query string, args []any, row func(pgx.Rows) error) (ok bool, err error) {
 	err = conn.Raw(func(dc any) error {
 		pc, isPgx := dc.(pgxConn)
 		if !isPgx {
@@ -207,7 +213,7 @@ func pgxQuery(ctx context.Context, conn *sql.Conn, query string, args []any, row
 		}
 		ok = true
 		c := pc.Conn()
-		if c.Config().DefaultQueryExecMode == pgx.QueryExecModeCacheStatement {
+		if unnamed && c.Config().DefaultQueryExecMode == pgx.QueryExecModeCacheStatement {
 			args = append([]any{pgx.QueryExecModeCacheDescribe}, args...)
 		}
 		rows, err := c.Query(ctx, dollarParams(query), args...)
@@ -392,7 +398,7 @@ func (s *GormStore) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picke
 	ok := false
 	if conn != nil {
 		var err error
-		ok, err = pgxQuery(tx.Statement.Context, conn, query, args, func(rows pgx.Rows) error {
+		ok, err = pgxQuery(tx.Statement.Context, conn, true, query, args, func(rows pgx.Rows) error {
 			var id pgtype.UUID
 			if err := rows.Scan(&id); err != nil {
 				return err
