@@ -83,6 +83,7 @@ func main() {
 		fmt.Println(strings.Join(stmts, ";\n") + ";")
 		return
 	}
+	idleConns = max(s.workers, s.writers) + 2 // + the publisher's LISTEN, + one spare
 	if s.rounds < 1 {
 		log.Fatalf("-rounds must be at least 1, got %d", s.rounds)
 	}
@@ -173,7 +174,8 @@ func printConditions(admin *gorm.DB, s settings) {
 		host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, runtime.Version(), pgVersion, version)
 	fmt.Printf("            gorm=%s pgx=%s sarama=%s kafka=kfake %s (in this process, over TCP)\n",
 		deps["gorm.io/gorm"], deps["github.com/jackc/pgx/v5"], deps["github.com/IBM/sarama"], deps["github.com/twmb/franz-go/pkg/kfake"])
-	fmt.Printf("            batch=%d workers=%d payload=%dB keys=%d writers=%d\n", s.batch, s.workers, s.payloadBytes, s.keys, s.writers)
+	fmt.Printf("            batch=%d workers=%d payload=%dB keys=%d writers=%d pool: MaxIdleConns=%d (database/sql's default: 2)\n",
+		s.batch, s.workers, s.payloadBytes, s.keys, s.writers, idleConns)
 }
 
 func bi() *debug.BuildInfo {
@@ -200,11 +202,19 @@ func withSchema(admin *gorm.DB, baseDSN string, fn func(db *gorm.DB, dsn string)
 	return fn(db, dsn)
 }
 
+// idleConns is every pool's MaxIdleConns: enough for the busiest part's
+// goroutines, so that no measurement pays for connections database/sql
+// closes and opens again (its default keeps 2 idle).
+var idleConns = 2
+
 // open opens a *gorm.DB of its own on dsn: to the outbox, another process.
 func open(dsn string) (*gorm.DB, func(), error) {
 	db, err := gorm.Open(postgres.Open(dsn), &gorm.Config{Logger: logger.Discard})
 	if err != nil {
 		return nil, nil, err
+	}
+	if sqlDB, err := db.DB(); err == nil {
+		sqlDB.SetMaxIdleConns(idleConns)
 	}
 	return db, func() {
 		if sqlDB, err := db.DB(); err == nil {
