@@ -98,3 +98,11 @@ func HeldClaimSetting(ctx context.Context, s *GormStore, opts ClaimOptions, name
 	}
 	return len(c.msgs), value, c.finish(nil, failures)
 }
+
+// SetPoolCheckInterval shortens how often publishers look at their pool's
+// churn, until restore is called.
+func SetPoolCheckInterval(d time.Duration) (restore func()) {
+	old := poolCheckInterval
+	poolCheckInterval = d
+	return func() { poolCheckInterval = old }
+}

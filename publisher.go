@@ -304,6 +304,13 @@ func (p *Publisher) loop(ctx context.Context) {
 			p.listen(ctx, gs)
 		}()
 	}
+	if gs, ok := p.store.(*GormStore); ok {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p.watchPool(ctx, gs)
+		}()
+	}
 	for range p.cfg.workers {
 		wg.Add(1)
 		go func() {
