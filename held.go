@@ -170,12 +170,7 @@ func (s *GormStore) pgxWalk(ctx context.Context, conn *sql.Conn, fallback walkRe
 				return err
 			}
 			w.id = id.Bytes
-			if token.Valid {
-				w.token = &token.String
-			}
-			if topic.Valid {
-				w.topic = &topic.String
-			}
+			w.token, w.topic = optional(token.String, token.Valid), optional(topic.String, topic.Valid)
 			w.headers, w.lastError = hdrs.String, lastE.String
 			r, err := w.queued(now)
 			if err != nil {

@@ -385,6 +385,14 @@ type walkRow struct {
 	headers, lastError string
 }
 
+// optional is a nullable column's value: nil where it was NULL.
+func optional(s string, valid bool) *string {
+	if !valid {
+		return nil
+	}
+	return &s
+}
+
 // queued returns what the walk makes of the row at now. A row Go finds due
 // but the SQL did not (which the millisecond clock should rule out) was
 // read without its payload: it waits for the next claim, holding its key.
@@ -420,12 +428,7 @@ func (s *GormStore) gormWalk(tx *gorm.DB, now time.Time) walkReader {
 			if err := rows.Scan(&w.id, &w.key, &w.next, &token, &w.attempts, &w.created, &topic, &w.payload, &hdrs, &lastE); err != nil {
 				return nil, err
 			}
-			if token.Valid {
-				w.token = &token.String
-			}
-			if topic.Valid {
-				w.topic = &topic.String
-			}
+			w.token, w.topic = optional(token.String, token.Valid), optional(topic.String, topic.Valid)
 			w.headers, w.lastError = hdrs.String, lastE.String
 			r, err := w.queued(now)
 			if err != nil {

@@ -68,6 +68,7 @@ func main() {
 	flag.IntVar(&s.keys, "keys", 10_000, "distinct message keys")
 	rates := flag.String("rates", "1000,5000", "steady enqueue rates for the latency part, per second")
 	flag.IntVar(&s.seconds, "seconds", 5, "duration of each latency and enqueue measurement")
+	idle := flag.Int("idle", 0, "every pool's MaxIdleConns (0: max(workers, writers)+2; 2 is database/sql's default)")
 	flag.IntVar(&s.rounds, "rounds", 3, "rounds of the drain part, interleaved (medians are printed)")
 	flag.IntVar(&s.writers, "writers", 8, "concurrent writers (latency and enqueue parts)")
 	only := flag.String("only", "drain,latency,enqueue", "parts to run: drain, latency, enqueue, scaling")
@@ -83,7 +84,11 @@ func main() {
 		fmt.Println(strings.Join(stmts, ";\n") + ";")
 		return
 	}
-	idleConns = max(s.workers, s.writers) + 2 // + the publisher's LISTEN, + one spare
+	if *idle > 0 {
+		idleConns = *idle
+	} else {
+		idleConns = max(s.workers, s.writers) + 2 // + the publisher's LISTEN, + one spare
+	}
 	if s.rounds < 1 {
 		log.Fatalf("-rounds must be at least 1, got %d", s.rounds)
 	}
