@@ -59,6 +59,9 @@ type dialect struct {
 	// together. A plain [16]byte would be cheaper still, but pgx's simple
 	// protocol (PgBouncer setups) cannot encode it.
 	binaryIDs bool
+	// numberedArgs: placeholders are $1, $2... instead of ?, in the
+	// statements the store writes out itself (Save's INSERT).
+	numberedArgs bool
 	// holdClaims: the publisher claims with a transaction held across the
 	// send (heldClaim), and Claim locks the rows it picks so that it never
 	// takes one of them.
@@ -88,7 +91,7 @@ var dialects = map[string]dialect{
 		pendingHint: " IGNORE INDEX (PRIMARY)"},
 	"postgres": {name: "postgres", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true), set_config('plan_cache_mode', 'force_custom_plan', true)) l",
 		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))", notInIDs: "<> ALL(CAST(? AS uuid[]))",
-		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true, holdClaims: true},
+		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true, numberedArgs: true, holdClaims: true},
 	"sqlite": {name: "sqlite", inIDs: "IN ?", notInIDs: "NOT IN ?", notInKeys: "NOT IN ?", oneWriter: true},
 }
 

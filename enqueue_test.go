@@ -105,6 +105,22 @@ func TestEnqueueManyIsOneStatement(t *testing.T) {
 	})
 }
 
+// GORM's DryRun builds statements without running them; Enqueue, which runs
+// its INSERT on the connection itself, must not write either.
+func TestEnqueueInDryRunWritesNothing(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		err := db.Transaction(func(tx *gorm.DB) error {
+			return outbox.Enqueue(tx.Session(&gorm.Session{DryRun: true}), outbox.Message{Topic: "dry", Payload: "x"})
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := count(t, db, outbox.DefaultTableName); n != 0 {
+			t.Fatalf("a DryRun enqueue wrote %d messages", n)
+		}
+	})
+}
+
 func TestEnqueueRollbackAndSavepoints(t *testing.T) {
 	eachDB(t, func(t *testing.T, db *gorm.DB) {
 		enqueue := func(tx *gorm.DB, key string) error {

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"gorm.io/gorm"
 )
 
 // DefaultNotifyInterval is how often, at most, one process's enqueues send
@@ -32,9 +31,13 @@ func WithNotifyInterval(d time.Duration) Option {
 
 // notifier sends the debounced NOTIFY of one table's enqueues.
 type notifier struct {
-	channel  string // SQL expression, see channelSQL
-	interval time.Duration
-	last     atomic.Int64 // unix nanoseconds of the last NOTIFY sent
+	// returning, appended to an enqueue's INSERT, sends the NOTIFY in the
+	// same statement: a NOTIFY of its own would cost the transaction a
+	// round trip. pg_notify runs for each row written; PostgreSQL delivers
+	// one notification per transaction and channel however many are sent.
+	returning string
+	interval  time.Duration
+	last      atomic.Int64 // unix nanoseconds of the last NOTIFY sent
 }
 
 // channelSQL is the SQL expression of a table's NOTIFY channel, computed by
@@ -53,23 +56,19 @@ func newNotifier(d dialect, table string, interval time.Duration) *notifier {
 	if d.name != "postgres" || interval <= 0 {
 		return nil
 	}
-	return &notifier{channel: channelSQL(table), interval: interval}
+	return &notifier{returning: " RETURNING pg_notify(" + channelSQL(table) + ", '')", interval: interval}
 }
 
-// notify sends a NOTIFY on tx, the enqueuing transaction, unless one was
-// sent less than the interval ago. PostgreSQL delivers it when tx commits
-// (and not at all if it rolls back), and delivers one per transaction
-// however many are sent in it.
-func (n *notifier) notify(tx *gorm.DB) error {
+// due reports whether the enqueue about to be written sends a NOTIFY: not
+// if one was sent less than the interval ago. PostgreSQL delivers it when
+// the enqueuing transaction commits, and not at all if it rolls back.
+func (n *notifier) due() bool {
 	if n == nil {
-		return nil
+		return false
 	}
 	now := time.Now().UnixNano()
 	last := n.last.Load()
-	if now-last < int64(n.interval) || !n.last.CompareAndSwap(last, now) {
-		return nil
-	}
-	return tx.Exec("SELECT pg_notify(" + n.channel + ", '')").Error
+	return now-last >= int64(n.interval) && n.last.CompareAndSwap(last, now)
 }
 
 // listen holds one connection of db's pool LISTENing on the table's channel

@@ -3,6 +3,7 @@ package outbox_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -124,8 +125,13 @@ func TestNotifyIsSentOncePerIntervalAndOnlyOnCommit(t *testing.T) {
 	}
 
 	fresh := openAgain(t, dsn, outbox.WithNotifyInterval(time.Hour)) // a notifier that has sent nothing yet
-	for range 20 {
-		err := fresh.Transaction(func(tx *gorm.DB) error {
+	rec := &sqlRecorder{Interface: logger.Discard}
+	for i := range 20 {
+		tdb := fresh
+		if i == 0 {
+			tdb = fresh.Session(&gorm.Session{Logger: rec})
+		}
+		err := tdb.Transaction(func(tx *gorm.DB) error {
 			return outbox.Enqueue(tx, outbox.Message{Topic: "t", Payload: "x"}, outbox.Message{Topic: "t", Payload: "y"})
 		})
 		if err != nil {
@@ -134,6 +140,10 @@ func TestNotifyIsSentOncePerIntervalAndOnlyOnCommit(t *testing.T) {
 	}
 	if n := received(); n != 1 {
 		t.Fatalf("20 transactions within the interval delivered %d notifications, want 1", n)
+	}
+	// The NOTIFY costs the transaction no statement of its own.
+	if len(rec.stmt) != 1 || !strings.Contains(rec.stmt[0], "pg_notify") {
+		t.Fatalf("the notifying enqueue ran %q, want one INSERT that notifies", rec.stmt)
 	}
 
 	off := openAgain(t, dsn, outbox.WithNotifyInterval(0))
