@@ -37,6 +37,13 @@ type dialect struct {
 	// a long one outlasts the lease, so the batch is sent twice. nil: the
 	// single statements run alone.
 	resultTx *sql.TxOptions
+	// resultSetup, where set, runs first in a transaction around each of
+	// the lease API's result writes (MarkPublished, MarkFailed, Release).
+	// On PostgreSQL it plans them for their id lists: pgx caches prepared
+	// statements, and a generic plan for "id = ANY($1)" chosen while the
+	// table was nearly empty scans the whole table once it is not (seen
+	// as a claim stalling for minutes, see lockPicked).
+	resultSetup string
 	// deleteLimit: DELETE ... LIMIT, for a database that cannot select from
 	// the table it deletes from.
 	deleteLimit bool
@@ -91,7 +98,8 @@ var dialects = map[string]dialect{
 		pendingHint: " IGNORE INDEX (PRIMARY)"},
 	"postgres": {name: "postgres", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true), set_config('plan_cache_mode', 'force_custom_plan', true)) l",
 		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))", notInIDs: "<> ALL(CAST(? AS uuid[]))",
-		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true, numberedArgs: true, holdClaims: true},
+		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true, numberedArgs: true, holdClaims: true,
+		resultSetup: "SELECT set_config('plan_cache_mode', 'force_custom_plan', true)"},
 	"sqlite": {name: "sqlite", inIDs: "IN ?", notInIDs: "NOT IN ?", notInKeys: "NOT IN ?", oneWriter: true},
 }
 

@@ -1,6 +1,7 @@
 package outbox_test
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -170,6 +171,61 @@ func TestHeldClaimSettingsAreItsOwn(t *testing.T) {
 			if err := db.Raw("SELECT current_setting(?)", name).Scan(&after).Error; err != nil || after == want {
 				t.Fatalf("%s after the claim: %q, %v", name, after, err)
 			}
+		}
+	})
+}
+
+// The lease API's results on PostgreSQL are planned for their id lists:
+// pgx caches prepared statements, and PostgreSQL switches a statement run
+// five times to a generic plan, which for "id = ANY($1)" can be a scan of
+// the whole table (chosen while it was nearly empty).
+func TestLeaseResultsAreNeverGenericPlans(t *testing.T) {
+	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
+		ctx := t.Context()
+		store, _ := outbox.StoreOf(db)
+		sqlDB, err := db.DB()
+		if err != nil {
+			t.Fatal(err)
+		}
+		sqlDB.SetMaxOpenConns(1) // pg_prepared_statements shows the session's own
+		for i := range 8 {
+			if err := db.Transaction(func(tx *gorm.DB) error {
+				return outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: "k", Payload: "1"})
+			}); err != nil {
+				t.Fatal(err)
+			}
+			token, msgs, err := store.Claim(ctx, outbox.ClaimOptions{Limit: 1, Lease: time.Minute})
+			if err != nil || len(msgs) != 1 {
+				t.Fatalf("claim %d: %d messages, %v", i, len(msgs), err)
+			}
+			if err := store.Release(ctx, token, []uuid.UUID{msgs[0].ID}); err != nil {
+				t.Fatal(err)
+			}
+			token, msgs, err = store.Claim(ctx, outbox.ClaimOptions{Limit: 1, Lease: time.Minute})
+			if err != nil || len(msgs) != 1 {
+				t.Fatalf("claim %d after release: %d messages, %v", i, len(msgs), err)
+			}
+			if err := store.MarkPublished(ctx, token, []uuid.UUID{msgs[0].ID}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var plans []struct {
+			Statement                 string
+			GenericPlans, CustomPlans int
+		}
+		if err := db.Raw("SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE '%ANY(%' AND statement NOT LIKE '%pg_prepared%'").
+			Scan(&plans).Error; err != nil {
+			t.Fatal(err)
+		}
+		custom := 0
+		for _, p := range plans {
+			if p.GenericPlans > 0 {
+				t.Errorf("%d generic plans for %s", p.GenericPlans, p.Statement)
+			}
+			custom += p.CustomPlans
+		}
+		if simple := strings.Contains(t.Name(), "simple"); !simple && custom < 16 {
+			t.Fatalf("%d custom plans of cached statements with an id list, want at least 16: %+v", custom, plans)
 		}
 	})
 }

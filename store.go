@@ -725,14 +725,23 @@ func (s *GormStore) markPublished(db *gorm.DB, token *string, ids []uuid.UUID) e
 }
 
 // recording runs fn, which records results of a claim, in a transaction if
-// inTx, and on MySQL always in a READ COMMITTED one (dialect.resultTx).
+// inTx, on MySQL always in a READ COMMITTED one (dialect.resultTx), and on
+// PostgreSQL always after dialect.resultSetup.
 func (s *GormStore) recording(ctx context.Context, inTx bool, fn func(db *gorm.DB) error) error {
 	defer s.writing()()
 	db := s.db.WithContext(ctx)
-	if !inTx && s.dialect.resultTx == nil {
+	setup := s.dialect.resultSetup
+	if !inTx && s.dialect.resultTx == nil && setup == "" {
 		return fn(db)
 	}
-	return db.Transaction(fn, s.dialect.resultTx)
+	return db.Transaction(func(tx *gorm.DB) error {
+		if setup != "" {
+			if err := tx.Exec(setup).Error; err != nil {
+				return err
+			}
+		}
+		return fn(tx)
+	}, s.dialect.resultTx)
 }
 
 // MarkFailed implements Store. Failures are rare, so each is its own UPDATE,
