@@ -31,13 +31,13 @@ func WithNotifyInterval(d time.Duration) Option {
 
 // notifier sends the debounced NOTIFY of one table's enqueues.
 type notifier struct {
-	// returning, appended to an enqueue's INSERT, sends the NOTIFY in the
-	// same statement: a NOTIFY of its own would cost the transaction a
-	// round trip. pg_notify runs for each row written; PostgreSQL delivers
-	// one notification per transaction and channel however many are sent.
-	returning string
-	interval  time.Duration
-	last      atomic.Int64 // unix nanoseconds of the last NOTIFY sent
+	// returning, appended to a one-row INSERT, sends the NOTIFY in the
+	// same statement: a statement of its own would cost the transaction a
+	// round trip. A multi-row INSERT would return a row for each message,
+	// so a batch sends statement after its INSERTs instead.
+	returning, statement string
+	interval             time.Duration
+	last                 atomic.Int64 // unix nanoseconds of the last NOTIFY sent
 }
 
 // channelSQL is the SQL expression of a table's NOTIFY channel, computed by
@@ -56,7 +56,8 @@ func newNotifier(d dialect, table string, interval time.Duration) *notifier {
 	if d.name != "postgres" || interval <= 0 {
 		return nil
 	}
-	return &notifier{returning: " RETURNING pg_notify(" + channelSQL(table) + ", '')", interval: interval}
+	call := "pg_notify(" + channelSQL(table) + ", '')"
+	return &notifier{returning: " RETURNING " + call, statement: "SELECT " + call, interval: interval}
 }
 
 // due reports whether the enqueue about to be written sends a NOTIFY: not

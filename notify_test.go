@@ -124,26 +124,31 @@ func TestNotifyIsSentOncePerIntervalAndOnlyOnCommit(t *testing.T) {
 		t.Fatalf("a rolled-back transaction delivered %d notifications", n)
 	}
 
-	fresh := openAgain(t, dsn, outbox.WithNotifyInterval(time.Hour)) // a notifier that has sent nothing yet
-	rec := &sqlRecorder{Interface: logger.Discard}
-	for i := range 20 {
-		tdb := fresh
-		if i == 0 {
-			tdb = fresh.Session(&gorm.Session{Logger: rec})
+	// A notifier that has sent nothing yet, for one message per transaction
+	// (the NOTIFY rides on the INSERT) and for two (a statement after it).
+	for _, batch := range []int{1, 2} {
+		fresh := openAgain(t, dsn, outbox.WithNotifyInterval(time.Hour))
+		rec := &sqlRecorder{Interface: logger.Discard}
+		msgs := []outbox.Message{{Topic: "t", Payload: "x"}, {Topic: "t", Payload: "y"}}[:batch]
+		for i := range 20 {
+			tdb := fresh
+			if i == 0 {
+				tdb = fresh.Session(&gorm.Session{Logger: rec})
+			}
+			if err := tdb.Transaction(func(tx *gorm.DB) error { return outbox.Enqueue(tx, msgs...) }); err != nil {
+				t.Fatal(err)
+			}
 		}
-		err := tdb.Transaction(func(tx *gorm.DB) error {
-			return outbox.Enqueue(tx, outbox.Message{Topic: "t", Payload: "x"}, outbox.Message{Topic: "t", Payload: "y"})
-		})
-		if err != nil {
-			t.Fatal(err)
+		if n := received(); n != 1 {
+			t.Fatalf("20 transactions of %d messages within the interval delivered %d notifications, want 1", batch, n)
 		}
-	}
-	if n := received(); n != 1 {
-		t.Fatalf("20 transactions within the interval delivered %d notifications, want 1", n)
-	}
-	// The NOTIFY costs the transaction no statement of its own.
-	if len(rec.stmt) != 1 || !strings.Contains(rec.stmt[0], "pg_notify") {
-		t.Fatalf("the notifying enqueue ran %q, want one INSERT that notifies", rec.stmt)
+		want := 1 // the one-row INSERT notifies: no statement of its own
+		if batch > 1 {
+			want = 2
+		}
+		if len(rec.stmt) != want || !strings.Contains(rec.stmt[want-1], "pg_notify") {
+			t.Fatalf("the notifying enqueue of %d messages ran %q, want %d statements, the last notifying", batch, rec.stmt, want)
+		}
 	}
 
 	off := openAgain(t, dsn, outbox.WithNotifyInterval(0))

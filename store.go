@@ -215,7 +215,7 @@ func (s *GormStore) Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessag
 	if tx.DryRun {
 		return nil
 	}
-	notify := s.notify.due()
+	notify := s.notify.due() // sent with the first one-row INSERT, or after the INSERTs
 	for start := 0; start < len(msgs); start += maxRowsPerInsert {
 		chunk := msgs[start:min(start+maxRowsPerInsert, len(msgs))]
 		args := make([]any, 0, len(chunk)*len(insertColumns))
@@ -227,15 +227,19 @@ func (s *GormStore) Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessag
 			args = append(args, id, m.Topic, m.Key, m.Payload, m.Headers, m.State, m.NextAttemptAt.UTC(), m.CreatedAt.UTC())
 		}
 		query := s.single
-		if last := start+len(chunk) == len(msgs); len(chunk) > 1 || last && notify {
-			returning := ""
-			if last && notify {
-				returning = s.notify.returning
-			}
-			query = s.insertSQL(len(chunk), returning)
+		switch {
+		case len(chunk) > 1:
+			query = s.insertSQL(len(chunk), "")
+		case notify:
+			query, notify = s.insertSQL(1, s.notify.returning), false
 		}
 		if err := execOn(ctx, tx, query, args); err != nil {
 			return fmt.Errorf("outbox: writing %d messages to %s: %w", len(chunk), s.cfg.table, err)
+		}
+	}
+	if notify {
+		if err := execOn(ctx, tx, s.notify.statement, nil); err != nil {
+			return fmt.Errorf("outbox: notifying the publishers of %s: %w", s.cfg.table, err)
 		}
 	}
 	return nil
