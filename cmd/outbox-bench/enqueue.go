@@ -85,15 +85,18 @@ func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error
 	// interleaved, and each overhead is the median of its rounds' ratios
 	// to the domain-only rate of the same round.
 	rates := make([][]float64, len(variants))
+	cpu := make([][]cpuTime, len(variants)) // per transaction
 	round := s
 	round.seconds = roundSeconds
 	for range rounds {
 		for i, v := range variants {
-			r, err := txRate(ctx, v.db, round, v.tx)
+			var n int64
+			r, c, err := measured(func() (float64, error) { return txRate(ctx, v.db, round, v.tx, &n) })
 			if err != nil {
 				return fmt.Errorf("%s: %w", v.name, err)
 			}
 			rates[i] = append(rates[i], r)
+			cpu[i] = append(cpu[i], cpuTime{c.machine / time.Duration(n), c.process / time.Duration(n)})
 		}
 	}
 	var overhead []float64
@@ -111,6 +114,16 @@ func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error
 			}
 		}
 		fmt.Printf("   %-38s %7.0f tx/s%s\n", v.name, median(rates[i]), extra)
+	}
+	// The machine's CPU time per transaction, split as in the drain: it
+	// tells the Go side's cost from the database's, which the rates cannot.
+	base := medianCPU(cpu[0])
+	fmt.Printf("   CPU per transaction (medians): %s %.0f µs (%.0f in this process)\n", variants[0].name,
+		us(base.machine), us(base.process))
+	for i, v := range variants[1:] {
+		c := medianCPU(cpu[i+1])
+		fmt.Printf("      %-38s +%.0f µs (+%.0f in this process, +%.0f elsewhere, mostly PostgreSQL)\n", v.name,
+			us(c.machine-base.machine), us(c.process-base.process), us((c.machine-c.process)-(base.machine-base.process)))
 	}
 	fmt.Printf("   overhead of one event: %.0f%% (target: at most 25%%)\n", overhead[rounds/2])
 
@@ -133,8 +146,9 @@ func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error
 	return nil
 }
 
-// txRate runs tx in transactions from s.writers goroutines for s.seconds.
-func txRate(ctx context.Context, db *gorm.DB, s settings, tx func(tx *gorm.DB) error) (float64, error) {
+// txRate runs tx in transactions from s.writers goroutines for s.seconds,
+// and counts them in *n.
+func txRate(ctx context.Context, db *gorm.DB, s settings, tx func(tx *gorm.DB) error, n *int64) (float64, error) {
 	var done atomic.Int64
 	var firstErr atomic.Value
 	stop := time.Now().Add(time.Duration(s.seconds) * time.Second)
@@ -157,7 +171,19 @@ func txRate(ctx context.Context, db *gorm.DB, s settings, tx func(tx *gorm.DB) e
 	if err, ok := firstErr.Load().(error); ok {
 		return 0, err
 	}
+	*n = max(1, done.Load())
 	return float64(done.Load()) / time.Since(start).Seconds(), nil
+}
+
+func us(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1000 }
+
+// medianCPU is the median of each part of cs, separately.
+func medianCPU(cs []cpuTime) cpuTime {
+	var m, p []float64
+	for _, c := range cs {
+		m, p = append(m, float64(c.machine)), append(p, float64(c.process))
+	}
+	return cpuTime{time.Duration(median(m)), time.Duration(median(p))}
 }
 
 func median(xs []float64) float64 {
