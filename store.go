@@ -9,7 +9,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -74,8 +73,8 @@ type GormStore struct {
 	// lastWalk is how many pending rows the last claim read to find its
 	// messages (see claimWindow).
 	lastWalk atomic.Int64
-	flying   inFlight   // rows locked by this process's held claims
-	writer   sync.Mutex // see writing
+	flying   inFlight      // rows locked by this process's held claims
+	writer   chan struct{} // holds a token during a write turn; see writing
 }
 
 // PostgresOutboxStore is the design document's name for the store on
@@ -109,6 +108,7 @@ func newStore(db *gorm.DB, cfg config) (*GormStore, error) {
 	// Each of the store's writes is one statement, atomic by itself: GORM's
 	// default transaction around it would only add two round trips.
 	s := &GormStore{db: db.Session(&gorm.Session{NewDB: true, SkipDefaultTransaction: true}), cfg: cfg, dialect: d, wakeups: &wakeups{},
+		writer: make(chan struct{}, 1),
 		notify: newNotifier(d, cfg.table, cfg.notifyInterval)}
 	cols := []string{"id", "topic", "message_key", "payload", "headers", "state", "attempts",
 		"last_error", "next_attempt_at", "claim_token", "created_at", "published_at"}
@@ -596,13 +596,18 @@ func (s *GormStore) keysArg(keys map[string]bool) any {
 }
 
 // writing waits for this store's turn to write where the database has one
-// writer (dialect.oneWriter), and returns what ends the turn.
-func (s *GormStore) writing() func() {
+// writer (dialect.oneWriter), and returns what ends the turn; or ctx's
+// error if it ends first (a stopping publisher does not wait its turn).
+func (s *GormStore) writing(ctx context.Context) (func(), error) {
 	if !s.dialect.oneWriter {
-		return func() {}
+		return func() {}, nil
 	}
-	s.writer.Lock()
-	return s.writer.Unlock
+	select {
+	case s.writer <- struct{}{}:
+		return func() { <-s.writer }, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 // errLockBusy is what lock returns when a try-lock (timeout 0) is taken.
@@ -615,7 +620,11 @@ var errLockBusy = errors.New("outbox: lock held by another process")
 // transaction and released after the commit, so that the next holder sees
 // what this one committed.
 func (s *GormStore) serialized(ctx context.Context, lock, unlock string, key int64, fn func(tx *gorm.DB) error, txOpts *sql2.TxOptions) error {
-	defer s.writing()()
+	done, err := s.writing(ctx)
+	if err != nil {
+		return err
+	}
+	defer done()
 	db := s.db.WithContext(ctx)
 	if lock == "" {
 		return db.Transaction(fn, txOpts)
@@ -732,7 +741,11 @@ func (s *GormStore) markPublished(db *gorm.DB, token *string, ids []uuid.UUID) e
 // inTx, on MySQL always in a READ COMMITTED one (dialect.resultTx), and on
 // PostgreSQL always after dialect.resultSetup.
 func (s *GormStore) recording(ctx context.Context, inTx bool, fn func(db *gorm.DB) error) error {
-	defer s.writing()()
+	done, err := s.writing(ctx)
+	if err != nil {
+		return err
+	}
+	defer done()
 	db := s.db.WithContext(ctx)
 	setup := s.dialect.resultSetup
 	if !inTx && s.dialect.resultTx == nil && setup == "" {
