@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"gorm.io/gorm"
 	"gorm.io/gorm/logger"
 
@@ -326,6 +327,17 @@ func TestSaveToOutboxAsInTheDesignDocument(t *testing.T) {
 		msgs := messages(t, db)
 		if len(msgs) != 1 || msgs[0].Topic != "user.created" || string(msgs[0].Payload) != `{"name":"u1"}` {
 			t.Fatalf("messages = %+v", msgs)
+		}
+		// Store.Save itself, given no context, runs in the transaction's.
+		now := time.Now()
+		row := &outbox.OutboxMessage{ID: uuid.Must(uuid.NewV7()), Topic: "user.created", Payload: []byte("x"),
+			State: outbox.StatePending, NextAttemptAt: now, CreatedAt: now}
+		//lint:ignore SA1012 a nil context is what this checks
+		if err := db.WithContext(ctx).Transaction(func(tx *gorm.DB) error { return store.Save(nil, tx, row) }); err != nil {
+			t.Fatal(err)
+		}
+		if n := len(messages(t, db)); n != 2 {
+			t.Fatalf("%d messages after Save with no context, want 2", n)
 		}
 	})
 }

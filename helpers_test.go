@@ -18,8 +18,6 @@ type features struct {
 	processes bool
 	// partialIndexes: the pending indexes hold only pending rows.
 	partialIndexes bool
-	// returning: UPDATE ... RETURNING claims in one statement.
-	returning bool
 	// heldClaims: the publisher's claims hold a transaction across the send.
 	heldClaims bool
 }
@@ -30,10 +28,10 @@ var databases = []struct {
 	open     func(testing.TB, *gorm.Config) *gorm.DB
 	features features
 }{
-	{"postgres", outboxtest.Postgres, features{processes: true, partialIndexes: true, returning: true, heldClaims: true}},
+	{"postgres", outboxtest.Postgres, features{processes: true, partialIndexes: true, heldClaims: true}},
 	// As behind PgBouncer in transaction pooling: arguments go as text.
-	{"postgres-simple-protocol", outboxtest.PostgresSimpleProtocol, features{processes: true, partialIndexes: true, returning: true, heldClaims: true}},
-	{"sqlite", outboxtest.SQLite, features{partialIndexes: true, returning: true}},
+	{"postgres-simple-protocol", outboxtest.PostgresSimpleProtocol, features{processes: true, partialIndexes: true, heldClaims: true}},
+	{"sqlite", outboxtest.SQLite, features{partialIndexes: true}},
 	{"mariadb", outboxtest.MariaDB, features{processes: true}},
 }
 

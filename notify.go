@@ -34,7 +34,7 @@ type notifier struct {
 	// returning, appended to a one-row INSERT, sends the NOTIFY in the
 	// same statement: a statement of its own would cost the transaction a
 	// round trip. A multi-row INSERT would return a row for each message,
-	// so a batch sends statement after its INSERTs instead.
+	// so a batch runs statement after its INSERTs instead.
 	returning, statement string
 	interval             time.Duration
 	last                 atomic.Int64 // unix nanoseconds of the last NOTIFY sent

@@ -215,6 +215,12 @@ func (s *GormStore) Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessag
 	if tx.DryRun {
 		return nil
 	}
+	if ctx == nil { // as before Save ran its own statement: the caller's
+		ctx = tx.Statement.Context
+	}
+	if ctx == nil {
+		ctx = context.Background()
+	}
 	notify := s.notify.due() // sent with the first one-row INSERT, or after the INSERTs
 	for start := 0; start < len(msgs); start += maxRowsPerInsert {
 		chunk := msgs[start:min(start+maxRowsPerInsert, len(msgs))]
