@@ -106,6 +106,30 @@ func TestEnqueueManyIsOneStatement(t *testing.T) {
 	})
 }
 
+// With GORM's PrepareStmt the transaction's connection is GORM's statement
+// cache, which the enqueue's INSERT goes through like any other statement.
+func TestEnqueueWithPreparedStatements(t *testing.T) {
+	for _, d := range databases {
+		t.Run(d.name, func(t *testing.T) {
+			db := setup(t, d.open(t, &gorm.Config{PrepareStmt: true, Logger: logger.Discard}))
+			for i := range 3 {
+				err := db.Transaction(func(tx *gorm.DB) error {
+					if err := tx.Create(&Account{Name: fmt.Sprint(i)}).Error; err != nil {
+						return err
+					}
+					return outbox.Enqueue(tx, outbox.Message{Topic: "prepared", Key: "k", Payload: fmt.Sprint(i)})
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			if n := count(t, db, outbox.DefaultTableName); n != 3 {
+				t.Fatalf("%d messages, want 3", n)
+			}
+		})
+	}
+}
+
 // GORM's DryRun builds statements without running them; Enqueue, which runs
 // its INSERT on the connection itself, must not write either.
 func TestEnqueueInDryRunWritesNothing(t *testing.T) {
