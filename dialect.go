@@ -66,6 +66,9 @@ type dialect struct {
 	// together. A plain [16]byte would be cheaper still, but pgx's simple
 	// protocol (PgBouncer setups) cannot encode it.
 	binaryIDs bool
+	// waitPrefix starts the enqueue's statements, which PipelinedPgx
+	// holds until the transaction's next statement.
+	waitPrefix string
 	// numberedArgs: placeholders are $1, $2... instead of ?, in the
 	// statements the store writes out itself (Save's INSERT).
 	numberedArgs bool
@@ -98,7 +101,7 @@ var dialects = map[string]dialect{
 		pendingHint: " IGNORE INDEX (PRIMARY)"},
 	"postgres": {name: "postgres", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true), set_config('plan_cache_mode', 'force_custom_plan', true)) l",
 		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))", notInIDs: "<> ALL(CAST(? AS uuid[]))",
-		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true, numberedArgs: true, holdClaims: true,
+		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true, numberedArgs: true, holdClaims: true, waitPrefix: withCommit,
 		resultSetup: "SELECT set_config('plan_cache_mode', 'force_custom_plan', true)"},
 	"sqlite": {name: "sqlite", inIDs: "IN ?", notInIDs: "NOT IN ?", notInKeys: "NOT IN ?", oneWriter: true},
 }

@@ -71,6 +71,9 @@ func (r *sqlRecorder) inserts(table string) int {
 	defer r.mu.Unlock()
 	n := 0
 	for _, s := range r.stmt {
+		if strings.HasPrefix(s, "/*") { // the outbox's mark for PipelinedPgx
+			s = strings.TrimSpace(s[strings.Index(s, "*/")+2:])
+		}
 		if strings.HasPrefix(s, "INSERT INTO") && strings.Contains(s, table) {
 			n++
 		}

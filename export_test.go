@@ -106,3 +106,6 @@ func SetPoolCheckInterval(d time.Duration) (restore func()) {
 	poolCheckInterval = d
 	return func() { poolCheckInterval = old }
 }
+
+// WaitMark starts a statement that PipelinedPgx holds until the next one.
+const WaitMark = withCommit

@@ -31,6 +31,8 @@ var databases = []struct {
 	{"postgres", outboxtest.Postgres, features{processes: true, partialIndexes: true, heldClaims: true}},
 	// As behind PgBouncer in transaction pooling: arguments go as text.
 	{"postgres-simple-protocol", outboxtest.PostgresSimpleProtocol, features{processes: true, partialIndexes: true, heldClaims: true}},
+	// The enqueue's INSERT sent with the transaction's next statement.
+	{"postgres-pipelined", postgresPipelined, features{processes: true, partialIndexes: true, heldClaims: true}},
 	// Through lib/pq: what the store does through pgx itself falls back to GORM.
 	{"postgres-libpq", postgresLibPQ, features{processes: true, partialIndexes: true, heldClaims: true}},
 	{"sqlite", outboxtest.SQLite, features{partialIndexes: true}},

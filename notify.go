@@ -57,7 +57,7 @@ func newNotifier(d dialect, table string, interval time.Duration) *notifier {
 		return nil
 	}
 	call := "pg_notify(" + channelSQL(table) + ", '')"
-	return &notifier{returning: " RETURNING " + call, statement: "SELECT " + call, interval: interval}
+	return &notifier{returning: " RETURNING " + call, statement: d.waitPrefix + "SELECT " + call, interval: interval}
 }
 
 // due reports whether the enqueue about to be written sends a NOTIFY: not

@@ -129,7 +129,7 @@ func newStore(db *gorm.DB, cfg config) (*GormStore, error) {
 	for i, c := range insertColumns {
 		ins[i] = s.quote(c)
 	}
-	s.insert = "INSERT INTO " + s.table() + " (" + strings.Join(ins, ", ") + ") VALUES "
+	s.insert = s.dialect.waitPrefix + "INSERT INTO " + s.table() + " (" + strings.Join(ins, ", ") + ") VALUES "
 	s.single = s.insertSQL(1, "")
 	return s, nil
 }
