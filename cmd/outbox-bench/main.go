@@ -214,7 +214,12 @@ var idleConns = 2
 
 // open opens a *gorm.DB of its own on dsn: to the outbox, another process.
 func open(dsn string) (*gorm.DB, func(), error) {
-	db, err := gorm.Open(postgres.Open(dsn), &gorm.Config{Logger: logger.Discard})
+	return openWith(postgres.Open(dsn))
+}
+
+// openWith is open with a dialector of the caller's (another driver).
+func openWith(dialector gorm.Dialector) (*gorm.DB, func(), error) {
+	db, err := gorm.Open(dialector, &gorm.Config{Logger: logger.Discard})
 	if err != nil {
 		return nil, nil, err
 	}
