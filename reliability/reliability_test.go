@@ -163,6 +163,7 @@ type scenario struct {
 	pgRestart  bool // restart PostgreSQL (a private instance)
 	poison     bool // mix in messages over the broker's maximum size
 	lateCommit bool // a transaction that commits long after later ones were published
+	pipelined  bool // the writers enqueue through outbox.PipelinedPgx (PostgreSQL)
 }
 
 func TestReliability(t *testing.T) {
@@ -174,11 +175,15 @@ func TestReliability(t *testing.T) {
 		{name: "postgres-restart", publishers: 2, workers: 2, batch: 50, pgRestart: true},
 		{name: "poison", publishers: 2, workers: 2, batch: 50, poison: true},
 		{name: "late-commit", publishers: 2, workers: 2, batch: 50, lateCommit: true},
+		// The events' INSERTs sent with the COMMITs: a commit that fails
+		// (the restart) must take its events with it.
+		{name: "pipelined-enqueuers", publishers: 2, workers: 2, batch: 50, pipelined: true},
+		{name: "pipelined-restart", publishers: 2, workers: 2, batch: 50, pgRestart: true, pipelined: true},
 	}
 	for _, dialect := range []string{"postgres", "mariadb"} {
 		for _, sc := range scenarios {
-			if sc.pgRestart && dialect != "postgres" {
-				continue // the restart scenario starts a private PostgreSQL
+			if (sc.pgRestart || sc.pipelined) && dialect != "postgres" {
+				continue // the restart scenarios start a private PostgreSQL; PipelinedPgx is pgx's
 			}
 			sc.dialect = dialect
 			t.Run(dialect+"/"+sc.name, func(t *testing.T) { run(t, sc) })
@@ -228,7 +233,23 @@ func run(t *testing.T, sc scenario) {
 	if err := db.Use(outbox.Plugin()); err != nil {
 		t.Fatal(err)
 	}
-	w := Workload{DB: db, Topic: topic, Keys: 40, Writers: 8, Duration: duration, RollbackEvery: 7}
+	writers := db
+	if sc.pipelined {
+		var err error
+		if writers, err = gorm.Open(postgres.New(postgres.Config{DriverName: outbox.PipelinedPgx, DSN: dsn}),
+			&gorm.Config{Logger: logger.Discard}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			if sqlDB, err := writers.DB(); err == nil {
+				sqlDB.Close()
+			}
+		})
+		if err := writers.Use(outbox.Plugin(outbox.WithoutMigration())); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w := Workload{DB: writers, Topic: topic, Keys: 40, Writers: 8, Duration: duration, RollbackEvery: 7}
 	if sc.poison {
 		w.PoisonEvery, w.PoisonBytes = 97, 100_000
 	}
