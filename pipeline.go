@@ -14,10 +14,10 @@ import (
 // PipelinedPgx is the name of a database/sql driver for PostgreSQL: pgx's
 // own (the one GORM uses), except that in a transaction the outbox's
 // INSERT is not sent on its own but with the next statement, which is
-// usually the COMMIT, in one round trip. With the default driver an event
-// costs its transaction a round trip, about what a bare second INSERT
-// costs; with this one, about a third of that (outbox-bench). Open GORM
-// with it:
+// usually the COMMIT, in one round trip. With pgx's driver an event costs
+// its transaction a round trip, about what a bare second INSERT costs: in
+// outbox-bench one event added 30% to 43% to a one-row transaction, and
+// 19% to 22% through this driver. Open GORM with it:
 //
 //	db, err := gorm.Open(postgres.New(postgres.Config{DriverName: outbox.PipelinedPgx, DSN: dsn}))
 //
