@@ -195,10 +195,8 @@ const maxRowsPerInsert = 1000
 // Save implements Store. It writes all messages with multi-row INSERTs on
 // tx's connection, in the caller's transaction. The statement does not go
 // through GORM's Exec, which built it again for every event (a new session,
-// its clauses, its placeholders: half of the enqueue's Go CPU outside the
-// driver, in a profile of outbox-bench's enqueue part); GORM's logger still
-// sees it, callbacks registered on Raw do not. In a DryRun session it
-// writes nothing.
+// its clauses, its placeholders); GORM's logger still sees it, callbacks
+// registered on Raw do not. In a DryRun session it writes nothing.
 func (s *GormStore) Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessage) error {
 	if len(msgs) == 0 {
 		return nil

@@ -12,7 +12,8 @@
 //     rates, with the wake-up (NOTIFY) and with polling only;
 //
 //  3. enqueue: transactions per second of a one-row domain transaction
-//     with and without one event, at 8 writers; and one 500-event transaction;
+//     with and without one event, at 8 writers, through pgx's driver and
+//     through outbox.PipelinedPgx; and one 500-event transaction;
 //
 //  4. scaling (-scaling): drain throughput at 10k, 100k and 1M pending,
 //     and with 10M published rows retained.
