@@ -109,3 +109,13 @@ func SetPoolCheckInterval(d time.Duration) (restore func()) {
 
 // WaitMark starts a statement that PipelinedPgx holds until the next one.
 const WaitMark = withCommit
+
+// LockPicked locks msgs as a held claim does after its walk, with refs as
+// the addresses the walk read, and returns the ids it would send; the
+// locks end with it.
+func LockPicked(ctx context.Context, s *GormStore, msgs []*OutboxMessage, refs map[uuid.UUID]string) ([]uuid.UUID, error) {
+	tx := s.db.WithContext(ctx).Begin()
+	defer tx.Rollback()
+	locked, _, err := s.lockPicked(tx, nil, time.Now().Add(time.Second), msgs, refs, time.Minute)
+	return ids(locked), err
+}

@@ -30,6 +30,7 @@ type heldClaim struct {
 	conn  *sql.Conn // the pool connection tx runs on; nil if the pool is not a *sql.DB
 	tx    *gorm.DB
 	msgs  []*OutboxMessage
+	refs  rowRefs // the addresses of msgs, where the lock returned them
 	done  bool
 }
 
@@ -41,6 +42,7 @@ type inFlight struct {
 	mu   sync.Mutex
 	pick sync.Mutex // one walk at a time in this process: no two pick the same rows
 	ids  map[uuid.UUID]string
+	refs rowRefs // their addresses, where the walk read them
 
 	// A walk's fixed cost (a read that starts at the queue's front, past
 	// the entries of rows published since the last vacuum) is most of it,
@@ -73,14 +75,18 @@ func (f *inFlight) snapshot() (ids []uuid.UUID, keys map[string]bool) {
 	return ids, keys
 }
 
-func (f *inFlight) add(msgs []*OutboxMessage) {
+// add puts msgs in flight, with their addresses among refs.
+func (f *inFlight) add(msgs []*OutboxMessage, refs rowRefs) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.ids == nil {
-		f.ids = map[uuid.UUID]string{}
+		f.ids, f.refs = map[uuid.UUID]string{}, rowRefs{}
 	}
 	for _, m := range msgs {
 		f.ids[m.ID] = m.Key
+		if ref, ok := refs[m.ID]; ok {
+			f.refs[m.ID] = ref
+		}
 	}
 }
 
@@ -89,7 +95,21 @@ func (f *inFlight) remove(msgs []*OutboxMessage) {
 	defer f.mu.Unlock()
 	for _, m := range msgs {
 		delete(f.ids, m.ID)
+		delete(f.refs, m.ID)
 	}
+}
+
+// refsOf returns the addresses of msgs that the walk read.
+func (f *inFlight) refsOf(msgs []*OutboxMessage) rowRefs {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	refs := make(rowRefs, len(msgs))
+	for _, m := range msgs {
+		if ref, ok := f.refs[m.ID]; ok {
+			refs[m.ID] = ref
+		}
+	}
+	return refs
 }
 
 // claimHeld picks and locks due messages like Claim, and returns them with
@@ -117,15 +137,15 @@ func (s *GormStore) claimHeld(ctx, work context.Context, opts ClaimOptions) (*he
 		}
 		// Outside the walk's turn: the picked rows are in flight already,
 		// so the other workers' walks leave them out.
-		locked, err := s.lockPicked(c.tx, c.conn, now, c.msgs, opts.Lease)
+		locked, refs, err := s.lockPicked(c.tx, c.conn, now, c.msgs, s.flying.refsOf(c.msgs), opts.Lease)
 		if err != nil {
 			return err
 		}
 		if len(locked) < len(c.msgs) {
 			s.flying.remove(c.msgs)
-			s.flying.add(locked)
+			s.flying.add(locked, refs)
 		}
-		c.msgs = locked
+		c.msgs, c.refs = locked, refs
 		return nil
 	}()
 	if err != nil || len(c.msgs) == 0 {
@@ -166,7 +186,11 @@ func (s *GormStore) pgxWalk(ctx context.Context, conn *sql.Conn, fallback walkRe
 				id                        pgtype.UUID
 				token, topic, hdrs, lastE pgtype.Text
 			)
-			if err := rows.Scan(&id, &w.key, &w.next, &token, &w.attempts, &w.created, &topic, &w.payload, &hdrs, &lastE); err != nil {
+			dest := []any{&id, &w.key, &w.next, &token, &w.attempts, &w.created, &topic, &w.payload, &hdrs, &lastE}
+			if s.dialect.rowRef != "" {
+				dest = append(dest, &w.ref)
+			}
+			if err := rows.Scan(dest...); err != nil {
 				return err
 			}
 			w.id = id.Bytes
@@ -258,14 +282,15 @@ func (s *GormStore) pickHeld(read walkReader, now time.Time, opts ClaimOptions) 
 		walk.Limit *= 2
 	}
 	inFlight, keys := f.snapshot()
-	picked, err := s.pick(read, now, walk, inFlight, keys)
+	refs := rowRefs{}
+	picked, err := s.pick(read, now, walk, inFlight, keys, refs)
 	if err != nil {
 		return nil, err
 	}
 	mine, spare := splitPicked(picked, opts.Limit)
-	f.add(mine)
+	f.add(mine, refs)
 	if len(spare) > 0 {
-		f.add(spare)
+		f.add(spare, refs)
 		f.spare, f.spareOpts, f.spareAt = spare, opts, time.Now()
 	}
 	return mine, nil
@@ -322,7 +347,7 @@ func (c *heldClaim) finish(published []uuid.UUID, failures []Failure) error {
 	}
 	defer c.release()
 	c.done = true
-	err := c.store.markPublished(c.tx, nil, published)
+	err := c.store.markPublished(c.tx, nil, published, c.refs)
 	if err == nil {
 		err = c.store.markFailed(c.tx, nil, failures)
 	}
@@ -359,11 +384,51 @@ func (c *heldClaim) release() {
 	c.store.flying.remove(c.msgs)
 }
 
+// rowRefs are rows' addresses (PostgreSQL's ctid, as text) by id, as the
+// walk read them. A row's address stays its own while a transaction holds
+// it locked, so the lock and the results of a held claim find rows by
+// address, one page read each, instead of by id through the index (three
+// or four), which was most of the two statements' work. The lock checks
+// that each address still holds the id picked there.
+type rowRefs map[uuid.UUID]string
+
+// arg is the argument of "ctid = ANY(CAST(? AS tid[]))" for ids; ok is
+// false unless refs has the address of each.
+func (r rowRefs) arg(ids []uuid.UUID) (arg string, ok bool) {
+	if len(r) == 0 {
+		return "", false
+	}
+	var b strings.Builder
+	b.Grow(len(ids)*12 + 2)
+	b.WriteByte('{')
+	for i, id := range ids {
+		ref, ok := r[id]
+		if !ok {
+			return "", false
+		}
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteByte('"') // "(page,item)": the comma must be quoted
+		b.WriteString(ref)
+		b.WriteByte('"')
+	}
+	b.WriteByte('}')
+	return b.String(), true
+}
+
 // lockPicked locks the picked rows (PostgreSQL) and returns those it may
-// send. A row it cannot lock is in another transaction's claim, or has
-// changed since the walk (published, or put back in a retry's backoff):
-// either way its key is busy, and the later picked rows of that key are
-// dropped too (they stay locked until this transaction ends, unsent).
+// send, with their addresses. A row it cannot lock is in another
+// transaction's claim, or has changed since the walk (published, or put
+// back in a retry's backoff): either way its key is busy, and the later
+// picked rows of that key are dropped too (they stay locked until this
+// transaction ends, unsent).
+//
+// With the address of every picked row (refs), it locks by address: a row
+// that has changed since the walk has a new address or none (an updated
+// row's new version is elsewhere, and the old one fails the lock's check);
+// an address that holds another row since (deleted, vacuumed, reused) is
+// not one of the picked ids, and is left out.
 //
 // A held claim (lease > 0) sets three things for its transaction in the
 // same statement, before it holds anything: idle_in_transaction_session_timeout,
@@ -375,9 +440,9 @@ func (c *heldClaim) release() {
 // pgx prepares and caches, are planned for their id lists: a generic plan
 // chosen while the table was nearly empty scanned it whole for every batch
 // once it had grown (the long reliability run's broker outage: 470 msg/s).
-func (s *GormStore) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picked []*OutboxMessage, lease time.Duration) ([]*OutboxMessage, error) {
+func (s *GormStore) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picked []*OutboxMessage, refs rowRefs, lease time.Duration) ([]*OutboxMessage, rowRefs, error) {
 	if len(picked) == 0 {
-		return nil, nil
+		return nil, nil, nil
 	}
 	q := s.quote
 	from, args := s.table()+" AS o", []any{}
@@ -386,50 +451,72 @@ func (s *GormStore) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picke
 			" set_config('synchronous_commit', 'off', true), set_config('plan_cache_mode', 'force_custom_plan', true)) AS settings"
 		args = append(args, strconv.FormatInt(max(lease.Milliseconds(), 1), 10))
 	}
-	query := "SELECT o." + q("id") + " FROM " + from + " WHERE o." + q("id") + " " + s.dialect.inIDs +
+	ids := ids(picked)
+	match, matchArg := "o."+q("id")+" "+s.dialect.inIDs, any(s.idsArg(ids))
+	var pickedAt map[string]uuid.UUID // by address: the row picked there
+	if arg, ok := refs.arg(ids); ok {
+		match, matchArg = "o.ctid = ANY(CAST(? AS tid[]))", arg
+		pickedAt = make(map[string]uuid.UUID, len(ids))
+		for _, id := range ids {
+			pickedAt[refs[id]] = id
+		}
+	}
+	query := "SELECT o." + q("id") + ", CAST(o.ctid AS text) FROM " + from + " WHERE " + match +
 		" AND o." + q("state") + " = 'pending' AND o." + q("next_attempt_at") + " <= ? FOR UPDATE OF o SKIP LOCKED"
-	args = append(args, s.idsArg(ids(picked)), now)
-	locked := make(map[uuid.UUID]bool, len(picked))
+	args = append(args, matchArg, now)
+	locked := make(rowRefs, len(picked))
+	lockedRow := func(id uuid.UUID, ref string) {
+		if pickedAt == nil || pickedAt[ref] == id {
+			locked[id] = ref
+		}
+	}
 	ok := false
 	if conn != nil {
 		var err error
 		ok, err = pgxQuery(tx.Statement.Context, conn, true, query, args, func(rows pgx.Rows) error {
-			var id pgtype.UUID
-			if err := rows.Scan(&id); err != nil {
+			var (
+				id  pgtype.UUID
+				ref string
+			)
+			if err := rows.Scan(&id, &ref); err != nil {
 				return err
 			}
-			locked[id.Bytes] = true
+			lockedRow(id.Bytes, ref)
 			return nil
 		})
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	if !ok {
 		rows, err := tx.Raw(query, args...).Rows()
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		defer rows.Close()
 		for rows.Next() {
-			var id uuid.UUID
-			if err := rows.Scan(&id); err != nil {
-				return nil, err
+			var (
+				id  uuid.UUID
+				ref string
+			)
+			if err := rows.Scan(&id, &ref); err != nil {
+				return nil, nil, err
 			}
-			locked[id] = true
+			lockedRow(id, ref)
 		}
 		if err := rows.Err(); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	if len(locked) == len(picked) {
-		return picked, nil
+		return picked, locked, nil
 	}
 	busy := map[string]bool{}
 	out := make([]*OutboxMessage, 0, len(picked)) // not in place: the caller still needs picked
 	for _, m := range picked {
+		_, ok := locked[m.ID]
 		switch {
-		case !locked[m.ID]:
+		case !ok:
 			if m.Key != "" {
 				busy[m.Key] = true
 			}
@@ -437,5 +524,5 @@ func (s *GormStore) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picke
 			out = append(out, m)
 		}
 	}
-	return out, nil
+	return out, locked, nil
 }

@@ -59,7 +59,7 @@ func TestTakeSpare(t *testing.T) {
 	} {
 		var f inFlight
 		spare := keyed("a b")
-		f.add(spare)
+		f.add(spare, nil)
 		f.spare, f.spareOpts, f.spareAt = spare, opts, time.Now().Add(-c.age)
 		got := f.takeSpare(c.opts)
 		ids, _ := f.snapshot()

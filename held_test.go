@@ -1,6 +1,7 @@
 package outbox_test
 
 import (
+	"maps"
 	"strings"
 	"testing"
 	"time"
@@ -227,6 +228,83 @@ func TestLeaseResultsAreNeverGenericPlans(t *testing.T) {
 		// Only pgx's extended protocol caches prepared statements.
 		if cached := !strings.Contains(t.Name(), "simple") && !strings.Contains(t.Name(), "libpq"); cached && custom < 16 {
 			t.Fatalf("%d custom plans of cached statements with an id list, want at least 16: %+v", custom, plans)
+		}
+	})
+}
+
+// A held claim locks its picked rows by the addresses its walk read. An
+// address that holds another row since, or a row changed since the walk
+// (its new version is elsewhere), is not locked: its key is busy, the
+// rest of the batch goes on.
+func TestHeldClaimLocksOnlyTheRowsPickedAtTheirAddresses(t *testing.T) {
+	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
+		ctx := t.Context()
+		s, _ := outbox.StoreOf(db)
+		if err := db.Transaction(func(tx *gorm.DB) error {
+			return outbox.Enqueue(tx,
+				outbox.Message{Topic: "t", Key: "a", Payload: "1"},
+				outbox.Message{Topic: "t", Key: "a", Payload: "2"},
+				outbox.Message{Topic: "t", Key: "b", Payload: "1"},
+				outbox.Message{Topic: "t", Key: "c", Payload: "1"})
+		}); err != nil {
+			t.Fatal(err)
+		}
+		rows := messages(t, db) // c:1 is not among the picked rows
+		msgs := []*outbox.OutboxMessage{&rows[0], &rows[1], &rows[2]}
+		addresses := func() map[uuid.UUID]string {
+			var got []struct {
+				ID   uuid.UUID
+				Ctid string
+			}
+			if err := db.Raw("SELECT id, CAST(ctid AS text) AS ctid FROM " + outbox.DefaultTableName).Scan(&got).Error; err != nil {
+				t.Fatal(err)
+			}
+			refs := map[uuid.UUID]string{}
+			for _, r := range got {
+				refs[r.ID] = r.Ctid
+			}
+			return refs
+		}
+		lock := func(refs map[uuid.UUID]string) string {
+			t.Helper()
+			locked, err := outbox.LockPicked(ctx, s, msgs, refs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var keys []string
+			for _, id := range locked {
+				for _, m := range msgs {
+					if m.ID == id {
+						keys = append(keys, m.Key+":"+string(m.Payload))
+					}
+				}
+			}
+			return strings.Join(keys, " ")
+		}
+		refs := addresses()
+		if got := lock(refs); got != "a:1 a:2 b:1" {
+			t.Fatalf("locked %q with the walk's addresses, want all three", got)
+		}
+		// a:1's address holds c:1 instead: c:1 is locked, but not sent;
+		// a:1 is not locked, nor a:2 behind it.
+		swapped := maps.Clone(refs)
+		swapped[rows[0].ID] = refs[rows[3].ID]
+		if got := lock(swapped); got != "b:1" {
+			t.Fatalf("locked %q with a:1's address holding c:1, want only b:1", got)
+		}
+		// b:1 changed after the walk read its address: its new version is elsewhere.
+		if err := db.Exec("UPDATE "+outbox.DefaultTableName+" SET last_error = 'changed' WHERE id = ?", rows[2].ID).Error; err != nil {
+			t.Fatal(err)
+		}
+		if addresses()[rows[2].ID] == refs[rows[2].ID] {
+			t.Fatal("the update left b:1 at its address; the test needs it moved")
+		}
+		if got := lock(refs); got != "a:1 a:2" {
+			t.Fatalf("locked %q with b:1 changed since the walk, want a:1 a:2", got)
+		}
+		// Without addresses, by id: b:1 is the same row, changed or not.
+		if got := lock(nil); got != "a:1 a:2 b:1" {
+			t.Fatalf("locked %q by id, want all three", got)
 		}
 	})
 }

@@ -124,6 +124,9 @@ func newStore(db *gorm.DB, cfg config) (*GormStore, error) {
 	for _, c := range walkIfDue {
 		walk = append(walk, "CASE WHEN "+s.quote("next_attempt_at")+" <= ? THEN "+s.quote(c)+" END")
 	}
+	if d.rowRef != "" {
+		walk = append(walk, d.rowRef)
+	}
 	s.walk = "SELECT " + strings.Join(walk, ", ") + " FROM " + s.table() + s.dialect.pendingHint + " WHERE " + s.quote("state") + " = 'pending'"
 	ins := make([]string, len(insertColumns))
 	for i, c := range insertColumns {
@@ -352,11 +355,12 @@ func (s *GormStore) claim(tx *gorm.DB, token string, opts ClaimOptions) ([]*Outb
 	// rounded up, so that a message committed a moment ago is due now, not
 	// at the next poll.
 	now := time.Now().UTC().Truncate(time.Millisecond).Add(time.Millisecond)
-	picked, err := s.pick(s.gormWalk(tx, now), now, opts, nil, nil)
+	refs := rowRefs{}
+	picked, err := s.pick(s.gormWalk(tx, now), now, opts, nil, nil, refs)
 	if err == nil && s.dialect.holdClaims {
 		// Rows in a publisher's held claim look due: lock what was picked,
 		// and leave what cannot be locked (see heldClaim).
-		picked, err = s.lockPicked(tx, nil, now, picked, 0)
+		picked, _, err = s.lockPicked(tx, nil, now, picked, refs, 0)
 	}
 	if err != nil || len(picked) == 0 {
 		return nil, err
@@ -430,6 +434,7 @@ type queued struct {
 	key  string
 	held bool // not due and claimed (not in a retry's backoff), or read without its payload
 	msg  *OutboxMessage
+	ref  string // the row's address (dialect.rowRef), if read
 }
 
 // walkReader runs one read of the walk (sql, args, then the window as the
@@ -445,6 +450,7 @@ type walkRow struct {
 	attempts           int
 	payload            []byte
 	headers, lastError string
+	ref                string
 }
 
 // optional is a nullable column's value: nil where it was NULL.
@@ -459,7 +465,7 @@ func optional(s string, valid bool) *string {
 // but the SQL did not (which the millisecond clock should rule out) was
 // read without its payload: it waits for the next claim, holding its key.
 func (w *walkRow) queued(now time.Time) (queued, error) {
-	r := queued{id: w.id, key: w.key}
+	r := queued{id: w.id, key: w.key, ref: w.ref}
 	if w.next.After(now) || w.topic == nil {
 		r.held = w.token != nil || !w.next.After(now)
 		return r, nil
@@ -487,7 +493,11 @@ func (s *GormStore) gormWalk(tx *gorm.DB, now time.Time) walkReader {
 				w                         walkRow
 				token, topic, hdrs, lastE sql2.NullString
 			)
-			if err := rows.Scan(&w.id, &w.key, &w.next, &token, &w.attempts, &w.created, &topic, &w.payload, &hdrs, &lastE); err != nil {
+			dest := []any{&w.id, &w.key, &w.next, &token, &w.attempts, &w.created, &topic, &w.payload, &hdrs, &lastE}
+			if s.dialect.rowRef != "" {
+				dest = append(dest, &w.ref)
+			}
+			if err := rows.Scan(dest...); err != nil {
 				return nil, err
 			}
 			w.token, w.topic = optional(token.String, token.Valid), optional(topic.String, topic.Valid)
@@ -505,8 +515,9 @@ func (s *GormStore) gormWalk(tx *gorm.DB, now time.Time) walkReader {
 // pick walks the pending rows in id order and returns those to claim: due
 // rows of keys that hold nothing. The state is a SQL literal so that the
 // partial pending index serves the read whatever the statement cache.
-// The rows of inFlight are left out, and their keys are busy.
-func (s *GormStore) pick(read walkReader, now time.Time, opts ClaimOptions, inFlight []uuid.UUID, inFlightKeys map[string]bool) ([]*OutboxMessage, error) {
+// The rows of inFlight are left out, and their keys are busy. refs, if not
+// nil, gets the address of each picked row that the walk read one for.
+func (s *GormStore) pick(read walkReader, now time.Time, opts ClaimOptions, inFlight []uuid.UUID, inFlightKeys map[string]bool, refs rowRefs) ([]*OutboxMessage, error) {
 	q := s.quote
 	busy := make(map[string]bool, len(inFlightKeys))
 	for k := range inFlightKeys {
@@ -545,6 +556,9 @@ func (s *GormStore) pick(read walkReader, now time.Time, opts ClaimOptions, inFl
 			if r.msg != nil {
 				if r.key == "" || !busy[r.key] {
 					picked = append(picked, r.msg)
+					if refs != nil && r.ref != "" {
+						refs[r.id] = r.ref
+					}
 					if len(picked) == opts.Limit {
 						return picked, nil
 					}
@@ -709,7 +723,7 @@ func lessID(a, b uuid.UUID) bool { return string(a[:]) < string(b[:]) }
 // MarkPublished implements Store: the messages become published, or are
 // deleted under WithDeleteOnPublish.
 func (s *GormStore) MarkPublished(ctx context.Context, token string, ids []uuid.UUID) error {
-	return s.recording(ctx, false, func(db *gorm.DB) error { return s.markPublished(db, &token, ids) })
+	return s.recording(ctx, false, func(db *gorm.DB) error { return s.markPublished(db, &token, ids, nil) })
 }
 
 // heldBy is the condition that a row is still held by the claim of token;
@@ -721,13 +735,18 @@ func (s *GormStore) heldBy(token *string) (string, []any) {
 	return " AND " + s.quote("claim_token") + " = ?", []any{*token}
 }
 
-func (s *GormStore) markPublished(db *gorm.DB, token *string, ids []uuid.UUID) error {
+// markPublished writes the result of the rows ids; refs, if it has the
+// address of each, are the addresses of rows db's transaction has locked.
+func (s *GormStore) markPublished(db *gorm.DB, token *string, ids []uuid.UUID, refs rowRefs) error {
 	if len(ids) == 0 {
 		return nil
 	}
 	held, args := s.heldBy(token)
 	where := s.quote("id") + " " + s.dialect.inIDs + held
 	args = append([]any{s.idsArg(ids)}, args...)
+	if arg, ok := refs.arg(ids); ok {
+		where, args = "ctid = ANY(CAST(? AS tid[]))", []any{arg}
+	}
 	var err error
 	if s.cfg.deletePublished {
 		err = db.Exec("DELETE FROM "+s.table()+" WHERE "+where, args...).Error
