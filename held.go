@@ -46,14 +46,18 @@ type inFlight struct {
 
 	// A walk's fixed cost (a read that starts at the queue's front, past
 	// the entries of rows published since the last vacuum) is most of it,
-	// and walks take turns: so while another claim is open (another worker
-	// sending, soon back for more), a walk picks two batches and leaves the
-	// second here, in flight, for the next claim to take instead of walking.
+	// and walks take turns: so while other claims are open (other workers
+	// sending, soon back for more), a walk picks a batch for each, up to
+	// maxWalkBatches, and leaves the others here, in flight, for the next
+	// claims to take instead of walking.
 	claims    atomic.Int32 // held claims open, from their start to their end
-	spare     []*OutboxMessage
+	spares    [][]*OutboxMessage
 	spareOpts ClaimOptions
 	spareAt   time.Time
 }
+
+// maxWalkBatches bounds the batches one walk picks.
+const maxWalkBatches = 4
 
 // spareFresh is how long a spare batch waits for its claim before it is
 // dropped: it is meant for a claim already waiting, and what a walk read
@@ -278,61 +282,74 @@ func (s *GormStore) pickHeld(read walkReader, now time.Time, opts ClaimOptions) 
 		return spare, nil
 	}
 	walk := opts
-	if f.claims.Load() > 1 {
-		walk.Limit *= 2
-	}
+	walk.Limit *= min(max(int(f.claims.Load()), 1), maxWalkBatches)
 	inFlight, keys := f.snapshot()
 	refs := rowRefs{}
 	picked, err := s.pick(read, now, walk, inFlight, keys, refs)
 	if err != nil {
 		return nil, err
 	}
-	mine, spare := splitPicked(picked, opts.Limit)
-	f.add(mine, refs)
-	if len(spare) > 0 {
-		f.add(spare, refs)
-		f.spare, f.spareOpts, f.spareAt = spare, opts, time.Now()
+	batches := splitPicked(picked, opts.Limit)
+	for _, b := range batches {
+		f.add(b, refs)
 	}
-	return mine, nil
+	if len(batches) == 0 {
+		return nil, nil
+	}
+	if len(batches) > 1 {
+		f.spares, f.spareOpts, f.spareAt = batches[1:], opts, time.Now()
+	}
+	return batches[0], nil
 }
 
-// takeSpare returns the spare batch if it was picked for claims like opts
-// and is fresh; otherwise it drops it (its rows leave the rows in flight,
-// still due). Called in the walk's turn.
+// takeSpare returns the next spare batch if they were picked for claims
+// like opts and are fresh; otherwise it drops them (their rows leave the
+// rows in flight, still due). Called in the walk's turn.
 func (f *inFlight) takeSpare(opts ClaimOptions) []*OutboxMessage {
-	spare := f.spare
-	if spare == nil {
+	if len(f.spares) == 0 {
 		return nil
 	}
-	f.spare = nil
 	if f.spareOpts != opts || time.Since(f.spareAt) > spareFresh {
-		f.remove(spare)
+		for _, b := range f.spares {
+			f.remove(b)
+		}
+		f.spares = nil
 		return nil
 	}
+	spare := f.spares[0]
+	f.spares = f.spares[1:]
 	return spare
 }
 
-// splitPicked splits a walk's picks, in id order, into the first limit and
-// a spare batch. A key's messages must not be sent by two claims at once,
-// so the spare batch leaves out the keys of the first; those messages stay
-// due, behind their key's batch.
-func splitPicked(picked []*OutboxMessage, limit int) (first, spare []*OutboxMessage) {
+// splitPicked splits a walk's picks, in id order, into batches of limit.
+// A key's messages must not be sent by two claims at once, so a key's
+// messages go in the batch of its first; those that do not fit stay due,
+// behind their key's batch.
+func splitPicked(picked []*OutboxMessage, limit int) [][]*OutboxMessage {
 	if len(picked) <= limit {
-		return picked, nil
+		if len(picked) == 0 {
+			return nil
+		}
+		return [][]*OutboxMessage{picked}
 	}
-	first = picked[:limit:limit]
-	keys := make(map[string]bool, limit)
-	for _, m := range first {
+	var batches [][]*OutboxMessage
+	batchOf := make(map[string]int, len(picked))
+	for _, m := range picked {
+		last := len(batches) - 1
+		b, seen := batchOf[m.Key]
+		switch {
+		case m.Key != "" && seen && (b != last || len(batches[last]) == limit):
+			continue // its key's batch is out of reach, or full
+		case last < 0 || len(batches[last]) == limit:
+			batches = append(batches, make([]*OutboxMessage, 0, limit))
+			last++
+		}
+		batches[last] = append(batches[last], m)
 		if m.Key != "" {
-			keys[m.Key] = true
+			batchOf[m.Key] = last
 		}
 	}
-	for _, m := range picked[limit:] {
-		if m.Key == "" || !keys[m.Key] {
-			spare = append(spare, m)
-		}
-	}
-	return first, spare
+	return batches
 }
 
 // finish records the sends' results in the claim's transaction and

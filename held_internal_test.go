@@ -24,21 +24,28 @@ func keysIn(msgs []*OutboxMessage) string {
 	return strings.Join(ks, " ")
 }
 
-// A spare batch is sent beside the first, so it must hold no key of it.
+// The batches of one walk are sent side by side, so a key's messages must
+// all be in one of them.
 func TestSplitPickedKeepsAKeyInOneBatch(t *testing.T) {
 	for _, c := range []struct {
-		picked       string
-		limit        int
-		first, spare string
+		picked  string
+		limit   int
+		batches string
 	}{
-		{"a b c", 3, "a b c", ""},
-		{"a b", 3, "a b", ""},
-		{"a b a c b d _ _", 2, "a b", "c d  "},
-		{"a _ a _ e", 2, "a ", " e"},
+		{"", 3, ""},
+		{"a b c", 3, "a b c"},
+		{"a b", 3, "a b"},
+		{"a b a c b d _ _", 2, "a b|c d| "},
+		{"a _ a _ e", 2, "a | e"},
+		{"a a b a c b", 3, "a a b|c"},
+		{"a b c a d e c f", 2, "a b|c d|e f"},
 	} {
-		first, spare := splitPicked(keyed(c.picked), c.limit)
-		if keysIn(first) != c.first || keysIn(spare) != c.spare {
-			t.Errorf("splitPicked(%q, %d) = %q, %q; want %q, %q", c.picked, c.limit, keysIn(first), keysIn(spare), c.first, c.spare)
+		var got []string
+		for _, b := range splitPicked(keyed(c.picked), c.limit) {
+			got = append(got, keysIn(b))
+		}
+		if strings.Join(got, "|") != c.batches {
+			t.Errorf("splitPicked(%q, %d) = %q; want %q", c.picked, c.limit, strings.Join(got, "|"), c.batches)
 		}
 	}
 }
@@ -60,11 +67,11 @@ func TestTakeSpare(t *testing.T) {
 		var f inFlight
 		spare := keyed("a b")
 		f.add(spare, nil)
-		f.spare, f.spareOpts, f.spareAt = spare, opts, time.Now().Add(-c.age)
+		f.spares, f.spareOpts, f.spareAt = [][]*OutboxMessage{spare}, opts, time.Now().Add(-c.age)
 		got := f.takeSpare(c.opts)
 		ids, _ := f.snapshot()
-		if (got != nil) != c.taken || f.spare != nil {
-			t.Errorf("%s: took %q, spare left %q", c.name, keysIn(got), keysIn(f.spare))
+		if (got != nil) != c.taken || len(f.spares) != 0 {
+			t.Errorf("%s: took %q, %d spare batches left", c.name, keysIn(got), len(f.spares))
 		}
 		if want := map[bool]int{true: 2, false: 0}[c.taken]; len(ids) != want {
 			t.Errorf("%s: %d rows in flight after, want %d", c.name, len(ids), want)
