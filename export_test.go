@@ -116,6 +116,6 @@ const WaitMark = withCommit
 func LockPicked(ctx context.Context, s *GormStore, msgs []*OutboxMessage, refs map[uuid.UUID]string) ([]uuid.UUID, error) {
 	tx := s.db.WithContext(ctx).Begin()
 	defer tx.Rollback()
-	locked, _, err := s.lockPicked(tx, nil, time.Now().Add(time.Second), msgs, refs, time.Minute)
+	locked, _, err := s.lockPicked(tx, nil, time.Now().Add(time.Second), msgs, refs, time.Minute, false)
 	return ids(locked), err
 }

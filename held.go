@@ -131,7 +131,7 @@ func (s *GormStore) claimHeld(ctx, work context.Context, opts ClaimOptions) (*he
 			return err
 		}
 		now := time.Now().UTC().Truncate(time.Millisecond).Add(time.Millisecond)
-		read := s.gormWalk(c.tx, now)
+		read := s.gormWalk(c.tx, now, false)
 		if c.conn != nil {
 			read = s.pgxWalk(work, c.conn, read, now)
 		}
@@ -140,8 +140,10 @@ func (s *GormStore) claimHeld(ctx, work context.Context, opts ClaimOptions) (*he
 			return err
 		}
 		// Outside the walk's turn: the picked rows are in flight already,
-		// so the other workers' walks leave them out.
-		locked, refs, err := s.lockPicked(c.tx, c.conn, now, c.msgs, s.flying.refsOf(c.msgs), opts.Lease)
+		// so the other workers' walks leave them out. The lock reads what
+		// the walk left out of the rows (see walkKeys): walks take turns,
+		// locks do not.
+		locked, refs, err := s.lockPicked(c.tx, c.conn, now, c.msgs, s.flying.refsOf(c.msgs), opts.Lease, true)
 		if err != nil {
 			return err
 		}
@@ -175,8 +177,9 @@ func (c *heldClaim) begin(work context.Context) error {
 	return c.tx.Error
 }
 
-// pgxWalk reads the walk through pgx itself, on conn, inside the claim's
-// transaction; with another driver it reads through fallback. Through
+// pgxWalk reads the held claim's walk (s.walkKeys) through pgx itself, on
+// conn, inside the claim's transaction; with another driver it reads
+// through fallback. Through
 // database/sql each value of each row is converted twice (to a
 // driver.Value, then to its destination: a uuid formatted and parsed
 // again, a payload copied twice), which cost more than the rest of the
@@ -186,21 +189,16 @@ func (s *GormStore) pgxWalk(ctx context.Context, conn *sql.Conn, fallback walkRe
 		out := make([]queued, 0, min(window, 4096))
 		ok, err := pgxQuery(ctx, conn, false, query, append(args, window), func(rows pgx.Rows) error {
 			var (
-				w                         walkRow
-				id                        pgtype.UUID
-				token, topic, hdrs, lastE pgtype.Text
+				w     walkRow
+				id    pgtype.UUID
+				token pgtype.Text
 			)
-			dest := []any{&id, &w.key, &w.next, &token, &w.attempts, &w.created, &topic, &w.payload, &hdrs, &lastE}
-			if s.dialect.rowRef != "" {
-				dest = append(dest, &w.ref)
-			}
-			if err := rows.Scan(dest...); err != nil {
+			if err := rows.Scan(&id, &w.key, &w.next, &token, &w.attempts, &w.created, &w.ref); err != nil {
 				return err
 			}
 			w.id = id.Bytes
-			w.token, w.topic = optional(token.String, token.Valid), optional(topic.String, topic.Valid)
-			w.headers, w.lastError = hdrs.String, lastE.String
-			r, err := w.queued(now)
+			w.token = optional(token.String, token.Valid)
+			r, err := w.queued(now, false)
 			if err != nil {
 				return err
 			}
@@ -285,7 +283,7 @@ func (s *GormStore) pickHeld(read walkReader, now time.Time, opts ClaimOptions) 
 	walk.Limit *= min(max(int(f.claims.Load()), 1), maxWalkBatches)
 	inFlight, keys := f.snapshot()
 	refs := rowRefs{}
-	picked, err := s.pick(read, now, walk, inFlight, keys, refs)
+	picked, err := s.pick(read, false, now, walk, inFlight, keys, refs)
 	if err != nil {
 		return nil, err
 	}
@@ -434,6 +432,14 @@ func (r rowRefs) arg(ids []uuid.UUID) (arg string, ok bool) {
 	return b.String(), true
 }
 
+// lockedRow is a row as the lock reads it.
+type lockedRow struct {
+	ref                       string
+	topic, headers, lastError string
+	payload                   []byte
+	attempts                  int
+}
+
 // lockPicked locks the picked rows (PostgreSQL) and returns those it may
 // send, with their addresses. A row it cannot lock is in another
 // transaction's claim, or has changed since the walk (published, or put
@@ -447,6 +453,9 @@ func (r rowRefs) arg(ids []uuid.UUID) (arg string, ok bool) {
 // an address that holds another row since (deleted, vacuumed, reused) is
 // not one of the picked ids, and is left out.
 //
+// read: the picked messages were walked without their contents (walkKeys);
+// the lock reads them from the rows it locks, as they are while locked.
+//
 // A held claim (lease > 0) sets three things for its transaction in the
 // same statement, before it holds anything: idle_in_transaction_session_timeout,
 // so that PostgreSQL ends the claim of a publisher that stops answering
@@ -457,7 +466,7 @@ func (r rowRefs) arg(ids []uuid.UUID) (arg string, ok bool) {
 // pgx prepares and caches, are planned for their id lists: a generic plan
 // chosen while the table was nearly empty scanned it whole for every batch
 // once it had grown (the long reliability run's broker outage: 470 msg/s).
-func (s *GormStore) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picked []*OutboxMessage, refs rowRefs, lease time.Duration) ([]*OutboxMessage, rowRefs, error) {
+func (s *GormStore) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picked []*OutboxMessage, refs rowRefs, lease time.Duration, read bool) ([]*OutboxMessage, rowRefs, error) {
 	if len(picked) == 0 {
 		return nil, nil, nil
 	}
@@ -478,28 +487,48 @@ func (s *GormStore) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picke
 			pickedAt[refs[id]] = id
 		}
 	}
-	query := "SELECT o." + q("id") + ", CAST(o.ctid AS text) FROM " + from + " WHERE " + match +
+	cols := "o." + q("id") + ", CAST(o.ctid AS text)"
+	var byID map[uuid.UUID]*OutboxMessage
+	if read {
+		cols += ", o." + q("topic") + ", o." + q("payload") + ", o." + q("headers") + ", o." + q("last_error") + ", o." + q("attempts")
+		byID = make(map[uuid.UUID]*OutboxMessage, len(picked))
+		for _, m := range picked {
+			byID[m.ID] = m
+		}
+	}
+	query := "SELECT " + cols + " FROM " + from + " WHERE " + match +
 		" AND o." + q("state") + " = 'pending' AND o." + q("next_attempt_at") + " <= ? FOR UPDATE OF o SKIP LOCKED"
 	args = append(args, matchArg, now)
 	locked := make(rowRefs, len(picked))
-	lockedRow := func(id uuid.UUID, ref string) {
-		if pickedAt == nil || pickedAt[ref] == id {
-			locked[id] = ref
+	var row lockedRow
+	dest := func(id any) []any {
+		d := []any{id, &row.ref}
+		if read {
+			d = append(d, &row.topic, &row.payload, &row.headers, &row.lastError, &row.attempts)
 		}
+		return d
+	}
+	lockedOne := func(id uuid.UUID) error {
+		if pickedAt != nil && pickedAt[row.ref] != id {
+			return nil // by address: not the row picked there
+		}
+		locked[id] = row.ref
+		if m := byID[id]; m != nil {
+			m.Topic, m.Payload, m.LastError, m.Attempts = row.topic, row.payload, row.lastError, row.attempts
+			return m.Headers.Scan(row.headers)
+		}
+		return nil
 	}
 	ok := false
 	if conn != nil {
 		var err error
 		ok, err = pgxQuery(tx.Statement.Context, conn, true, query, args, func(rows pgx.Rows) error {
-			var (
-				id  pgtype.UUID
-				ref string
-			)
-			if err := rows.Scan(&id, &ref); err != nil {
+			var id pgtype.UUID
+			row = lockedRow{}
+			if err := rows.Scan(dest(&id)...); err != nil {
 				return err
 			}
-			lockedRow(id.Bytes, ref)
-			return nil
+			return lockedOne(id.Bytes)
 		})
 		if err != nil {
 			return nil, nil, err
@@ -512,14 +541,14 @@ func (s *GormStore) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picke
 		}
 		defer rows.Close()
 		for rows.Next() {
-			var (
-				id  uuid.UUID
-				ref string
-			)
-			if err := rows.Scan(&id, &ref); err != nil {
+			var id uuid.UUID
+			row = lockedRow{}
+			if err := rows.Scan(dest(&id)...); err != nil {
 				return nil, nil, err
 			}
-			lockedRow(id, ref)
+			if err := lockedOne(id); err != nil {
+				return nil, nil, err
+			}
 		}
 		if err := rows.Err(); err != nil {
 			return nil, nil, err

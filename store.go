@@ -66,6 +66,9 @@ type GormStore struct {
 	dialect dialect
 	columns string // every column, quoted, in readMessages' order
 	walk    string // the claim's read of the pending rows (see pick)
+	// walkKeys is the held claim's walk: it reads no row whole, only what
+	// pick needs, and the lock reads the rows it locks (see lockPicked).
+	walkKeys string
 	insert  string // Save's INSERT up to VALUES
 	single  string // Save's whole INSERT of one message, the common case
 	wakeups *wakeups
@@ -119,15 +122,18 @@ func newStore(db *gorm.DB, cfg config) (*GormStore, error) {
 	// The walk reads whole rows only where they are due: of the others
 	// (mostly rows in flight, at the front of the queue) it needs the key,
 	// the due time and whether a claim holds them.
-	walk := []string{s.quote("id"), s.quote("message_key"), s.quote("next_attempt_at"), s.quote("claim_token"),
+	keys := []string{s.quote("id"), s.quote("message_key"), s.quote("next_attempt_at"), s.quote("claim_token"),
 		s.quote("attempts"), s.quote("created_at")}
+	walk := keys
 	for _, c := range walkIfDue {
 		walk = append(walk, "CASE WHEN "+s.quote("next_attempt_at")+" <= ? THEN "+s.quote(c)+" END")
 	}
 	if d.rowRef != "" {
-		walk = append(walk, d.rowRef)
+		walk, keys = append(walk, d.rowRef), append(keys, d.rowRef)
 	}
-	s.walk = "SELECT " + strings.Join(walk, ", ") + " FROM " + s.table() + s.dialect.pendingHint + " WHERE " + s.quote("state") + " = 'pending'"
+	from := " FROM " + s.table() + s.dialect.pendingHint + " WHERE " + s.quote("state") + " = 'pending'"
+	s.walk = "SELECT " + strings.Join(walk, ", ") + from
+	s.walkKeys = "SELECT " + strings.Join(keys, ", ") + from
 	ins := make([]string, len(insertColumns))
 	for i, c := range insertColumns {
 		ins[i] = s.quote(c)
@@ -356,11 +362,11 @@ func (s *GormStore) claim(tx *gorm.DB, token string, opts ClaimOptions) ([]*Outb
 	// at the next poll.
 	now := time.Now().UTC().Truncate(time.Millisecond).Add(time.Millisecond)
 	refs := rowRefs{}
-	picked, err := s.pick(s.gormWalk(tx, now), now, opts, nil, nil, refs)
+	picked, err := s.pick(s.gormWalk(tx, now, true), true, now, opts, nil, nil, refs)
 	if err == nil && s.dialect.holdClaims {
 		// Rows in a publisher's held claim look due: lock what was picked,
 		// and leave what cannot be locked (see heldClaim).
-		picked, _, err = s.lockPicked(tx, nil, now, picked, refs, 0)
+		picked, _, err = s.lockPicked(tx, nil, now, picked, refs, 0, false)
 	}
 	if err != nil || len(picked) == 0 {
 		return nil, err
@@ -464,23 +470,29 @@ func optional(s string, valid bool) *string {
 // queued returns what the walk makes of the row at now. A row Go finds due
 // but the SQL did not (which the millisecond clock should rule out) was
 // read without its payload: it waits for the next claim, holding its key.
-func (w *walkRow) queued(now time.Time) (queued, error) {
+//
+// whole: the row was read by s.walk; otherwise by s.walkKeys, and its
+// message has only what the walk read.
+func (w *walkRow) queued(now time.Time, whole bool) (queued, error) {
 	r := queued{id: w.id, key: w.key, ref: w.ref}
-	if w.next.After(now) || w.topic == nil {
+	if w.next.After(now) || (whole && w.topic == nil) {
 		r.held = w.token != nil || !w.next.After(now)
 		return r, nil
 	}
-	m := &OutboxMessage{ID: w.id, Topic: *w.topic, Key: w.key, Payload: w.payload, State: StatePending,
-		Attempts: w.attempts, LastError: w.lastError, NextAttemptAt: w.next, CreatedAt: w.created, ClaimToken: w.token}
-	if err := m.Headers.Scan(w.headers); err != nil {
-		return r, err
+	m := &OutboxMessage{ID: w.id, Key: w.key, State: StatePending,
+		Attempts: w.attempts, NextAttemptAt: w.next, CreatedAt: w.created, ClaimToken: w.token}
+	if whole {
+		m.Topic, m.Payload, m.LastError = *w.topic, w.payload, w.lastError
+		if err := m.Headers.Scan(w.headers); err != nil {
+			return r, err
+		}
 	}
 	r.msg = m
 	return r, nil
 }
 
-// gormWalk reads the walk through tx.
-func (s *GormStore) gormWalk(tx *gorm.DB, now time.Time) walkReader {
+// gormWalk reads the walk through tx: s.walk if whole, else s.walkKeys.
+func (s *GormStore) gormWalk(tx *gorm.DB, now time.Time, whole bool) walkReader {
 	return func(window int, sql string, args []any) ([]queued, error) {
 		rows, err := tx.Raw(sql, append(args, window)...).Rows()
 		if err != nil {
@@ -493,7 +505,10 @@ func (s *GormStore) gormWalk(tx *gorm.DB, now time.Time) walkReader {
 				w                         walkRow
 				token, topic, hdrs, lastE sql2.NullString
 			)
-			dest := []any{&w.id, &w.key, &w.next, &token, &w.attempts, &w.created, &topic, &w.payload, &hdrs, &lastE}
+			dest := []any{&w.id, &w.key, &w.next, &token, &w.attempts, &w.created}
+			if whole {
+				dest = append(dest, &topic, &w.payload, &hdrs, &lastE)
+			}
 			if s.dialect.rowRef != "" {
 				dest = append(dest, &w.ref)
 			}
@@ -502,7 +517,7 @@ func (s *GormStore) gormWalk(tx *gorm.DB, now time.Time) walkReader {
 			}
 			w.token, w.topic = optional(token.String, token.Valid), optional(topic.String, topic.Valid)
 			w.headers, w.lastError = hdrs.String, lastE.String
-			r, err := w.queued(now)
+			r, err := w.queued(now, whole)
 			if err != nil {
 				return nil, err
 			}
@@ -517,7 +532,9 @@ func (s *GormStore) gormWalk(tx *gorm.DB, now time.Time) walkReader {
 // partial pending index serves the read whatever the statement cache.
 // The rows of inFlight are left out, and their keys are busy. refs, if not
 // nil, gets the address of each picked row that the walk read one for.
-func (s *GormStore) pick(read walkReader, now time.Time, opts ClaimOptions, inFlight []uuid.UUID, inFlightKeys map[string]bool, refs rowRefs) ([]*OutboxMessage, error) {
+// whole reads the picked rows whole (s.walk); otherwise (s.walkKeys) their
+// messages have no topic, payload, headers or last error yet.
+func (s *GormStore) pick(read walkReader, whole bool, now time.Time, opts ClaimOptions, inFlight []uuid.UUID, inFlightKeys map[string]bool, refs rowRefs) ([]*OutboxMessage, error) {
 	q := s.quote
 	busy := make(map[string]bool, len(inFlightKeys))
 	for k := range inFlightKeys {
@@ -528,9 +545,12 @@ func (s *GormStore) pick(read walkReader, now time.Time, opts ClaimOptions, inFl
 	walked := 0
 	defer func() { s.lastWalk.Store(int64(walked)) }()
 	for window := s.claimWindow(opts.Limit); ; window *= 2 {
-		sql, args := s.walk, make([]any, len(walkIfDue), len(walkIfDue)+2)
-		for i := range walkIfDue {
-			args[i] = now
+		sql, args := s.walkKeys, make([]any, 0, len(walkIfDue)+2)
+		if whole {
+			sql = s.walk
+			for range walkIfDue {
+				args = append(args, now)
+			}
 		}
 		if len(inFlight) > 0 {
 			sql += " AND " + q("id") + " " + s.dialect.notInIDs
