@@ -45,19 +45,23 @@ type inFlight struct {
 	refs rowRefs // their addresses, where the walk read them
 
 	// A walk's fixed cost (a read that starts at the queue's front, past
-	// the entries of rows published since the last vacuum) is most of it,
-	// and walks take turns: so while other claims are open (other workers
-	// sending, soon back for more), a walk picks a batch for each, up to
-	// maxWalkBatches, and leaves the others here, in flight, for the next
-	// claims to take instead of walking.
+	// the rows in flight and the entries of rows published since the last
+	// vacuum) is most of it, and walks take turns: so while other claims
+	// are open (other workers sending, soon back for more), a walk picks
+	// the next two batches of each, up to maxWalkBatches, and leaves them
+	// here, in flight, for the next claims to take instead of walking.
+	// Picking for one more claim each halved the workers' wait for their
+	// turn (outbox-bench drain, 4 workers: 57-62% -> 70-76% of the lower
+	// ceiling, back to back); the lock checks each row again anyway.
 	claims    atomic.Int32 // held claims open, from their start to their end
 	spares    [][]*OutboxMessage
 	spareOpts ClaimOptions
 	spareAt   time.Time
 }
 
-// maxWalkBatches bounds the batches one walk picks.
-const maxWalkBatches = 4
+// maxWalkBatches bounds the batches one walk picks: 4,000 rows in flight
+// at the default batch size, read without their payloads.
+const maxWalkBatches = 8
 
 // spareFresh is how long a spare batch waits for its claim before it is
 // dropped: it is meant for a claim already waiting, and what a walk read
@@ -280,7 +284,7 @@ func (s *GormStore) pickHeld(read walkReader, now time.Time, opts ClaimOptions) 
 		return spare, nil
 	}
 	walk := opts
-	walk.Limit *= min(max(int(f.claims.Load()), 1), maxWalkBatches)
+	walk.Limit *= min(max(2*int(f.claims.Load())-1, 1), maxWalkBatches)
 	inFlight, keys := f.snapshot()
 	refs := rowRefs{}
 	picked, err := s.pick(read, false, now, walk, inFlight, keys, refs)

@@ -69,10 +69,10 @@ type GormStore struct {
 	// walkKeys is the held claim's walk: it reads no row whole, only what
 	// pick needs, and the lock reads the rows it locks (see lockPicked).
 	walkKeys string
-	insert  string // Save's INSERT up to VALUES
-	single  string // Save's whole INSERT of one message, the common case
-	wakeups *wakeups
-	notify  *notifier // nil: no NOTIFY
+	insert   string // Save's INSERT up to VALUES
+	single   string // Save's whole INSERT of one message, the common case
+	wakeups  *wakeups
+	notify   *notifier // nil: no NOTIFY
 	// lastWalk is how many pending rows the last claim read to find its
 	// messages (see claimWindow).
 	lastWalk atomic.Int64
