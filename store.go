@@ -431,7 +431,7 @@ func (s *GormStore) readMessages(tx *gorm.DB, sql string, args ...any) ([]*Outbo
 	return out, rows.Err()
 }
 
-// walkIfDue are the columns the walk reads only of due rows (see readWalk).
+// walkIfDue are the columns s.walk reads only of due rows (see walkRow.queued).
 var walkIfDue = []string{"topic", "payload", "headers", "last_error"}
 
 // queued is one row as the walk reads it: msg is nil unless it is due.
@@ -444,7 +444,8 @@ type queued struct {
 }
 
 // walkReader runs one read of the walk (sql, args, then the window as the
-// LIMIT) and returns its rows; due rows are whole messages.
+// LIMIT) and returns its rows; due rows are messages, whole if sql is
+// s.walk's.
 type walkReader func(window int, sql string, args []any) ([]queued, error)
 
 // walkRow is one row of a walk's read, as scanned.

@@ -21,6 +21,7 @@
 //     go run ./cmd/outbox-bench                    # parts 1-3, about 2 minutes
 //     go run ./cmd/outbox-bench -scaling           # part 4, 5 to 15 minutes
 //     go run ./cmd/outbox-bench -only drain -n 1000000
+//     go run ./cmd/outbox-bench -only drain -quick  # the ceilings and one publisher line, to compare changes
 //     cmd/outbox-bench/pgbench/run.sh              # part 3's SQL through pgbench, without Go
 //
 // It prints its conditions first. Every part works in a schema of its own,
@@ -57,6 +58,7 @@ type settings struct {
 	seconds      int
 	writers      int
 	rounds       int
+	quick        bool
 }
 
 func main() {
@@ -71,6 +73,7 @@ func main() {
 	flag.IntVar(&s.seconds, "seconds", 5, "duration of each latency and enqueue measurement")
 	idle := flag.Int("idle", 0, "every pool's MaxIdleConns (0: max(workers, writers)+2; 2 is database/sql's default)")
 	flag.IntVar(&s.rounds, "rounds", 3, "rounds of the drain part, interleaved (medians are printed)")
+	flag.BoolVar(&s.quick, "quick", false, "drain part: only the two ceilings and the publisher with -workers workers and WithDeleteOnPublish (for comparing changes back to back)")
 	flag.IntVar(&s.writers, "writers", 8, "concurrent writers (latency and enqueue parts)")
 	only := flag.String("only", "drain,latency,enqueue", "parts to run: drain, latency, enqueue, scaling")
 	scaling := flag.Bool("scaling", false, "run the backlog-scaling part (10k, 100k, 1M pending; 10M published)")
