@@ -78,3 +78,26 @@ func TestTakeSpare(t *testing.T) {
 		}
 	}
 }
+
+// A walk's spare batches go to the next claims in the walk's order, and
+// leave the rows in flight only when dropped.
+func TestTakeSpareInOrder(t *testing.T) {
+	opts := ClaimOptions{Limit: 2, Lease: time.Minute}
+	var f inFlight
+	first, second := keyed("a b"), keyed("c d")
+	f.add(first, nil)
+	f.add(second, nil)
+	f.spares, f.spareOpts, f.spareAt = [][]*OutboxMessage{first, second}, opts, time.Now()
+	if got := f.takeSpare(opts); keysIn(got) != "a b" {
+		t.Fatalf("first take: %q, want a b", keysIn(got))
+	}
+	if got := f.takeSpare(opts); keysIn(got) != "c d" {
+		t.Fatalf("second take: %q, want c d", keysIn(got))
+	}
+	if got := f.takeSpare(opts); got != nil {
+		t.Fatalf("third take: %q, want none", keysIn(got))
+	}
+	if ids, _ := f.snapshot(); len(ids) != 4 {
+		t.Fatalf("%d rows in flight after the takes, want the 4 taken", len(ids))
+	}
+}
