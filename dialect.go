@@ -81,10 +81,10 @@ type dialect struct {
 	// that finds it taken sleeps in steps of up to 100 ms (busy_timeout):
 	// four workers spent most of their time asleep.
 	oneWriter bool
-	// rowRef, where set, is read by the walk beside each row: the row's
-	// address in the table. A claim locks its picked rows, and writes the
-	// results of the rows it holds, by their addresses (see rowRefs).
-	rowRef string
+	// addresses: the walk reads each row's address in the table beside it,
+	// and a claim locks its picked rows, and writes the results of the rows
+	// it holds, by their addresses (see rowRefs).
+	addresses bool
 	// minVersion checks the server when a publisher starts.
 	minVersion func(db *gorm.DB) error
 }
@@ -106,7 +106,7 @@ var dialects = map[string]dialect{
 	"postgres": {name: "postgres", claimLock: "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true), set_config('plan_cache_mode', 'force_custom_plan', true)) l",
 		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))", notInIDs: "<> ALL(CAST(? AS uuid[]))",
 		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true, numberedArgs: true, holdClaims: true, waitPrefix: withCommit,
-		resultSetup: "SELECT set_config('plan_cache_mode', 'force_custom_plan', true)", rowRef: "CAST(ctid AS text)"},
+		resultSetup: "SELECT set_config('plan_cache_mode', 'force_custom_plan', true)", addresses: true},
 	"sqlite": {name: "sqlite", inIDs: "IN ?", notInIDs: "NOT IN ?", notInKeys: "NOT IN ?", oneWriter: true},
 }
 

@@ -412,8 +412,13 @@ func (c *heldClaim) release() {
 // that each address still holds the id picked there.
 type rowRefs map[uuid.UUID]string
 
-// arg is the argument of "ctid = ANY(CAST(? AS tid[]))" for ids; ok is
-// false unless refs has the address of each.
+// refColumn reads the address of a row of alias ("o." or ""); refsMatch is
+// true of a row whose address is among those of a rowRefs.arg.
+func refColumn(alias string) string { return "CAST(" + alias + "ctid AS text)" }
+func refsMatch(alias string) string { return alias + "ctid = ANY(CAST(? AS tid[]))" }
+
+// arg is the argument of refsMatch for ids; ok is false unless refs has
+// the address of each.
 func (r rowRefs) arg(ids []uuid.UUID) (arg string, ok bool) {
 	if len(r) == 0 {
 		return "", false
@@ -486,13 +491,13 @@ func (s *GormStore) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picke
 	match, matchArg := "o."+q("id")+" "+s.dialect.inIDs, any(s.idsArg(ids))
 	var pickedAt map[string]uuid.UUID // by address: the row picked there
 	if arg, ok := refs.arg(ids); ok {
-		match, matchArg = "o.ctid = ANY(CAST(? AS tid[]))", arg
+		match, matchArg = refsMatch("o."), arg
 		pickedAt = make(map[string]uuid.UUID, len(ids))
 		for _, id := range ids {
 			pickedAt[refs[id]] = id
 		}
 	}
-	cols := "o." + q("id") + ", CAST(o.ctid AS text)"
+	cols := "o." + q("id") + ", " + refColumn("o.")
 	var byID map[uuid.UUID]*OutboxMessage
 	if read {
 		cols += ", o." + q("topic") + ", o." + q("payload") + ", o." + q("headers") + ", o." + q("last_error") + ", o." + q("attempts")

@@ -128,8 +128,8 @@ func newStore(db *gorm.DB, cfg config) (*GormStore, error) {
 	for _, c := range walkIfDue {
 		walk = append(walk, "CASE WHEN "+s.quote("next_attempt_at")+" <= ? THEN "+s.quote(c)+" END")
 	}
-	if d.rowRef != "" {
-		walk, keys = append(walk, d.rowRef), append(keys, d.rowRef)
+	if d.addresses {
+		walk, keys = append(walk, refColumn("")), append(keys, refColumn(""))
 	}
 	from := " FROM " + s.table() + s.dialect.pendingHint + " WHERE " + s.quote("state") + " = 'pending'"
 	s.walk = "SELECT " + strings.Join(walk, ", ") + from
@@ -440,7 +440,7 @@ type queued struct {
 	key  string
 	held bool // not due and claimed (not in a retry's backoff), or read without its payload
 	msg  *OutboxMessage
-	ref  string // the row's address (dialect.rowRef), if read
+	ref  string // the row's address (dialect.addresses), if read
 }
 
 // walkReader runs one read of the walk (sql, args, then the window as the
@@ -510,7 +510,7 @@ func (s *GormStore) gormWalk(tx *gorm.DB, now time.Time, whole bool) walkReader 
 			if whole {
 				dest = append(dest, &topic, &w.payload, &hdrs, &lastE)
 			}
-			if s.dialect.rowRef != "" {
+			if s.dialect.addresses {
 				dest = append(dest, &w.ref)
 			}
 			if err := rows.Scan(dest...); err != nil {
@@ -766,7 +766,7 @@ func (s *GormStore) markPublished(db *gorm.DB, token *string, ids []uuid.UUID, r
 	where := s.quote("id") + " " + s.dialect.inIDs + held
 	args = append([]any{s.idsArg(ids)}, args...)
 	if arg, ok := refs.arg(ids); ok {
-		where, args = "ctid = ANY(CAST(? AS tid[]))", []any{arg}
+		where, args = refsMatch(""), []any{arg}
 	}
 	var err error
 	if s.cfg.deletePublished {
