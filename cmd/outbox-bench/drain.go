@@ -62,10 +62,11 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 			if err := fill(db, "bench_db", s.n, s.keys, payload); err != nil {
 				return 0, cpuTime{}, err
 			}
-			return measured(func() (float64, error) { return drainDB(ctx, db, "bench_db", s.batch, s.workers, s.n) })
+			return emptied(db, "bench_db")(measured(func() (float64, error) { return drainDB(ctx, db, "bench_db", s.batch, s.workers, s.n) }))
 		}},
 		// Ceiling 2: the broker alone, same producer settings.
 		{"ceiling, broker alone (sarama SendMessages):", false, func() (float64, cpuTime, error) {
+			settle(db)
 			return measured(func() (float64, error) { return produceOnly(addrs, s.batch, s.workers, s.n, s.keys, payload) })
 		}},
 	}
@@ -84,7 +85,7 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 				if err := fill(db, "bench_db", s.n, s.keys, payload); err != nil {
 					return 0, cpuTime{}, err
 				}
-				return measured(func() (float64, error) { return drainHeld(ctx, db, addrs, "bench_db", s.batch, workers, s.n) })
+				return emptied(db, "bench_db")(measured(func() (float64, error) { return drainHeld(ctx, db, addrs, "bench_db", s.batch, workers, s.n) }))
 			}})
 	}
 	// The publisher, keeping published rows (the default), then deleting
@@ -115,11 +116,7 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 					}
 					run := s
 					run.workers = workers
-					rate, cpu, err := measured(func() (float64, error) { return publisherDrain(ctx, v.db, addrs, run, s.n) })
-					if err != nil {
-						return 0, cpu, err
-					}
-					return rate, cpu, db.Exec("TRUNCATE " + outbox.DefaultTableName).Error
+					return emptied(db, outbox.DefaultTableName)(measured(func() (float64, error) { return publisherDrain(ctx, v.db, addrs, run, s.n) }))
 				}})
 		}
 	}
@@ -250,8 +247,22 @@ func publisherDrain(ctx context.Context, db *gorm.DB, addrs []string, s settings
 	return float64(n) / time.Since(start).Seconds(), nil
 }
 
-// fill writes n pending messages with the outbox's own multi-row insert.
+// emptied returns a drain's results once table is truncated: every drain
+// starts from a new table, not from the dead rows of the drains before it.
+func emptied(db *gorm.DB, table string) func(float64, cpuTime, error) (float64, cpuTime, error) {
+	return func(rate float64, cpu cpuTime, err error) (float64, cpuTime, error) {
+		if err != nil {
+			return 0, cpu, err
+		}
+		return rate, cpu, db.Exec("TRUNCATE " + table).Error
+	}
+}
+
+// fill writes n pending messages with the outbox's own multi-row insert,
+// after a settle: the fill and the drain after it write their WAL since
+// the same checkpoint.
 func fill(db *gorm.DB, table string, n, keys int, payload []byte) error {
+	settle(db)
 	if table != outbox.DefaultTableName {
 		stmts, err := outbox.DDL("postgres", table)
 		if err != nil {

@@ -103,6 +103,7 @@ func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error
 	round := s
 	round.seconds = roundSeconds
 	for range rounds {
+		settle(db)
 		for i, v := range variants {
 			var n int64
 			r, c, err := measured(func() (float64, error) { return txRate(ctx, v.db, round, v.tx, &n) })

@@ -89,6 +89,7 @@ func latencyRun(ctx context.Context, db *gorm.DB, dsn string, s settings, rate i
 	if err := db.Use(outbox.Plugin(opts...)); err != nil {
 		return err
 	}
+	settle(db)
 	pubDB, closeDB, err := open(dsn)
 	if err != nil {
 		return err

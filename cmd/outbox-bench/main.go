@@ -178,6 +178,11 @@ func printConditions(admin *gorm.DB, s settings) {
 			version += " " + s.Value[:min(12, len(s.Value))]
 		}
 	}
+	checkpoint := "yes"
+	if err := admin.Exec("CHECKPOINT").Error; err != nil {
+		checkpoint = "no (" + err.Error() + ")"
+	}
+	checkpoints = checkpoint == "yes"
 	host, _ := os.Hostname()
 	fmt.Printf("conditions: host=%s cpus=%d %s/%s %s postgresql=%s outbox=%s\n",
 		host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, runtime.Version(), pgVersion, version)
@@ -185,6 +190,7 @@ func printConditions(admin *gorm.DB, s settings) {
 		deps["gorm.io/gorm"], deps["github.com/jackc/pgx/v5"], deps["github.com/IBM/sarama"], deps["github.com/twmb/franz-go/pkg/kfake"])
 	fmt.Printf("            batch=%d workers=%d payload=%dB keys=%d writers=%d pool: MaxIdleConns=%d (database/sql's default: 2)\n",
 		s.batch, s.workers, s.payloadBytes, s.keys, s.writers, idleConns)
+	fmt.Printf("            a CHECKPOINT and a Go GC before each measurement: %s\n", checkpoint)
 }
 
 func bi() *debug.BuildInfo {
@@ -210,6 +216,22 @@ func withSchema(admin *gorm.DB, baseDSN string, fn func(db *gorm.DB, dsn string)
 	defer closeDB()
 	return fn(db, dsn)
 }
+
+// settle brings the machine to the same state before each measurement: a
+// CHECKPOINT, so that none pays for a checkpoint that the WAL of the runs
+// before it forced (PostgreSQL starts one every max_wal_size/2 or so of
+// WAL, which the drain part writes in seconds), and a collected Go heap
+// (the previous run's broker keeps its log in memory).
+func settle(db *gorm.DB) {
+	if checkpoints {
+		db.Exec("CHECKPOINT")
+	}
+	runtime.GC()
+}
+
+// checkpoints says whether settle's CHECKPOINT is allowed (a superuser or
+// pg_checkpoint): printConditions tries one and prints the answer.
+var checkpoints bool
 
 // idleConns is every pool's MaxIdleConns: enough for the busiest part's
 // goroutines, so that no measurement pays for connections database/sql
