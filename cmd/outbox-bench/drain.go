@@ -15,7 +15,6 @@ import (
 
 	"github.com/IBM/sarama"
 	"github.com/google/uuid"
-	"github.com/twmb/franz-go/pkg/kfake"
 	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox"
@@ -32,7 +31,7 @@ import (
 // ceiling of its own round.
 func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 	fmt.Printf("\n1. drain: %d pending messages, %d rounds, interleaved (medians)\n", s.n, s.rounds)
-	cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(8, "bench"))
+	cluster, err := newBroker("bench")
 	if err != nil {
 		return err
 	}

@@ -11,7 +11,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/twmb/franz-go/pkg/kfake"
 	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox"
@@ -98,7 +97,7 @@ func latencyRun(ctx context.Context, db *gorm.DB, dsn string, s settings, rate i
 	if err := pubDB.Use(outbox.Plugin(outbox.WithoutMigration())); err != nil {
 		return err
 	}
-	cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(8, "latency"))
+	cluster, err := newBroker("latency")
 	if err != nil {
 		return err
 	}

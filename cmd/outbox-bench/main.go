@@ -186,8 +186,9 @@ func printConditions(admin *gorm.DB, s settings) {
 	host, _ := os.Hostname()
 	fmt.Printf("conditions: host=%s cpus=%d %s/%s %s postgresql=%s outbox=%s\n",
 		host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, runtime.Version(), pgVersion, version)
-	fmt.Printf("            gorm=%s pgx=%s sarama=%s kafka=kfake %s (in this process, over TCP)\n",
-		deps["gorm.io/gorm"], deps["github.com/jackc/pgx/v5"], deps["github.com/IBM/sarama"], deps["github.com/twmb/franz-go/pkg/kfake"])
+	fmt.Printf("            gorm=%s pgx=%s sarama=%s kafka=kfake %s (in this process, over TCP; topics of %d partitions, segment.bytes=%s, retention.bytes=%s)\n",
+		deps["gorm.io/gorm"], deps["github.com/jackc/pgx/v5"], deps["github.com/IBM/sarama"], deps["github.com/twmb/franz-go/pkg/kfake"],
+		benchPartitions, benchSegmentBytes, benchRetentionBytes)
 	fmt.Printf("            batch=%d workers=%d payload=%dB keys=%d writers=%d pool: MaxIdleConns=%d (database/sql's default: 2)\n",
 		s.batch, s.workers, s.payloadBytes, s.keys, s.writers, idleConns)
 	fmt.Printf("            a CHECKPOINT and a Go GC before each measurement: %s\n", checkpoint)

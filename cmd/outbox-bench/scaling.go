@@ -6,7 +6,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/twmb/franz-go/pkg/kfake"
 	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox"
@@ -31,7 +30,7 @@ func scalingPart(ctx context.Context, admin *gorm.DB, s settings, published int)
 			if err := fill(db, outbox.DefaultTableName, pending, s.keys, payload); err != nil {
 				return err
 			}
-			cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(8, "bench"))
+			cluster, err := newBroker("bench")
 			if err != nil {
 				return err
 			}
