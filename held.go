@@ -51,8 +51,9 @@ type inFlight struct {
 	// the next two batches of each, up to maxWalkBatches, and leaves them
 	// here, in flight, for the next claims to take instead of walking.
 	// Picking one more batch for each open claim raised the drain from
-	// 57%, 62% to 76%, 76% of the lower ceiling (outbox-bench -only drain
-	// -quick, back to back); the lock checks each row again anyway.
+	// 57%, 62% to 76%, 76% of the lower ceiling of the time (outbox-bench
+	// -only drain -quick, back to back; that ceiling was handicapped, see
+	// the README, but both sides had it); the lock checks each row again.
 	claims    atomic.Int32 // held claims open, from their start to their end
 	spares    [][]*OutboxMessage
 	spareOpts ClaimOptions
