@@ -17,7 +17,11 @@ import (
 // On a server database: SQLite's workers write in turns, one connection at
 // a time.
 func TestPublisherWarnsOfAPoolThatChurns(t *testing.T) {
-	defer outbox.SetPoolCheckInterval(50 * time.Millisecond)()
+	// A check counts the connections closed since the last one; opening
+	// one took ~30 ms on a machine here, so a churning pool of 4 workers
+	// closed 1-2 per 50 ms (under the 4 that warn) and ~16 per 500 ms.
+	const interval = 500 * time.Millisecond
+	defer outbox.SetPoolCheckInterval(interval)()
 	eachDBWith(t, func(f features) bool { return f.processes }, func(t *testing.T, db *gorm.DB) {
 		_, addrs := outboxtest.Kafka(t, 1, "t")
 		for _, c := range []struct {
@@ -44,7 +48,7 @@ func TestPublisherWarnsOfAPoolThatChurns(t *testing.T) {
 					time.Sleep(20 * time.Millisecond)
 				}
 			}
-			time.Sleep(300 * time.Millisecond) // six more checks: a second warning, or a first one, would show
+			time.Sleep(3 * interval) // three more checks: a second warning, or a first one, would show
 			if err := pub.Stop(t.Context()); err != nil {
 				t.Fatal(err)
 			}
