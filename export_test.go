@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"gorm.io/gorm"
 )
 
 // CleanupLockKey exposes the cleanup's advisory lock to the tests, which
@@ -118,4 +119,27 @@ func LockPicked(ctx context.Context, s *GormStore, msgs []*OutboxMessage, refs m
 	defer tx.Rollback()
 	locked, _, err := s.lockPicked(tx, nil, time.Now().Add(time.Second), msgs, refs, time.Minute, false)
 	return ids(locked), err
+}
+
+// WalkPicks walks as a held claim does, with inFlight as the rows this
+// process has in flight (their keys not marked busy), and returns the ids
+// it picks.
+func WalkPicks(ctx context.Context, s *GormStore, inFlight []uuid.UUID) ([]uuid.UUID, error) {
+	sqlDB, err := s.db.DB()
+	if err != nil {
+		return nil, err
+	}
+	conn, err := sqlDB.Conn(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	db := s.db.Session(&gorm.Session{NewDB: true, Context: ctx})
+	db.Statement.ConnPool = conn
+	tx := db.Begin()
+	defer tx.Rollback()
+	now := time.Now().Add(time.Second)
+	read := s.pgxWalk(ctx, conn, s.gormWalk(tx, now, false), now)
+	picked, err := s.pick(read, false, now, ClaimOptions{Limit: 100, Lease: time.Minute}, inFlight, nil, rowRefs{})
+	return ids(picked), err
 }

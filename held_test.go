@@ -308,3 +308,38 @@ func TestHeldClaimLocksOnlyTheRowsPickedAtTheirAddresses(t *testing.T) {
 		}
 	})
 }
+
+// A walk leaves the rows this process has in flight out in SQL (they are
+// locked by its other claims), through pgx itself and through
+// database/sql (lib/pq) alike. Their keys are not marked busy here, so a
+// walk that read them would pick them.
+func TestWalkLeavesOutTheRowsInFlight(t *testing.T) {
+	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
+		if err := db.Transaction(func(tx *gorm.DB) error {
+			return outbox.Enqueue(tx,
+				outbox.Message{Topic: "t", Key: "a", Payload: "1"},
+				outbox.Message{Topic: "t", Key: "b", Payload: "1"},
+				outbox.Message{Topic: "t", Key: "c", Payload: "1"},
+				outbox.Message{Topic: "t", Key: "d", Payload: "1"})
+		}); err != nil {
+			t.Fatal(err)
+		}
+		rows := messages(t, db)
+		s, _ := outbox.StoreOf(db)
+		picked, err := outbox.WalkPicks(t.Context(), s, []uuid.UUID{rows[0].ID, rows[2].ID})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var keys []string
+		for _, id := range picked {
+			for _, r := range rows {
+				if r.ID == id {
+					keys = append(keys, r.Key)
+				}
+			}
+		}
+		if got := strings.Join(keys, " "); got != "b d" {
+			t.Fatalf("the walk picked %q with a and c in flight, want b d", got)
+		}
+	})
+}
