@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -238,7 +239,23 @@ func publisherDrain(ctx context.Context, db *gorm.DB, addrs []string, s settings
 		return 0, err
 	}
 	defer sender.Close()
-	pub, err := outbox.NewPublisher(db, sender, outbox.WithBatchSize(s.batch), outbox.WithWorkers(s.workers),
+	// The end is found by counting acknowledgements, then by asking the
+	// table: a query every 20 ms for a pending row stepped over the index
+	// entries of every row drained so far, ~3 ms of PostgreSQL's time
+	// each, 7% of the machine during a drain.
+	var acked atomic.Int64
+	counting := outbox.SenderFunc(func(ctx context.Context, msgs []*outbox.OutboxMessage) error {
+		err := sender.Send(ctx, msgs)
+		var partial *outbox.SendError
+		switch {
+		case err == nil:
+			acked.Add(int64(len(msgs)))
+		case errors.As(err, &partial):
+			acked.Add(int64(len(msgs) - len(partial.Failed)))
+		}
+		return err
+	})
+	pub, err := outbox.NewPublisher(db, counting, outbox.WithBatchSize(s.batch), outbox.WithWorkers(s.workers),
 		outbox.WithLogger(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))))
 	if err != nil {
 		return 0, err
@@ -248,8 +265,10 @@ func publisherDrain(ctx context.Context, db *gorm.DB, addrs []string, s settings
 		return 0, err
 	}
 	defer pub.Stop(ctx)
+	for acked.Load() < int64(n) && ctx.Err() == nil {
+		time.Sleep(time.Millisecond)
+	}
 	for {
-		// Through the pending index: cheap enough not to slow the drain.
 		var left []int
 		if err := db.Raw("SELECT 1 FROM " + outbox.DefaultTableName + " WHERE state = 'pending' LIMIT 1").Scan(&left).Error; err != nil {
 			return 0, err
@@ -257,7 +276,7 @@ func publisherDrain(ctx context.Context, db *gorm.DB, addrs []string, s settings
 		if len(left) == 0 {
 			break
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(2 * time.Millisecond) // a few times: the acknowledgements are all in
 	}
 	return float64(n) / time.Since(start).Seconds(), nil
 }
