@@ -161,8 +161,9 @@ func run(s settings, parts map[string]bool, published int) error {
 }
 
 func printConditions(admin *gorm.DB, s settings) {
-	var pgVersion string
+	var pgVersion, autovacuum string
 	admin.Raw("SHOW server_version").Scan(&pgVersion)
+	admin.Raw("SHOW autovacuum").Scan(&autovacuum)
 	deps := map[string]string{}
 	version := "(devel)"
 	if bi, ok := debug.ReadBuildInfo(); ok {
@@ -191,7 +192,7 @@ func printConditions(admin *gorm.DB, s settings) {
 		benchPartitions, benchSegmentBytes, benchRetentionBytes)
 	fmt.Printf("            batch=%d workers=%d payload=%dB keys=%d writers=%d pool: MaxIdleConns=%d (database/sql's default: 2)\n",
 		s.batch, s.workers, s.payloadBytes, s.keys, s.writers, idleConns)
-	fmt.Printf("            a CHECKPOINT and a Go GC before each measurement: %s\n", checkpoint)
+	fmt.Printf("            a CHECKPOINT and a Go GC before each measurement: %s; autovacuum=%s\n", checkpoint, autovacuum)
 }
 
 func bi() *debug.BuildInfo {
