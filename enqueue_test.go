@@ -368,3 +368,29 @@ func TestSaveToOutboxAsInTheDesignDocument(t *testing.T) {
 		}
 	})
 }
+
+// A *gorm.DB that carries an error (a failed statement chained on it) writes
+// nothing: Enqueue returns that error, as GORM's own Exec would, and the
+// transaction it rolls back keeps neither the domain row nor the event.
+func TestEnqueueOnAFailedStatementReturnsItsError(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		earlier := errors.New("an earlier statement failed")
+		err := db.Transaction(func(tx *gorm.DB) error {
+			if err := tx.Create(&Account{Name: "ada"}).Error; err != nil {
+				return err
+			}
+			failed := tx.Session(&gorm.Session{})
+			failed.AddError(earlier)
+			return outbox.Enqueue(failed, outbox.Message{Topic: "accounts", Key: "ada", Payload: "x"})
+		})
+		if !errors.Is(err, earlier) {
+			t.Fatalf("Enqueue on a *gorm.DB with an error: %v, want that error", err)
+		}
+		if n := count(t, db, outbox.DefaultTableName); n != 0 {
+			t.Fatalf("%d messages after the rollback, want 0", n)
+		}
+		if n := count(t, db, "accounts"); n != 0 {
+			t.Fatalf("%d accounts after the rollback, want 0", n)
+		}
+	})
+}
