@@ -240,16 +240,7 @@ func TestHeldClaimLocksOnlyTheRowsPickedAtTheirAddresses(t *testing.T) {
 	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
 		ctx := t.Context()
 		s, _ := outbox.StoreOf(db)
-		if err := db.Transaction(func(tx *gorm.DB) error {
-			return outbox.Enqueue(tx,
-				outbox.Message{Topic: "t", Key: "a", Payload: "1"},
-				outbox.Message{Topic: "t", Key: "a", Payload: "2"},
-				outbox.Message{Topic: "t", Key: "b", Payload: "1"},
-				outbox.Message{Topic: "t", Key: "c", Payload: "1"})
-		}); err != nil {
-			t.Fatal(err)
-		}
-		rows := messages(t, db) // c:1 is not among the picked rows
+		rows := enqueueLabelled(t, db, "a:1 a:2 b:1 c:1") // c:1 is not among the picked rows
 		msgs := []*outbox.OutboxMessage{&rows[0], &rows[1], &rows[2]}
 		addresses := func() map[uuid.UUID]string {
 			var got []struct {
@@ -271,15 +262,7 @@ func TestHeldClaimLocksOnlyTheRowsPickedAtTheirAddresses(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			var keys []string
-			for _, id := range locked {
-				for _, m := range msgs {
-					if m.ID == id {
-						keys = append(keys, m.Key+":"+string(m.Payload))
-					}
-				}
-			}
-			return strings.Join(keys, " ")
+			return labelsOf(rows, locked)
 		}
 		refs := addresses()
 		if got := lock(refs); got != "a:1 a:2 b:1" {
@@ -315,31 +298,42 @@ func TestHeldClaimLocksOnlyTheRowsPickedAtTheirAddresses(t *testing.T) {
 // walk that read them would pick them.
 func TestWalkLeavesOutTheRowsInFlight(t *testing.T) {
 	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
-		if err := db.Transaction(func(tx *gorm.DB) error {
-			return outbox.Enqueue(tx,
-				outbox.Message{Topic: "t", Key: "a", Payload: "1"},
-				outbox.Message{Topic: "t", Key: "b", Payload: "1"},
-				outbox.Message{Topic: "t", Key: "c", Payload: "1"},
-				outbox.Message{Topic: "t", Key: "d", Payload: "1"})
-		}); err != nil {
-			t.Fatal(err)
-		}
-		rows := messages(t, db)
+		rows := enqueueLabelled(t, db, "a:1 b:1 c:1 d:1")
 		s, _ := outbox.StoreOf(db)
 		picked, err := outbox.WalkPicks(t.Context(), s, []uuid.UUID{rows[0].ID, rows[2].ID})
 		if err != nil {
 			t.Fatal(err)
 		}
-		var keys []string
-		for _, id := range picked {
-			for _, r := range rows {
-				if r.ID == id {
-					keys = append(keys, r.Key)
-				}
-			}
-		}
-		if got := strings.Join(keys, " "); got != "b d" {
-			t.Fatalf("the walk picked %q with a and c in flight, want b d", got)
+		if got := labelsOf(rows, picked); got != "b:1 d:1" {
+			t.Fatalf("the walk picked %q with a:1 and c:1 in flight, want b:1 d:1", got)
 		}
 	})
+}
+
+// enqueueLabelled commits one message on topic t for each "key:payload"
+// of labels, in order, and returns the outbox's rows in id order.
+func enqueueLabelled(t *testing.T, db *gorm.DB, labels string) []outbox.OutboxMessage {
+	t.Helper()
+	var msgs []outbox.Message
+	for _, l := range strings.Fields(labels) {
+		key, payload, _ := strings.Cut(l, ":")
+		msgs = append(msgs, outbox.Message{Topic: "t", Key: key, Payload: payload})
+	}
+	if err := db.Transaction(func(tx *gorm.DB) error { return outbox.Enqueue(tx, msgs...) }); err != nil {
+		t.Fatal(err)
+	}
+	return messages(t, db)
+}
+
+// labelsOf names the rows of ids as "key:payload", in the order of ids.
+func labelsOf(rows []outbox.OutboxMessage, ids []uuid.UUID) string {
+	var labels []string
+	for _, id := range ids {
+		for _, r := range rows {
+			if r.ID == id {
+				labels = append(labels, r.Key+":"+string(r.Payload))
+			}
+		}
+	}
+	return strings.Join(labels, " ")
 }
