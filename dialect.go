@@ -83,7 +83,7 @@ type dialect struct {
 	oneWriter bool
 	// addresses: the walk reads each row's address in the table beside it,
 	// and a claim locks its picked rows, and writes the results of the rows
-	// it holds, by their addresses (see rowRefs).
+	// it holds, by their addresses (see refsArg).
 	addresses bool
 	// minVersion checks the server when a publisher starts.
 	minVersion func(db *gorm.DB) error

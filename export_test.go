@@ -117,7 +117,10 @@ const WaitMark = withCommit
 func LockPicked(ctx context.Context, s *GormStore, msgs []*OutboxMessage, refs map[uuid.UUID]string) ([]uuid.UUID, error) {
 	tx := s.db.WithContext(ctx).Begin()
 	defer tx.Rollback()
-	locked, _, err := s.lockPicked(tx, nil, time.Now().Add(time.Second), msgs, refs, time.Minute, false)
+	for _, m := range msgs {
+		m.ref = refs[m.ID]
+	}
+	locked, err := s.lockPicked(tx, nil, time.Now().Add(time.Second), msgs, time.Minute, false)
 	return ids(locked), err
 }
 
@@ -140,6 +143,6 @@ func WalkPicks(ctx context.Context, s *GormStore, inFlight []uuid.UUID) ([]uuid.
 	defer tx.Rollback()
 	now := time.Now().Add(time.Second)
 	read := s.pgxWalk(ctx, conn, s.gormWalk(tx, now, false), now)
-	picked, err := s.pick(read, false, now, ClaimOptions{Limit: 100, Lease: time.Minute}, inFlight, nil, rowRefs{})
+	picked, err := s.pick(read, false, now, ClaimOptions{Limit: 100, Lease: time.Minute}, inFlight, nil)
 	return ids(picked), err
 }

@@ -66,7 +66,7 @@ func TestTakeSpare(t *testing.T) {
 	} {
 		var f inFlight
 		spare := keyed("a b")
-		f.add(spare, nil)
+		f.add(spare)
 		f.spares, f.spareOpts, f.spareAt = [][]*OutboxMessage{spare}, opts, time.Now().Add(-c.age)
 		got := f.takeSpare(c.opts)
 		ids, _ := f.snapshot()
@@ -85,8 +85,8 @@ func TestTakeSpareInOrder(t *testing.T) {
 	opts := ClaimOptions{Limit: 2, Lease: time.Minute}
 	var f inFlight
 	first, second := keyed("a b"), keyed("c d")
-	f.add(first, nil)
-	f.add(second, nil)
+	f.add(first)
+	f.add(second)
 	f.spares, f.spareOpts, f.spareAt = [][]*OutboxMessage{first, second}, opts, time.Now()
 	if got := f.takeSpare(opts); keysIn(got) != "a b" {
 		t.Fatalf("first take: %q, want a b", keysIn(got))

@@ -55,6 +55,10 @@ type OutboxMessage struct {
 	ClaimToken  *string    `gorm:"size:36"`
 	CreatedAt   time.Time  `gorm:"not null"`
 	PublishedAt *time.Time ``
+
+	// ref is the row's address (PostgreSQL's ctid, as text) where a held
+	// claim's walk or lock read it; not a column (see refsArg).
+	ref string
 }
 
 // Value implements driver.Valuer, so that every database driver sees a plain string.

@@ -361,12 +361,11 @@ func (s *GormStore) claim(tx *gorm.DB, token string, opts ClaimOptions) ([]*Outb
 	// rounded up, so that a message committed a moment ago is due now, not
 	// at the next poll.
 	now := time.Now().UTC().Truncate(time.Millisecond).Add(time.Millisecond)
-	refs := rowRefs{}
-	picked, err := s.pick(s.gormWalk(tx, now, true), true, now, opts, nil, nil, refs)
+	picked, err := s.pick(s.gormWalk(tx, now, true), true, now, opts, nil, nil)
 	if err == nil && s.dialect.holdClaims {
 		// Rows in a publisher's held claim look due: lock what was picked,
 		// and leave what cannot be locked (see heldClaim).
-		picked, _, err = s.lockPicked(tx, nil, now, picked, refs, 0, false)
+		picked, err = s.lockPicked(tx, nil, now, picked, 0, false)
 	}
 	if err != nil || len(picked) == 0 {
 		return nil, err
@@ -440,7 +439,6 @@ type queued struct {
 	key  string
 	held bool // not due and claimed (not in a retry's backoff), or read without its payload
 	msg  *OutboxMessage
-	ref  string // the row's address (dialect.addresses), if read
 }
 
 // walkReader runs one read of the walk (sql, args, then the window as the
@@ -475,13 +473,13 @@ func optional(s string, valid bool) *string {
 // whole: the row was read by s.walk; otherwise by s.walkKeys, and its
 // message has only what the walk read.
 func (w *walkRow) queued(now time.Time, whole bool) (queued, error) {
-	r := queued{id: w.id, key: w.key, ref: w.ref}
+	r := queued{id: w.id, key: w.key}
 	if w.next.After(now) || (whole && w.topic == nil) {
 		r.held = w.token != nil || !w.next.After(now)
 		return r, nil
 	}
 	m := &OutboxMessage{ID: w.id, Key: w.key, State: StatePending,
-		Attempts: w.attempts, NextAttemptAt: w.next, CreatedAt: w.created, ClaimToken: w.token}
+		Attempts: w.attempts, NextAttemptAt: w.next, CreatedAt: w.created, ClaimToken: w.token, ref: w.ref}
 	if whole {
 		m.Topic, m.Payload, m.LastError = *w.topic, w.payload, w.lastError
 		if err := m.Headers.Scan(w.headers); err != nil {
@@ -531,15 +529,14 @@ func (s *GormStore) gormWalk(tx *gorm.DB, now time.Time, whole bool) walkReader 
 // pick walks the pending rows in id order and returns those to claim: due
 // rows of keys that hold nothing. The state is a SQL literal so that the
 // partial pending index serves the read whatever the statement cache.
-// The rows of inFlight are left out, and their keys are busy. refs, if not
-// nil, gets the address of each picked row that the walk read one for.
-// whole reads the picked rows whole (s.walk); otherwise (s.walkKeys) their
+// The rows of inFlight are left out; busy has their keys, and pick adds
+// to it the keys it finds busy. Each picked message has the address the
+// walk read (dialect.addresses). whole reads the picked rows whole (s.walk); otherwise (s.walkKeys) their
 // messages have no topic, payload, headers or last error yet.
-func (s *GormStore) pick(read walkReader, whole bool, now time.Time, opts ClaimOptions, inFlight []uuid.UUID, inFlightKeys map[string]bool, refs rowRefs) ([]*OutboxMessage, error) {
+func (s *GormStore) pick(read walkReader, whole bool, now time.Time, opts ClaimOptions, inFlight []uuid.UUID, busy map[string]bool) ([]*OutboxMessage, error) {
 	q := s.quote
-	busy := make(map[string]bool, len(inFlightKeys))
-	for k := range inFlightKeys {
-		busy[k] = true
+	if busy == nil {
+		busy = map[string]bool{}
 	}
 	var picked []*OutboxMessage
 	var after *uuid.UUID
@@ -577,9 +574,6 @@ func (s *GormStore) pick(read walkReader, whole bool, now time.Time, opts ClaimO
 			if r.msg != nil {
 				if r.key == "" || !busy[r.key] {
 					picked = append(picked, r.msg)
-					if refs != nil && r.ref != "" {
-						refs[r.id] = r.ref
-					}
 					if len(picked) == opts.Limit {
 						return picked, nil
 					}
@@ -756,17 +750,23 @@ func (s *GormStore) heldBy(token *string) (string, []any) {
 	return " AND " + s.quote("claim_token") + " = ?", []any{*token}
 }
 
-// markPublished writes the result of the rows ids; refs, if it has the
-// address of each, are the addresses of rows db's transaction has locked.
-func (s *GormStore) markPublished(db *gorm.DB, token *string, ids []uuid.UUID, refs rowRefs) error {
+// markPublished writes the result of the rows ids; held, if not nil, are
+// the messages of a held claim, whose rows db's transaction has locked at
+// their addresses, ids among them in the same order.
+func (s *GormStore) markPublished(db *gorm.DB, token *string, ids []uuid.UUID, held []*OutboxMessage) error {
 	if len(ids) == 0 {
 		return nil
 	}
-	held, args := s.heldBy(token)
-	where := s.quote("id") + " " + s.dialect.inIDs + held
-	args = append([]any{s.idsArg(ids)}, args...)
-	if arg, ok := refs.arg(ids); ok {
+	var (
+		where string
+		args  []any
+	)
+	if arg, ok := refsArg(ids, held); ok {
 		where, args = refsMatch(""), []any{arg}
+	} else {
+		heldBy, heldArgs := s.heldBy(token)
+		where = s.quote("id") + " " + s.dialect.inIDs + heldBy
+		args = append([]any{s.idsArg(ids)}, heldArgs...)
 	}
 	var err error
 	if s.cfg.deletePublished {
