@@ -2,6 +2,7 @@ package outbox
 
 import (
 	"context"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -145,4 +146,30 @@ func WalkPicks(ctx context.Context, s *GormStore, inFlight []uuid.UUID) ([]uuid.
 	read := s.pgxWalk(ctx, conn, s.gormWalk(tx, now, false), now)
 	picked, err := s.pick(read, false, now, ClaimOptions{Limit: 100, Lease: time.Minute}, inFlight, nil)
 	return ids(picked), err
+}
+
+// WalkPlan returns PostgreSQL's plan for a held claim's first walk read of
+// limit rows, in a transaction with the claim's walk settings if planned.
+func WalkPlan(ctx context.Context, s *GormStore, limit int, planned bool) (string, error) {
+	tx := s.db.WithContext(ctx).Begin()
+	defer tx.Rollback()
+	if planned {
+		if err := tx.Exec(s.dialect.walkSetup).Error; err != nil {
+			return "", err
+		}
+	}
+	rows, err := tx.Raw("EXPLAIN "+s.walkKeys+" ORDER BY "+s.quote("id")+" LIMIT ?", limit).Rows()
+	if err != nil {
+		return "", err
+	}
+	defer rows.Close()
+	var plan []string
+	for rows.Next() {
+		var line string
+		if err := rows.Scan(&line); err != nil {
+			return "", err
+		}
+		plan = append(plan, line)
+	}
+	return strings.Join(plan, "\n"), rows.Err()
 }

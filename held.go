@@ -122,6 +122,7 @@ func (s *GormStore) claimHeld(ctx, work context.Context, opts ClaimOptions) (*he
 		if c.conn != nil {
 			read = s.pgxWalk(work, c.conn, read, now)
 		}
+		read = s.plannedWalk(c.tx, read)
 		var err error
 		if c.msgs, err = s.pickHeld(read, now, opts); err != nil {
 			return err
@@ -196,6 +197,24 @@ func (s *GormStore) pgxWalk(ctx context.Context, conn *sql.Conn, fallback walkRe
 			return fallback(window, query, args)
 		}
 		return out, err
+	}
+}
+
+// plannedWalk returns read, which runs the dialect's walkSetup in tx
+// before its first read: only a claim that walks pays for it.
+func (s *GormStore) plannedWalk(tx *gorm.DB, read walkReader) walkReader {
+	if s.dialect.walkSetup == "" {
+		return read
+	}
+	set := false
+	return func(window int, query string, args []any) ([]queued, error) {
+		if !set {
+			if err := tx.Exec(s.dialect.walkSetup).Error; err != nil {
+				return nil, err
+			}
+			set = true
+		}
+		return read(window, query, args)
 	}
 }
 

@@ -147,8 +147,9 @@ func TestHeldClaimEndsAfterTheLease(t *testing.T) {
 
 // A held claim's transaction ends after the lease if idle, commits without
 // waiting for the disk (its results, lost in a crash, only send messages
-// again), and plans its statements for their id lists; no setting outlives
-// it on the pooled connection.
+// again), plans its statements for their id lists, and walks along the
+// pending index whatever the statistics say; no setting outlives it on the
+// pooled connection.
 func TestHeldClaimSettingsAreItsOwn(t *testing.T) {
 	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
 		ctx := t.Context()
@@ -165,7 +166,7 @@ func TestHeldClaimSettingsAreItsOwn(t *testing.T) {
 		sqlDB.SetMaxOpenConns(1) // the read after the claim is on the claim's connection
 		opts := outbox.ClaimOptions{Limit: 1, Lease: 90 * time.Second}
 		for name, want := range map[string]string{"idle_in_transaction_session_timeout": "90s", "synchronous_commit": "off",
-			"plan_cache_mode": "force_custom_plan"} {
+			"plan_cache_mode": "force_custom_plan", "enable_seqscan": "off", "enable_bitmapscan": "off"} {
 			n, got, err := outbox.HeldClaimSetting(ctx, store, opts, name)
 			if err != nil || n != 1 || got != want {
 				t.Fatalf("%s in a claim of %d: %q, %v; want %q", name, n, got, err, want)
@@ -393,4 +394,46 @@ func BenchmarkHeldClaim(b *testing.B) {
 	if left := count(b, db, outbox.DefaultTableName); left != 0 {
 		b.Fatalf("%d messages left after the claims", left)
 	}
+}
+
+// A held claim walks along the pending index even when the statistics
+// were taken while the table was empty: PostgreSQL would otherwise read
+// every pending row through a bitmap and sort them, for each claim, a
+// cost that grows with the backlog the publisher is draining.
+func TestHeldClaimWalksThePendingIndexWhateverTheStatistics(t *testing.T) {
+	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
+		ctx := t.Context()
+		s, _ := outbox.StoreOf(db)
+		enqueue := func(n int) {
+			t.Helper()
+			if err := db.Transaction(func(tx *gorm.DB) error {
+				msgs := make([]outbox.Message, n)
+				for i := range msgs {
+					msgs[i] = outbox.Message{Topic: "t", Key: "k" + strconv.Itoa(i), Payload: "x"}
+				}
+				return outbox.Enqueue(tx, msgs...)
+			}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := db.Exec("ANALYZE " + outbox.DefaultTableName).Error; err != nil { // empty
+			t.Fatal(err)
+		}
+		enqueue(5000) // a backlog the statistics do not know of
+		index := "Index Scan using idx_" + outbox.DefaultTableName + "_pending"
+		plain, err := outbox.WalkPlan(ctx, s, 600, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(plain, index) && !strings.Contains(plain, "Sort") {
+			t.Fatalf("without the claim's settings PostgreSQL already walks the index; the test needs it not to:\n%s", plain)
+		}
+		planned, err := outbox.WalkPlan(ctx, s, 600, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(planned, index) || strings.Contains(planned, "Sort") || strings.Contains(planned, "Bitmap") {
+			t.Fatalf("a claim's walk with stale statistics:\n%s\nwant an ordered scan of the pending index", planned)
+		}
+	})
 }
