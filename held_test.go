@@ -145,11 +145,10 @@ func TestHeldClaimEndsAfterTheLease(t *testing.T) {
 	})
 }
 
-// A held claim's transaction ends after the lease if idle, commits without
-// waiting for the disk (its results, lost in a crash, only send messages
-// again), plans its statements for their id lists, and walks along the
-// pending index whatever the statistics say; no setting outlives it on the
-// pooled connection.
+// A held claim's transaction ends after the lease if idle, plans its
+// statements for their id lists, walks along the pending index whatever
+// the statistics say, and commits as the server says (synchronous_commit
+// is not its to change); no setting outlives it on the pooled connection.
 func TestHeldClaimSettingsAreItsOwn(t *testing.T) {
 	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
 		ctx := t.Context()
@@ -165,7 +164,7 @@ func TestHeldClaimSettingsAreItsOwn(t *testing.T) {
 		}
 		sqlDB.SetMaxOpenConns(1) // the read after the claim is on the claim's connection
 		opts := outbox.ClaimOptions{Limit: 1, Lease: 90 * time.Second}
-		for name, want := range map[string]string{"idle_in_transaction_session_timeout": "90s", "synchronous_commit": "off",
+		for name, want := range map[string]string{"idle_in_transaction_session_timeout": "90s",
 			"plan_cache_mode": "force_custom_plan", "enable_seqscan": "off", "enable_bitmapscan": "off"} {
 			n, got, err := outbox.HeldClaimSetting(ctx, store, opts, name)
 			if err != nil || n != 1 || got != want {
@@ -175,6 +174,13 @@ func TestHeldClaimSettingsAreItsOwn(t *testing.T) {
 			if err := db.Raw("SELECT current_setting(?)", name).Scan(&after).Error; err != nil || after == want {
 				t.Fatalf("%s after the claim: %q, %v", name, after, err)
 			}
+		}
+		var server string
+		if err := db.Raw("SELECT current_setting('synchronous_commit')").Scan(&server).Error; err != nil {
+			t.Fatal(err)
+		}
+		if n, got, err := outbox.HeldClaimSetting(ctx, store, opts, "synchronous_commit"); err != nil || n != 1 || got != server {
+			t.Fatalf("synchronous_commit in a claim of %d: %q, %v; want the server's %q", n, got, err, server)
 		}
 	})
 }
