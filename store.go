@@ -531,8 +531,9 @@ func (s *GormStore) gormWalk(tx *gorm.DB, now time.Time, whole bool) walkReader 
 // partial pending index serves the read whatever the statement cache.
 // The rows of inFlight are left out; busy has their keys, and pick adds
 // to it the keys it finds busy. Each picked message has the address the
-// walk read (dialect.addresses). whole reads the picked rows whole (s.walk); otherwise (s.walkKeys) their
-// messages have no topic, payload, headers or last error yet.
+// walk read (dialect.addresses). whole reads the picked rows whole
+// (s.walk); otherwise (s.walkKeys) their messages have no topic, payload,
+// headers or last error yet.
 func (s *GormStore) pick(read walkReader, whole bool, now time.Time, opts ClaimOptions, inFlight []uuid.UUID, busy map[string]bool) ([]*OutboxMessage, error) {
 	q := s.quote
 	if busy == nil {
