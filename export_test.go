@@ -2,7 +2,6 @@ package outbox
 
 import (
 	"context"
-	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -148,28 +147,8 @@ func WalkPicks(ctx context.Context, s *GormStore, inFlight []uuid.UUID) ([]uuid.
 	return ids(picked), err
 }
 
-// WalkPlan returns PostgreSQL's plan for a held claim's first walk read of
-// limit rows, in a transaction with the claim's walk settings if planned.
-func WalkPlan(ctx context.Context, s *GormStore, limit int, planned bool) (string, error) {
-	tx := s.db.WithContext(ctx).Begin()
-	defer tx.Rollback()
-	if planned {
-		if err := tx.Exec(s.dialect.walkSetup).Error; err != nil {
-			return "", err
-		}
-	}
-	rows, err := tx.Raw("EXPLAIN "+s.walkKeys+" ORDER BY "+s.quote("id")+" LIMIT ?", limit).Rows()
-	if err != nil {
-		return "", err
-	}
-	defer rows.Close()
-	var plan []string
-	for rows.Next() {
-		var line string
-		if err := rows.Scan(&line); err != nil {
-			return "", err
-		}
-		plan = append(plan, line)
-	}
-	return strings.Join(plan, "\n"), rows.Err()
+// HeldWalkSQL is the SQL of a held claim's first walk read of limit rows,
+// with its arguments, and the setup its transaction runs before it.
+func HeldWalkSQL(s *GormStore, limit int) (sql string, args []any, setup string) {
+	return s.walkKeys + " ORDER BY " + s.quote("id") + " LIMIT ?", []any{limit}, s.dialect.walkSetup
 }
