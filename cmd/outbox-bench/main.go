@@ -193,6 +193,7 @@ func printConditions(admin *gorm.DB, s settings) {
 	fmt.Printf("            batch=%d workers=%d payload=%dB keys=%d writers=%d pool: MaxIdleConns=%d (database/sql's default: 2)\n",
 		s.batch, s.workers, s.payloadBytes, s.keys, s.writers, idleConns)
 	fmt.Printf("            a CHECKPOINT and a Go GC before each measurement: %s; autovacuum=%s\n", checkpoint, autovacuum)
+	fmt.Printf("            machine speed: %s\n", machineSpeed(admin))
 }
 
 func bi() *debug.BuildInfo {
