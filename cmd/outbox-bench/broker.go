@@ -1,6 +1,8 @@
 package main
 
 import (
+	"strconv"
+
 	"github.com/IBM/sarama"
 	"github.com/twmb/franz-go/pkg/kfake"
 
@@ -44,4 +46,12 @@ func newBroker(topic string) (*kfake.Cluster, error) {
 		return nil, err
 	}
 	return cluster, nil
+}
+
+// retentionMessages is how many messages of payloadBytes fill every
+// partition of a topic to its retention, with room to spare (records are
+// written with their own headers, and the cleaner runs on a timer).
+func retentionMessages(payloadBytes int) int {
+	retention, _ := strconv.Atoi(benchRetentionBytes)
+	return 2 * benchPartitions * retention / (payloadBytes + 64)
 }
