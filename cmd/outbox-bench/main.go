@@ -18,7 +18,7 @@
 //  4. scaling (-scaling): drain throughput at 10k, 100k and 1M pending,
 //     and with 10M published rows retained.
 //
-//     go run ./cmd/outbox-bench                    # parts 1-3, about 2 minutes
+//     go run ./cmd/outbox-bench                    # parts 1-3, 3 to 4 minutes
 //     go run ./cmd/outbox-bench -scaling           # part 4, 5 to 15 minutes
 //     go run ./cmd/outbox-bench -only drain -n 1000000
 //     go run ./cmd/outbox-bench -only drain -quick  # the ceilings and one publisher line, to compare changes
