@@ -44,7 +44,8 @@ type inFlight struct {
 
 	// A walk's fixed cost (a read that starts at the queue's front, past
 	// the rows in flight and the entries of rows deleted too recently for
-	// PostgreSQL to drop them: see lockPicked) is most of it, and walks take turns: so while other claims
+	// PostgreSQL to drop them: see lockPicked) is most of it, and walks
+	// take turns: so while other claims
 	// are open (other workers sending, soon back for more), a walk picks
 	// the next two batches of each, up to maxWalkBatches, and leaves them
 	// here, in flight, for the next claims to take instead of walking.

@@ -183,12 +183,15 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 	}
 	perMsg := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1000 / float64(s.n) }
 	for i, m := range measures {
-		machine, process := make([]float64, len(cpus[i])), make([]float64, len(cpus[i]))
+		// busy is the cores the machine kept busy during a drain: a line
+		// under the machine's core count left some idle.
+		machine, process, busy := make([]float64, len(cpus[i])), make([]float64, len(cpus[i])), make([]float64, len(cpus[i]))
 		for r, c := range cpus[i] {
 			machine[r], process[r] = perMsg(c.machine), perMsg(c.process)
+			busy[r] = c.machine.Seconds() * rates[i][r] / float64(s.n)
 		}
-		fmt.Printf("   %-72s %8.0f msg/s  (%.1f µs CPU/msg, %.1f of it here; %s %s)\n", m.name, median(rates[i]), median(machine), median(process),
-			map[bool]string{true: "drains", false: "rounds"}[i == 0], thousands(rates[i]))
+		fmt.Printf("   %-72s %8.0f msg/s  (%.1f µs CPU/msg, %.1f of it here, %.1f cores busy; %s %s)\n", m.name, median(rates[i]), median(machine), median(process),
+			median(busy), map[bool]string{true: "drains", false: "rounds"}[i == 0], thousands(rates[i]))
 		if m.publisher {
 			ratios := make([]float64, s.rounds)
 			for r := range s.rounds {

@@ -114,11 +114,11 @@ func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error
 			}
 			v := variants[i]
 			var n int64
-			r, c, err := measured(func() (float64, error) { return txRate(ctx, v.db, round, v.tx, &n) })
+			rate, c, err := measured(func() (float64, error) { return txRate(ctx, v.db, round, v.tx, &n) })
 			if err != nil {
 				return fmt.Errorf("%s: %w", v.name, err)
 			}
-			rates[i] = append(rates[i], r)
+			rates[i] = append(rates[i], rate)
 			cpu[i] = append(cpu[i], cpuTime{c.machine / time.Duration(n), c.process / time.Duration(n)})
 		}
 	}
