@@ -9,7 +9,8 @@
 //     lease, no per-key order across workers);
 //
 //  2. latency: commit-to-acknowledgement p50, p99 and max at steady enqueue
-//     rates, with the wake-up (NOTIFY) and with polling only;
+//     rates, with the wake-up (NOTIFY) and with polling only, over
+//     interleaved rounds;
 //
 //  3. enqueue: transactions per second of a one-row domain transaction
 //     with and without one event, at 8 writers, through pgx's driver and
@@ -18,7 +19,7 @@
 //  4. scaling (-scaling): drain throughput at 10k, 100k and 1M pending,
 //     and with 10M published rows retained.
 //
-//     go run ./cmd/outbox-bench                    # parts 1-3, 3 to 4 minutes
+//     go run ./cmd/outbox-bench                    # parts 1-3, 4 to 5 minutes
 //     go run ./cmd/outbox-bench -scaling           # part 4, 5 to 15 minutes
 //     go run ./cmd/outbox-bench -only drain -n 1000000
 //     go run ./cmd/outbox-bench -only drain -quick  # the ceilings and one publisher line, to compare changes
@@ -72,7 +73,7 @@ func main() {
 	rates := flag.String("rates", "1000,5000", "steady enqueue rates for the latency part, per second")
 	flag.IntVar(&s.seconds, "seconds", 5, "duration of each latency and enqueue measurement")
 	idle := flag.Int("idle", 0, "every pool's MaxIdleConns (0: max(workers, writers)+2; 2 is database/sql's default)")
-	flag.IntVar(&s.rounds, "rounds", 3, "rounds of the drain part, interleaved (medians are printed)")
+	flag.IntVar(&s.rounds, "rounds", 3, "rounds of the drain and latency parts, interleaved (the drain prints medians, the latency percentiles over every round)")
 	flag.BoolVar(&s.quick, "quick", false, "drain part: only the two ceilings and the publisher with -workers workers and WithDeleteOnPublish (for comparing changes back to back)")
 	flag.IntVar(&s.writers, "writers", 8, "concurrent writers (latency and enqueue parts)")
 	only := flag.String("only", "drain,latency,enqueue", "parts to run: drain, latency, enqueue, scaling")
