@@ -97,6 +97,9 @@ func main() {
 	if s.rounds < 1 {
 		log.Fatalf("-rounds must be at least 1, got %d", s.rounds)
 	}
+	if s.seconds < 2 {
+		log.Fatalf("-seconds must be at least 2 (each latency run leaves its first second out), got %d", s.seconds)
+	}
 	for _, r := range strings.Split(*rates, ",") {
 		var v int
 		if _, err := fmt.Sscan(r, &v); err != nil || v <= 0 {
