@@ -45,10 +45,10 @@ type inFlight struct {
 	// A walk's fixed cost (a read that starts at the queue's front, past
 	// the rows in flight and the entries of rows deleted too recently for
 	// PostgreSQL to drop them: see lockPicked) is most of it, and walks
-	// take turns: so while other claims
-	// are open (other workers sending, soon back for more), a walk picks
-	// the next two batches of each, up to maxWalkBatches, and leaves them
-	// here, in flight, for the next claims to take instead of walking.
+	// take turns: so while other claims are open (other workers sending,
+	// soon back for more), a walk picks the next two batches of each, up
+	// to maxWalkBatches, and leaves them here, in flight, for the next
+	// claims to take instead of walking.
 	// Picking one more batch for each open claim raised the drain from
 	// 57%, 62% to 76%, 76% of the lower ceiling of the time (outbox-bench
 	// -only drain -quick, back to back; that ceiling was handicapped, see

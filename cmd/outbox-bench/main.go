@@ -20,7 +20,7 @@
 //     and with 10M published rows retained.
 //
 //     go run ./cmd/outbox-bench                    # parts 1-3, 4 to 5 minutes
-//     go run ./cmd/outbox-bench -scaling           # part 4, 5 to 15 minutes
+//     go run ./cmd/outbox-bench -scaling           # part 4 alone, 2.5 to 15 minutes
 //     go run ./cmd/outbox-bench -only drain -n 1000000
 //     go run ./cmd/outbox-bench -only drain -quick  # the ceilings and one publisher line, to compare changes
 //     cmd/outbox-bench/pgbench/run.sh              # part 3's SQL through pgbench, without Go
