@@ -199,6 +199,16 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 			}
 			fmt.Printf("      ratio to the lower ceiling: %.0f%% (target: at least 70%%); each round to the database ceiling drained just before it: %s\n",
 				100*median(rates[i])/min(median(rates[0]), median(rates[1])), percents(ratios))
+			// The ratio is the cores it kept busy times what its CPU per
+			// message would reach on all of them: this line tells which of
+			// the two a shortfall comes from.
+			if allBusy := make([]float64, 0, s.rounds); median(machine) > 0 {
+				for r := range s.rounds {
+					allBusy = append(allBusy, 100*float64(s.n)/cpus[i][r].machine.Seconds()*float64(runtime.NumCPU())/min(median(rates[0]), rates[1][r]))
+				}
+				fmt.Printf("      at its CPU per message with all %d cores busy: %.0f%% of the lower ceiling, rounds %s\n",
+					runtime.NumCPU(), median(allBusy), percents(allBusy))
+			}
 		}
 	}
 	// Both ceilings' work on this machine's cores, with nothing else: the
