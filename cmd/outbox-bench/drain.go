@@ -202,9 +202,10 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 			// The ratio is the cores it kept busy times what its CPU per
 			// message would reach on all of them: this line tells which of
 			// the two a shortfall comes from.
-			if allBusy := make([]float64, 0, s.rounds); median(machine) > 0 {
+			if median(machine) > 0 { // 0 where /proc/stat cannot be read
+				allBusy := make([]float64, s.rounds)
 				for r := range s.rounds {
-					allBusy = append(allBusy, 100*float64(s.n)/cpus[i][r].machine.Seconds()*float64(runtime.NumCPU())/min(median(rates[0]), rates[1][r]))
+					allBusy[r] = 100 * float64(s.n) / cpus[i][r].machine.Seconds() * float64(runtime.NumCPU()) / min(median(rates[0]), rates[1][r])
 				}
 				fmt.Printf("      at its CPU per message with all %d cores busy: %.0f%% of the lower ceiling, rounds %s\n",
 					runtime.NumCPU(), median(allBusy), percents(allBusy))
