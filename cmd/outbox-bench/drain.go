@@ -185,13 +185,16 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 	for i, m := range measures {
 		// busy is the cores the machine kept busy during a drain: a line
 		// under the machine's core count left some idle.
-		machine, process, busy := make([]float64, len(cpus[i])), make([]float64, len(cpus[i])), make([]float64, len(cpus[i]))
+		// stolen is the cores the hypervisor took meanwhile.
+		n := len(cpus[i])
+		machine, process, busy, stolen := make([]float64, n), make([]float64, n), make([]float64, n), make([]float64, n)
 		for r, c := range cpus[i] {
 			machine[r], process[r] = perMsg(c.machine), perMsg(c.process)
 			busy[r] = c.machine.Seconds() * rates[i][r] / float64(s.n)
+			stolen[r] = c.stolen.Seconds() * rates[i][r] / float64(s.n)
 		}
-		fmt.Printf("   %-72s %8.0f msg/s  (%.1f µs CPU/msg, %.1f of it here, %.1f cores busy; %s %s)\n", m.name, median(rates[i]), median(machine), median(process),
-			median(busy), map[bool]string{true: "drains", false: "rounds"}[i == 0], thousands(rates[i]))
+		fmt.Printf("   %-72s %8.0f msg/s  (%.1f µs CPU/msg, %.1f of it here, %.1f cores busy, %.2f stolen; %s %s)\n", m.name, median(rates[i]), median(machine), median(process),
+			median(busy), median(stolen), map[bool]string{true: "drains", false: "rounds"}[i == 0], thousands(rates[i]))
 		if m.publisher {
 			ratios := make([]float64, s.rounds)
 			for r := range s.rounds {
@@ -255,8 +258,14 @@ func thousands(xs []float64) string {
 
 // cpuTime is CPU time used by the whole machine and, of it, by this
 // process (the Go side and the in-process broker); the rest is mostly
-// PostgreSQL's.
-type cpuTime struct{ machine, process time.Duration }
+// PostgreSQL's. stolen is the time the hypervisor gave this machine's
+// cores to other guests while they had work (steal in /proc/stat): not
+// work done, so not in machine, but what a slow run lost to its neighbours.
+// wall is the elapsed time.
+type cpuTime struct{ machine, process, stolen, wall time.Duration }
+
+// epoch anchors cpuTime's wall clock (monotonic).
+var epoch = time.Now()
 
 func cpuNow() cpuTime {
 	var ru syscall.Rusage
@@ -264,30 +273,43 @@ func cpuNow() cpuTime {
 	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) == nil {
 		process = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 	}
-	return cpuTime{machineCPU(), process}
+	machine, stolen := machineCPU()
+	return cpuTime{machine, process, stolen, time.Since(epoch)}
 }
 
 func (c cpuTime) since(start cpuTime) cpuTime {
-	return cpuTime{c.machine - start.machine, c.process - start.process}
+	return cpuTime{c.machine - start.machine, c.process - start.process, c.stolen - start.stolen, c.wall - start.wall}
+}
+
+// stolenCores is how many of the machine's cores the hypervisor took, on
+// average, over the span c measures.
+func (c cpuTime) stolenCores() float64 {
+	if c.wall <= 0 {
+		return 0
+	}
+	return c.stolen.Seconds() / c.wall.Seconds()
 }
 
 // machineCPU is the CPU time all processes of the machine have used so
-// far (0 where /proc/stat cannot be read).
-func machineCPU() time.Duration {
+// far, and the time stolen from it by the hypervisor (0 where /proc/stat
+// cannot be read). Steal counted as busy until the eleventh session: it
+// made a message look costlier in the phases when the host took more.
+func machineCPU() (busy, stolen time.Duration) {
 	b, err := os.ReadFile("/proc/stat")
 	if err != nil {
-		return 0
+		return 0, 0
 	}
+	// cpu user nice system idle iowait irq softirq steal guest guest_nice;
+	// guest time is already in user and nice.
 	fields := strings.Fields(strings.SplitN(string(b), "\n", 2)[0])
-	var ticks int64
-	for i, f := range fields[1:] {
-		if i == 3 || i == 4 { // idle, iowait
-			continue
+	tick := func(i int) time.Duration {
+		if i >= len(fields) {
+			return 0
 		}
-		n, _ := strconv.ParseInt(f, 10, 64)
-		ticks += n
+		n, _ := strconv.ParseInt(fields[i], 10, 64)
+		return time.Duration(n) * time.Second / 100 // USER_HZ
 	}
-	return time.Duration(ticks) * time.Second / 100 // USER_HZ
+	return tick(1) + tick(2) + tick(3) + tick(6) + tick(7), tick(8)
 }
 
 // publisherDrain starts a publisher on a filled outbox and returns its rate

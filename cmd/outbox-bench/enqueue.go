@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -103,6 +104,7 @@ func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error
 	// same code minutes apart.
 	rates := make([][]float64, len(variants))
 	cpu := make([][]cpuTime, len(variants)) // per transaction
+	var stolen []float64                    // cores the hypervisor took, each variant's round
 	round := s
 	round.seconds = roundSeconds
 	for r := range rounds {
@@ -119,7 +121,8 @@ func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error
 				return fmt.Errorf("%s: %w", v.name, err)
 			}
 			rates[i] = append(rates[i], rate)
-			cpu[i] = append(cpu[i], cpuTime{c.machine / time.Duration(n), c.process / time.Duration(n)})
+			stolen = append(stolen, c.stolenCores())
+			cpu[i] = append(cpu[i], cpuTime{machine: c.machine / time.Duration(n), process: c.process / time.Duration(n)})
 		}
 	}
 	var overhead, pipelinedOverhead []float64
@@ -160,6 +163,7 @@ func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error
 		fmt.Printf("      %-42s +%.0f µs (+%.0f in this process, +%.0f elsewhere, mostly PostgreSQL)\n", v.name,
 			us(c.machine-base.machine), us(c.process-base.process), us((c.machine-c.process)-(base.machine-base.process)))
 	}
+	fmt.Printf("   cores stolen by the hypervisor meanwhile: median %.2f, at most %.2f of a round\n", median(stolen), slices.Max(stolen))
 	fmt.Printf("   overhead of one event: %.0f%% with GORM's default driver, %.0f%% with outbox.PipelinedPgx (target: at most 25%%)\n",
 		overhead[rounds/2], pipelinedOverhead[rounds/2])
 
@@ -219,7 +223,7 @@ func medianCPU(cs []cpuTime) cpuTime {
 	for _, c := range cs {
 		m, p = append(m, float64(c.machine)), append(p, float64(c.process))
 	}
-	return cpuTime{time.Duration(median(m)), time.Duration(median(p))}
+	return cpuTime{machine: time.Duration(median(m)), process: time.Duration(median(p))}
 }
 
 func median(xs []float64) float64 {

@@ -87,7 +87,9 @@ func latencyPart(ctx context.Context, admin *gorm.DB, s settings) error {
 				}
 				mode := modes[j]
 				err := withSchema(admin, s.dsn, func(db *gorm.DB, dsn string) error {
+					start := cpuNow()
 					res, err := latencyRun(ctx, db, dsn, s, rate, mode == "wake-up")
+					res.stolen = cpuNow().since(start).stolenCores()
 					results[i*len(modes)+j] = append(results[i*len(modes)+j], res)
 					return err
 				})
@@ -103,16 +105,18 @@ func latencyPart(ctx context.Context, admin *gorm.DB, s settings) error {
 			var lat, toSend []time.Duration
 			var achieved []float64
 			var p99s []string
+			var stolen []float64
 			batches := 0
 			for _, res := range results[i*len(modes)+j] {
+				stolen = append(stolen, res.stolen)
 				lat, toSend = append(lat, res.lat...), append(toSend, res.toSend...)
 				achieved = append(achieved, res.achieved)
 				batches += res.batches
 				p99s = append(p99s, fmt.Sprintf("%.1f", ms(quantile(res.lat, 0.99))))
 			}
-			fmt.Printf("   %5d/s (achieved %5.0f/s) %-9s  p50 %6.1f ms  p99 %6.1f ms  max %7.1f ms  (commit to send p50 %.1f p99 %.1f ms; %d batches; each round's p99: %s ms)\n",
+			fmt.Printf("   %5d/s (achieved %5.0f/s) %-9s  p50 %6.1f ms  p99 %6.1f ms  max %7.1f ms  (commit to send p50 %.1f p99 %.1f ms; %d batches; each round's p99: %s ms; cores stolen by the hypervisor: %s)\n",
 				rate, median(achieved), mode, ms(quantile(lat, 0.5)), ms(quantile(lat, 0.99)), ms(quantile(lat, 1)),
-				ms(quantile(toSend, 0.5)), ms(quantile(toSend, 0.99)), batches, strings.Join(p99s, ", "))
+				ms(quantile(toSend, 0.5)), ms(quantile(toSend, 0.99)), batches, strings.Join(p99s, ", "), cores(stolen))
 		}
 	}
 	return nil
@@ -120,11 +124,22 @@ func latencyPart(ctx context.Context, admin *gorm.DB, s settings) error {
 
 // latencyResult is one run of one rate and mode: each message's commit to
 // acknowledgement and commit to first send, the rate the writers reached,
-// and the batches sent.
+// the batches sent, and the cores the hypervisor took meanwhile (a p99
+// follows them more than anything this code does).
 type latencyResult struct {
 	lat, toSend []time.Duration
 	achieved    float64
 	batches     int
+	stolen      float64
+}
+
+// cores prints each round's share of cores: "0.05, 0.31, 0.12".
+func cores(xs []float64) string {
+	out := make([]string, len(xs))
+	for i, x := range xs {
+		out[i] = fmt.Sprintf("%.2f", x)
+	}
+	return strings.Join(out, ", ")
 }
 
 // quantile returns the q-quantile of ds (sorted in place), 1 the maximum.

@@ -61,8 +61,8 @@ func scalingPart(ctx context.Context, admin *gorm.DB, s settings, published int)
 			}
 			fmt.Printf("   %8d pending, %8d published kept: %8.0f msg/s from the start, %8.0f msg/s from the first send to the last acknowledgement%s\n",
 				pending, kept, rate, steady, vsBase)
-			fmt.Printf("      %.1f µs CPU/msg (%.1f in this process); WAL: %.0f bytes a message; %d checkpoint(s) counted in pg_stat_bgwriter during the drain\n",
-				us(cpu.machine)/float64(pending), us(cpu.process)/float64(pending), float64(wal.bytes)/float64(pending), wal.checkpoints)
+			fmt.Printf("      %.1f µs CPU/msg (%.1f in this process; %.2f cores stolen by the hypervisor); WAL: %.0f bytes a message; %d checkpoint(s) counted in pg_stat_bgwriter during the drain\n",
+				us(cpu.machine)/float64(pending), us(cpu.process)/float64(pending), cpu.stolenCores(), float64(wal.bytes)/float64(pending), wal.checkpoints)
 			return nil
 		})
 	}
