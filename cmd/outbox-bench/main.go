@@ -10,7 +10,8 @@
 //
 //  2. latency: commit-to-acknowledgement p50, p99 and max at steady enqueue
 //     rates, with the wake-up (NOTIFY) and with polling only, over
-//     interleaved rounds;
+//     interleaved rounds (past 1,000 events a second, several events a
+//     transaction, so that the writers reach the rate);
 //
 //  3. enqueue: transactions per second of a one-row domain transaction
 //     with and without one event, at 8 writers, through pgx's driver and
