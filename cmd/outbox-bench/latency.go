@@ -7,7 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -148,9 +148,13 @@ func cores(xs []float64) string {
 	return strings.Join(out, ", ")
 }
 
-// quantile returns the q-quantile of ds (sorted in place), 1 the maximum.
+// quantile returns the q-quantile of ds, 1 the maximum. It sorts ds in
+// place unless it is sorted already, so asking one slice for several
+// quantiles sorts it once.
 func quantile(ds []time.Duration, q float64) time.Duration {
-	sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
+	if !slices.IsSorted(ds) {
+		slices.Sort(ds)
+	}
 	return ds[int(q*float64(len(ds)-1))]
 }
 
