@@ -39,7 +39,7 @@ type orderPlaced struct {
 // enqueuePart measures what one event adds to a one-row transaction, at
 // s.writers concurrent writers, with the NOTIFY on (the default).
 func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
-	const rounds = 10
+	rounds := s.enqueueRounds
 	roundSeconds := max(1, s.seconds/5)
 	fmt.Printf("\n3. enqueue: one-row transactions per second, %d writers, %d rounds of %ds per variant, interleaved (medians)\n",
 		s.writers, rounds, roundSeconds)

@@ -50,17 +50,18 @@ import (
 )
 
 type settings struct {
-	dsn          string
-	n            int
-	batch        int
-	workers      int
-	payloadBytes int
-	keys         int
-	rates        []int
-	seconds      int
-	writers      int
-	rounds       int
-	quick        bool
+	dsn           string
+	n             int
+	batch         int
+	workers       int
+	payloadBytes  int
+	keys          int
+	rates         []int
+	seconds       int
+	enqueueRounds int
+	writers       int
+	rounds        int
+	quick         bool
 }
 
 func main() {
@@ -73,6 +74,7 @@ func main() {
 	flag.IntVar(&s.keys, "keys", 10_000, "distinct message keys")
 	rates := flag.String("rates", "1000,5000", "steady enqueue rates for the latency part, per second")
 	flag.IntVar(&s.seconds, "seconds", 5, "duration of each latency and enqueue measurement")
+	flag.IntVar(&s.enqueueRounds, "enqueue-rounds", 10, "enqueue part: rounds of each variant")
 	idle := flag.Int("idle", 0, "every pool's MaxIdleConns (0: max(workers, writers)+2; 2 is database/sql's default)")
 	flag.IntVar(&s.rounds, "rounds", 3, "rounds of the drain and latency parts, interleaved (the drain prints medians, the latency percentiles over every round)")
 	flag.BoolVar(&s.quick, "quick", false, "drain part: only the two ceilings and the publisher with -workers workers and WithDeleteOnPublish (for comparing changes back to back)")
@@ -97,6 +99,9 @@ func main() {
 	}
 	if s.rounds < 1 {
 		log.Fatalf("-rounds must be at least 1, got %d", s.rounds)
+	}
+	if s.enqueueRounds < 1 {
+		log.Fatalf("-enqueue-rounds must be at least 1, got %d", s.enqueueRounds)
 	}
 	if s.seconds < 2 {
 		log.Fatalf("-seconds must be at least 2 (each latency run leaves its first second out), got %d", s.seconds)
