@@ -32,7 +32,10 @@ func scalingPart(ctx context.Context, admin *gorm.DB, s settings, published int)
 	// larger share of a 10k drain than of a deeper one.
 	var base, baseCPU float64
 	step := func(pending, kept int) (steady, cpuPerMsg float64, err error) {
-		return steady, cpuPerMsg, withSchema(admin, s.dsn, func(db *gorm.DB, _ string) error {
+		// The closure sets the named results; they are returned after it
+		// has run (in "return steady, f()" Go leaves unspecified whether
+		// steady is read before or after f).
+		err = withSchema(admin, s.dsn, func(db *gorm.DB, _ string) error {
 			if err := db.Use(outbox.Plugin()); err != nil {
 				return err
 			}
@@ -71,6 +74,7 @@ func scalingPart(ctx context.Context, admin *gorm.DB, s settings, published int)
 				cpuPerMsg, us(cpu.process)/float64(pending), cpu.stolenCores(), float64(wal.bytes)/float64(pending), wal.checkpoints)
 			return nil
 		})
+		return steady, cpuPerMsg, err
 	}
 	var bases, baseCPUs []float64
 	for range baseRuns {
