@@ -150,9 +150,15 @@ func run(s settings, parts map[string]bool, published int) error {
 	// The hypervisor's share over the whole run, last: a run to set beside
 	// another should have taken about as much.
 	start := cpuNow()
-	defer func() {
-		fmt.Printf("\ncores stolen by the hypervisor over the whole run: %.2f of %d\n", cpuNow().since(start).stolenCores(), runtime.NumCPU())
-	}()
+	if err := runParts(ctx, admin, s, parts, published); err != nil {
+		return err
+	}
+	fmt.Printf("\ncores stolen by the hypervisor over the whole run: %.2f of %d\n", cpuNow().since(start).stolenCores(), runtime.NumCPU())
+	return nil
+}
+
+// runParts runs the parts asked for, in their order.
+func runParts(ctx context.Context, admin *gorm.DB, s settings, parts map[string]bool, published int) error {
 	if parts["drain"] {
 		if err := withSchema(admin, s.dsn, func(db *gorm.DB, dsn string) error { return drainPart(ctx, db, dsn, s) }); err != nil {
 			return fmt.Errorf("drain: %w", err)
