@@ -239,21 +239,25 @@ func measured(fn func() (float64, error)) (float64, cpuTime, error) {
 	return rate, cpuNow().since(start), err
 }
 
-func percents(xs []float64) string {
-	out := make([]string, len(xs))
-	for i, x := range xs {
-		out[i] = fmt.Sprintf("%.0f%%", x)
-	}
-	return strings.Join(out, " ")
-}
+func percents(xs []float64) string { return each(xs, "%.0f%%", " ") }
 
 // thousands prints rates in thousands per second: "92k 88k 95k".
 func thousands(xs []float64) string {
+	k := make([]float64, len(xs))
+	for i, x := range xs {
+		k[i] = x / 1000
+	}
+	return each(k, "%.0fk", " ")
+}
+
+// each formats every x with format and joins them with sep: one round's
+// figure after another.
+func each(xs []float64, format, sep string) string {
 	out := make([]string, len(xs))
 	for i, x := range xs {
-		out[i] = fmt.Sprintf("%.0fk", x/1000)
+		out[i] = fmt.Sprintf(format, x)
 	}
-	return strings.Join(out, " ")
+	return strings.Join(out, sep)
 }
 
 // cpuTime is CPU time used by the whole machine and, of it, by this

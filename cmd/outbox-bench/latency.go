@@ -9,7 +9,6 @@ import (
 	"os"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -104,7 +103,7 @@ func latencyPart(ctx context.Context, admin *gorm.DB, s settings) error {
 		for j, mode := range modes {
 			var lat, toSend []time.Duration
 			var achieved []float64
-			var p99s []string
+			var p99s []float64
 			var stolen []float64
 			batches := 0
 			for _, res := range results[i*len(modes)+j] {
@@ -112,7 +111,7 @@ func latencyPart(ctx context.Context, admin *gorm.DB, s settings) error {
 				lat, toSend = append(lat, res.lat...), append(toSend, res.toSend...)
 				achieved = append(achieved, res.achieved)
 				batches += res.batches
-				p99s = append(p99s, fmt.Sprintf("%.1f", ms(quantile(res.lat, 0.99))))
+				p99s = append(p99s, ms(quantile(res.lat, 0.99)))
 			}
 			grouped := ""
 			if n := results[i*len(modes)+j][0].perTx; n > 1 {
@@ -121,7 +120,7 @@ func latencyPart(ctx context.Context, admin *gorm.DB, s settings) error {
 			achievedNote := fmt.Sprintf("(achieved %5.0f/s%s)", median(achieved), grouped)
 			fmt.Printf("   %5d/s %-35s %-9s  p50 %6.1f ms  p99 %6.1f ms  max %7.1f ms  (commit to send p50 %.1f p99 %.1f ms; %d batches; each round's p99: %s ms; cores stolen by the hypervisor: %s)\n",
 				rate, achievedNote, mode, ms(quantile(lat, 0.5)), ms(quantile(lat, 0.99)), ms(quantile(lat, 1)),
-				ms(quantile(toSend, 0.5)), ms(quantile(toSend, 0.99)), batches, strings.Join(p99s, ", "), cores(stolen))
+				ms(quantile(toSend, 0.5)), ms(quantile(toSend, 0.99)), batches, each(p99s, "%.1f", ", "), each(stolen, "%.2f", ", "))
 		}
 	}
 	return nil
@@ -137,15 +136,6 @@ type latencyResult struct {
 	batches     int
 	perTx       int // events a transaction
 	stolen      float64
-}
-
-// cores prints each round's share of cores: "0.05, 0.31, 0.12".
-func cores(xs []float64) string {
-	out := make([]string, len(xs))
-	for i, x := range xs {
-		out[i] = fmt.Sprintf("%.2f", x)
-	}
-	return strings.Join(out, ", ")
 }
 
 // quantile returns the q-quantile of ds, 1 the maximum. It sorts ds in
