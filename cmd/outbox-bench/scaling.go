@@ -21,6 +21,9 @@ import (
 // the first batch marked to the last, used before, left out the first
 // batch of one worker but counted those of the others, which had mostly
 // been sent before it, a fifth of a 10k drain's time with 4 workers.
+// After each, the database ceiling drains the same depth from the same
+// table (the published rows kept, in the last step), so that a deep
+// backlog's slower drain can be told from the database's own.
 func scalingPart(ctx context.Context, admin *gorm.DB, s settings, published int) error {
 	const baseRuns = 5
 	fmt.Printf("\n4. scaling: drain throughput by backlog depth (the 10k drain %d times, the base is its median)\n", baseRuns)
@@ -30,8 +33,8 @@ func scalingPart(ctx context.Context, admin *gorm.DB, s settings, published int)
 	// the rate, which fell by a third when they took 0.5 to 0.8 of the 2
 	// cores during the 10k drains. It includes the publisher's start, a
 	// larger share of a 10k drain than of a deeper one.
-	var base, baseCPU float64
-	step := func(pending, kept int) (steady, cpuPerMsg float64, err error) {
+	var base, baseCPU, ceilingBase float64
+	step := func(pending, kept int) (steady, cpuPerMsg, ceiling float64, err error) {
 		// The closure sets the named results; they are returned after it
 		// has run (in "return steady, f()" Go leaves unspecified whether
 		// steady is read before or after f).
@@ -72,27 +75,62 @@ func scalingPart(ctx context.Context, admin *gorm.DB, s settings, published int)
 				pending, kept, rate, steady, vsBase)
 			fmt.Printf("      %.1f µs CPU/msg (%.1f in this process; %.2f cores stolen by the hypervisor); WAL: %.0f bytes a message; %d checkpoint(s) counted in pg_stat_bgwriter during the drain\n",
 				cpuPerMsg, us(cpu.process)/float64(pending), cpu.stolenCores(), float64(wal.bytes)/float64(pending), wal.checkpoints)
+			if kept == 0 { // the publisher's published rows out, the kept ones stay
+				if err := db.Exec("TRUNCATE " + outbox.DefaultTableName).Error; err != nil {
+					return err
+				}
+			}
+			ceiling, cpu, err = ceilingDrain(ctx, db, s, pending, payload)
+			if err != nil {
+				return err
+			}
+			vsBase = ""
+			if ceilingBase > 0 {
+				vsBase = fmt.Sprintf(" (%3.0f%% of its 10k rate)", 100*ceiling/ceilingBase)
+			}
+			fmt.Printf("      database alone (DELETE ... SKIP LOCKED ... RETURNING), same depth: %.0f msg/s%s, %.1f µs CPU/msg (%.2f cores stolen)\n",
+				ceiling, vsBase, us(cpu.machine)/float64(pending), cpu.stolenCores())
 			return nil
 		})
-		return steady, cpuPerMsg, err
+		return steady, cpuPerMsg, ceiling, err
 	}
-	var bases, baseCPUs []float64
+	var bases, baseCPUs, ceilings []float64
 	for range baseRuns {
-		steady, cpuPerMsg, err := step(10_000, 0)
+		steady, cpuPerMsg, ceiling, err := step(10_000, 0)
 		if err != nil {
 			return err
 		}
-		bases, baseCPUs = append(bases, steady), append(baseCPUs, cpuPerMsg)
+		bases, baseCPUs, ceilings = append(bases, steady), append(baseCPUs, cpuPerMsg), append(ceilings, ceiling)
 	}
-	base, baseCPU = median(bases), median(baseCPUs)
-	fmt.Printf("      10k rate, median of %d: %.0f msg/s; CPU a message, median: %.1f µs\n", baseRuns, base, baseCPU)
+	base, baseCPU, ceilingBase = median(bases), median(baseCPUs), median(ceilings)
+	fmt.Printf("      10k rate, median of %d: %.0f msg/s; CPU a message, median: %.1f µs; database alone, median: %.0f msg/s\n",
+		baseRuns, base, baseCPU, ceilingBase)
 	for _, n := range []int{100_000, 1_000_000} {
-		if _, _, err := step(n, 0); err != nil {
+		if _, _, _, err := step(n, 0); err != nil {
 			return err
 		}
 	}
-	_, _, err := step(100_000, published)
+	_, _, _, err := step(100_000, published)
 	return err
+}
+
+// ceilingDrain fills the outbox table with n pending messages and drains
+// them as the drain part's database ceiling does, after a drain of
+// warmUpMessages on the same pool: its first batches on new connections
+// prepare their statement, a large share of a 10k drain.
+func ceilingDrain(ctx context.Context, db *gorm.DB, s settings, n int, payload []byte) (float64, cpuTime, error) {
+	for _, size := range []int{warmUpMessages, n} {
+		if err := fill(db, outbox.DefaultTableName, size, s.keys, payload); err != nil {
+			return 0, cpuTime{}, err
+		}
+		rate, cpu, err := measured(func() (float64, error) {
+			return drainDB(ctx, db, outbox.DefaultTableName, s.batch, s.workers, size)
+		})
+		if err != nil || size == n {
+			return rate, cpu, err
+		}
+	}
+	panic("unreachable")
 }
 
 // fillPublished writes n published rows, older than any pending one, in
