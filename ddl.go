@@ -51,9 +51,12 @@ var outboxIndexes = []struct {
 	{"state", map[string]string{"mysql": "state, created_at"}, ""},
 }
 
-// fillfactor leaves room on each PostgreSQL page for the claim's stamp, so
-// that it is written beside the row (a HOT update) instead of on another
-// page with a new entry in every index.
+// fillfactor leaves room on each PostgreSQL page for a claim's stamp
+// (Store.Claim) and a retry's, so that it is written beside the row (a HOT
+// update) instead of on another page with a new entry in every index. The
+// publisher's held claims stamp nothing, but with the table full to 100
+// their drains wrote more WAL a message and were no faster (outbox-bench;
+// the README has the runs).
 const fillfactor = 50
 
 // indexName is the name of one of the table's indexes.

@@ -18,7 +18,8 @@
 //     through outbox.PipelinedPgx; and one 500-event transaction;
 //
 //  4. scaling (-scaling): drain throughput at 10k, 100k and 1M pending,
-//     and with 10M published rows retained.
+//     and with 10M published rows retained, each beside the database
+//     ceiling's drain of the same depth.
 //
 //     go run ./cmd/outbox-bench                    # parts 1-3, 4 to 5 minutes
 //     go run ./cmd/outbox-bench -scaling           # part 4 alone, 2.5 to 15 minutes
