@@ -23,6 +23,7 @@
 //
 //     go run ./cmd/outbox-bench                    # parts 1-3, 4 to 5 minutes
 //     go run ./cmd/outbox-bench -scaling           # part 4 alone, 2.5 to 15 minutes
+//     go run ./cmd/outbox-bench -scaling -depths 10000,100000 -published 200000
 //     go run ./cmd/outbox-bench -only drain -n 1000000
 //     go run ./cmd/outbox-bench -only drain -quick  # the ceilings and one publisher line, to compare changes
 //     cmd/outbox-bench/pgbench/run.sh              # part 3's SQL through pgbench, without Go
@@ -63,6 +64,8 @@ type settings struct {
 	writers       int
 	rounds        int
 	quick         bool
+	depths        []int // the scaling part's backlogs, the first its base
+	published     int   // published rows kept in the scaling part's last step
 }
 
 func main() {
@@ -82,7 +85,8 @@ func main() {
 	flag.IntVar(&s.writers, "writers", 8, "concurrent writers (latency and enqueue parts)")
 	only := flag.String("only", "drain,latency,enqueue", "parts to run: drain, latency, enqueue, scaling")
 	scaling := flag.Bool("scaling", false, "run the backlog-scaling part (10k, 100k, 1M pending; 10M published)")
-	published := flag.Int("published", 10_000_000, "published rows retained in the last scaling step")
+	depths := flag.String("depths", "10000,100000,1000000", "scaling part: pending backlogs drained; the first is the base of the ratios, the second is drained again behind -published rows")
+	flag.IntVar(&s.published, "published", 10_000_000, "published rows retained in the last scaling step")
 	ddl := flag.Bool("ddl", false, "print the outbox table's PostgreSQL DDL and exit (for pgbench/run.sh)")
 	flag.Parse()
 	if *ddl {
@@ -107,13 +111,8 @@ func main() {
 	if s.seconds < 2 {
 		log.Fatalf("-seconds must be at least 2 (each latency run leaves its first second out), got %d", s.seconds)
 	}
-	for _, r := range strings.Split(*rates, ",") {
-		var v int
-		if _, err := fmt.Sscan(r, &v); err != nil || v <= 0 {
-			log.Fatalf("bad rate %q", r)
-		}
-		s.rates = append(s.rates, v)
-	}
+	s.rates = positives("rate", *rates)
+	s.depths = positives("depth", *depths)
 	parts := map[string]bool{}
 	for _, p := range strings.Split(*only, ",") {
 		parts[strings.TrimSpace(p)] = true
@@ -129,9 +128,22 @@ func main() {
 		pprof.StartCPUProfile(out)
 		defer pprof.StopCPUProfile()
 	}
-	if err := run(s, parts, *published); err != nil {
+	if err := run(s, parts); err != nil {
 		log.Fatal(err)
 	}
+}
+
+// positives parses a flag's comma-separated list of positive numbers.
+func positives(what, list string) []int {
+	var out []int
+	for _, f := range strings.Split(list, ",") {
+		var v int
+		if _, err := fmt.Sscan(f, &v); err != nil || v <= 0 {
+			log.Fatalf("bad %s %q: a positive number is needed", what, f)
+		}
+		out = append(out, v)
+	}
+	return out
 }
 
 func envOr(name, def string) string {
@@ -141,7 +153,7 @@ func envOr(name, def string) string {
 	return def
 }
 
-func run(s settings, parts map[string]bool, published int) error {
+func run(s settings, parts map[string]bool) error {
 	ctx := context.Background()
 	admin, err := gorm.Open(postgres.Open(s.dsn), &gorm.Config{Logger: logger.Discard})
 	if err != nil {
@@ -151,7 +163,7 @@ func run(s settings, parts map[string]bool, published int) error {
 	// The hypervisor's share over the whole run, last: a run to set beside
 	// another should have taken about as much.
 	start := cpuNow()
-	if err := runParts(ctx, admin, s, parts, published); err != nil {
+	if err := runParts(ctx, admin, s, parts); err != nil {
 		return err
 	}
 	fmt.Printf("\ncores stolen by the hypervisor over the whole run: %.2f of %d\n", cpuNow().since(start).stolenCores(), runtime.NumCPU())
@@ -159,7 +171,7 @@ func run(s settings, parts map[string]bool, published int) error {
 }
 
 // runParts runs the parts asked for, in their order.
-func runParts(ctx context.Context, admin *gorm.DB, s settings, parts map[string]bool, published int) error {
+func runParts(ctx context.Context, admin *gorm.DB, s settings, parts map[string]bool) error {
 	if parts["drain"] {
 		if err := withSchema(admin, s.dsn, func(db *gorm.DB, dsn string) error { return drainPart(ctx, db, dsn, s) }); err != nil {
 			return fmt.Errorf("drain: %w", err)
@@ -176,7 +188,7 @@ func runParts(ctx context.Context, admin *gorm.DB, s settings, parts map[string]
 		}
 	}
 	if parts["scaling"] {
-		if err := scalingPart(ctx, admin, s, published); err != nil {
+		if err := scalingPart(ctx, admin, s); err != nil {
 			return fmt.Errorf("scaling: %w", err)
 		}
 	}

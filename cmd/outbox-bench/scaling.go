@@ -11,8 +11,9 @@ import (
 	"github.com/gorm-outbox/outbox"
 )
 
-// scalingPart drains backlogs of growing depth, then one of 100k pending
-// behind many published rows kept for retention, each in a fresh schema.
+// scalingPart drains backlogs of growing depth (s.depths: 10k, 100k and
+// 1M by default), then the second of them (100k) behind many published
+// rows kept for retention (s.published), each in a fresh schema.
 // The 10k drain, the base of the ratios, lasts a tenth of a second: one
 // read 86k msg/s and the next 102k, minutes apart, so it runs five times
 // and the base is their median. Every measured drain comes after a
@@ -24,9 +25,11 @@ import (
 // After each, the database ceiling drains the same depth from the same
 // table (the published rows kept, in the last step), so that a deep
 // backlog's slower drain can be told from the database's own.
-func scalingPart(ctx context.Context, admin *gorm.DB, s settings, published int) error {
+func scalingPart(ctx context.Context, admin *gorm.DB, s settings) error {
 	const baseRuns = 5
-	fmt.Printf("\n4. scaling: drain throughput by backlog depth (the 10k drain %d times, the base is its median)\n", baseRuns)
+	baseDepth := s.depths[0]
+	baseName := count(baseDepth)
+	fmt.Printf("\n4. scaling: drain throughput by backlog depth (the %s drain %d times, the base is its median)\n", baseName, baseRuns)
 	payload := []byte(strings.Repeat("x", s.payloadBytes))
 	// The cost per message, beside the rate: the machine's CPU per message
 	// (the hypervisor's steal left out) moves less with the neighbours than
@@ -69,7 +72,7 @@ func scalingPart(ctx context.Context, admin *gorm.DB, s settings, published int)
 			cpuPerMsg = us(cpu.machine) / float64(pending)
 			vsBase := ""
 			if base > 0 {
-				vsBase = fmt.Sprintf("  (%3.0f%% of the 10k rate; CPU a message %3.0f%% of the 10k's)", 100*steady/base, 100*cpuPerMsg/baseCPU)
+				vsBase = fmt.Sprintf("  (%3.0f%% of the %s rate; CPU a message %3.0f%% of the %s's)", 100*steady/base, baseName, 100*cpuPerMsg/baseCPU, baseName)
 			}
 			fmt.Printf("   %8d pending, %8d published kept: %8.0f msg/s from the start, %8.0f msg/s from the first send to the last acknowledgement%s\n",
 				pending, kept, rate, steady, vsBase)
@@ -86,7 +89,7 @@ func scalingPart(ctx context.Context, admin *gorm.DB, s settings, published int)
 			}
 			vsBase = ""
 			if ceilingBase > 0 {
-				vsBase = fmt.Sprintf(" (%3.0f%% of its 10k rate)", 100*ceiling/ceilingBase)
+				vsBase = fmt.Sprintf(" (%3.0f%% of its %s rate)", 100*ceiling/ceilingBase, baseName)
 			}
 			fmt.Printf("      database alone (DELETE ... SKIP LOCKED ... RETURNING), same depth: %.0f msg/s%s, %.1f µs CPU/msg (%.2f cores stolen)\n",
 				ceiling, vsBase, us(cpu.machine)/float64(pending), cpu.stolenCores())
@@ -96,22 +99,33 @@ func scalingPart(ctx context.Context, admin *gorm.DB, s settings, published int)
 	}
 	var bases, baseCPUs, ceilings []float64
 	for range baseRuns {
-		steady, cpuPerMsg, ceiling, err := step(10_000, 0)
+		steady, cpuPerMsg, ceiling, err := step(baseDepth, 0)
 		if err != nil {
 			return err
 		}
 		bases, baseCPUs, ceilings = append(bases, steady), append(baseCPUs, cpuPerMsg), append(ceilings, ceiling)
 	}
 	base, baseCPU, ceilingBase = median(bases), median(baseCPUs), median(ceilings)
-	fmt.Printf("      10k rate, median of %d: %.0f msg/s; CPU a message, median: %.1f µs; database alone, median: %.0f msg/s\n",
-		baseRuns, base, baseCPU, ceilingBase)
-	for _, n := range []int{100_000, 1_000_000} {
+	fmt.Printf("      %s rate, median of %d: %.0f msg/s; CPU a message, median: %.1f µs; database alone, median: %.0f msg/s\n",
+		baseName, baseRuns, base, baseCPU, ceilingBase)
+	for _, n := range s.depths[1:] {
 		if _, _, _, err := step(n, 0); err != nil {
 			return err
 		}
 	}
-	_, _, _, err := step(100_000, published)
+	_, _, _, err := step(s.depths[min(1, len(s.depths)-1)], s.published)
 	return err
+}
+
+// count names a number of messages the way the README does: 10k, 1M.
+func count(n int) string {
+	switch {
+	case n >= 1_000_000 && n%1_000_000 == 0:
+		return fmt.Sprintf("%dM", n/1_000_000)
+	case n >= 1000 && n%1000 == 0:
+		return fmt.Sprintf("%dk", n/1000)
+	}
+	return fmt.Sprint(n)
 }
 
 // ceilingDrain fills the outbox table with n pending messages and drains
