@@ -8,6 +8,8 @@ import (
 	"strings"
 
 	"gorm.io/gorm"
+
+	"github.com/gorm-outbox/outbox/internal/pgmark"
 )
 
 // dialect holds what differs between databases. Adding a database means
@@ -77,8 +79,8 @@ type dialect struct {
 	// together. A plain [16]byte would be cheaper still, but pgx's simple
 	// protocol (PgBouncer setups) cannot encode it.
 	binaryIDs bool
-	// waitPrefix starts the enqueue's statements, which PipelinedPgx
-	// holds until the transaction's next statement.
+	// waitPrefix starts the enqueue's statements, which package
+	// pgxpipeline holds until the transaction's next statement.
 	waitPrefix string
 	// numberedArgs: placeholders are $1, $2... instead of ?, in the
 	// statements the store writes out itself (Save's INSERT).
@@ -118,7 +120,7 @@ var dialects = map[string]dialect{
 		" set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)) l",
 		walkSetup:   "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)",
 		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))", notInIDs: "<> ALL(CAST(? AS uuid[]))",
-		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true, numberedArgs: true, holdClaims: true, waitPrefix: withCommit,
+		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true, numberedArgs: true, holdClaims: true, waitPrefix: pgmark.WaitMark,
 		resultSetup: "SELECT set_config('plan_cache_mode', 'force_custom_plan', true)", addresses: true},
 	"sqlite": {name: "sqlite", inIDs: "IN ?", notInIDs: "NOT IN ?", notInKeys: "NOT IN ?", oneWriter: true},
 }

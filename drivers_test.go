@@ -12,14 +12,15 @@ import (
 
 	"github.com/gorm-outbox/outbox"
 	"github.com/gorm-outbox/outbox/outboxtest"
+	"github.com/gorm-outbox/outbox/pgxpipeline"
 )
 
-// postgresPipelined is PostgreSQL through outbox.PipelinedPgx: the
+// postgresPipelined is PostgreSQL through package pgxpipeline: the
 // enqueue's INSERT waits for the transaction's next statement.
 func postgresPipelined(t testing.TB, cfg *gorm.Config) *gorm.DB {
 	t.Helper()
 	_, dsn := outboxtest.PostgresSchema(t, nil) // the schema, dropped at the end
-	return openInSchema(t, postgres.New(postgres.Config{DriverName: outbox.PipelinedPgx, DSN: dsn}), cfg)
+	return openInSchema(t, postgres.New(postgres.Config{DriverName: pgxpipeline.DriverName, DSN: dsn}), cfg)
 }
 
 // postgresLibPQ is PostgreSQL through lib/pq instead of pgx: where the

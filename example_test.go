@@ -10,7 +10,6 @@ import (
 
 	"github.com/glebarez/sqlite"
 	"github.com/twmb/franz-go/pkg/kfake"
-	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
 	"gorm.io/gorm/logger"
 
@@ -209,25 +208,4 @@ func ExampleWithDeleteOnPublish() {
 	after, _ := store.Count(ctx)
 	fmt.Println(before[outbox.StatePending], "pending before;", len(after), "rows of any state after")
 	// Output: 1 pending before; 0 rows of any state after
-}
-
-// Open GORM on PostgreSQL with PipelinedPgx instead of pgx's own driver, and
-// each transaction's events go to the server with its COMMIT. (Not run by go
-// test: it needs a PostgreSQL server; the test suite runs every shared case
-// through this driver.)
-func ExamplePipelinedPgx() {
-	dsn := outboxtest.PostgresDSN() // e.g. "host=127.0.0.1 user=postgres dbname=test sslmode=disable"
-	db, err := gorm.Open(postgres.New(postgres.Config{DriverName: outbox.PipelinedPgx, DSN: dsn}),
-		&gorm.Config{Logger: logger.Discard})
-	if err != nil {
-		panic(err)
-	}
-	if err := db.Use(outbox.Plugin()); err != nil {
-		panic(err)
-	}
-	err = db.Transaction(func(tx *gorm.DB) error {
-		// ... domain writes on tx ...
-		return outbox.Enqueue(tx, outbox.Message{Topic: "orders", Key: "42", Payload: []byte(`{"id":42}`)})
-	}) // the INSERT went out with the COMMIT; an error in it would be this error
-	fmt.Println(err)
 }

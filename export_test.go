@@ -5,7 +5,10 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 	"gorm.io/gorm"
+
+	"github.com/gorm-outbox/outbox/internal/pgmark"
 )
 
 // CleanupLockKey exposes the cleanup's advisory lock to the tests, which
@@ -108,8 +111,8 @@ func SetPoolCheckInterval(d time.Duration) (restore func()) {
 	return func() { poolCheckInterval = old }
 }
 
-// WaitMark starts a statement that PipelinedPgx holds until the next one.
-const WaitMark = withCommit
+// WaitMark starts a statement that pgxpipeline holds until the next one.
+const WaitMark = pgmark.WaitMark
 
 // LockPicked locks msgs as a held claim does after its walk, with refs as
 // the addresses the walk read, and returns the ids it would send; the
@@ -151,4 +154,20 @@ func WalkPicks(ctx context.Context, s *GormStore, inFlight []uuid.UUID) ([]uuid.
 // with its arguments, and the setup its transaction runs before it.
 func HeldWalkSQL(s *GormStore, limit int) (sql string, args []any, setup string) {
 	return s.walkKeys + " ORDER BY " + s.quote("id") + " LIMIT ?", []any{limit}, s.dialect.walkSetup
+}
+
+// TakesPgxPath reports whether the store's reads through pgx itself (the
+// held claim's walk and lock) reach pgx on db's connections, or fall back
+// to GORM.
+func TakesPgxPath(ctx context.Context, db *gorm.DB) (bool, error) {
+	sqlDB, err := db.DB()
+	if err != nil {
+		return false, err
+	}
+	conn, err := sqlDB.Conn(ctx)
+	if err != nil {
+		return false, err
+	}
+	defer conn.Close()
+	return pgxQuery(ctx, conn, false, "SELECT 1", nil, func(pgx.Rows) error { return nil })
 }

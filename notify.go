@@ -84,7 +84,10 @@ func (p *Publisher) listen(ctx context.Context, store *GormStore) {
 			return
 		}
 		if errors.Is(err, errNotPgx) {
-			p.cfg.logger.Info("outbox: not listening for notifications, polling", "reason", err)
+			// Said once: enqueues in other processes now reach this
+			// publisher only at its next poll.
+			p.cfg.logger.Warn("outbox: cannot LISTEN for the enqueuers' notifications; publishing from other processes' enqueues waits for the poll interval (use pgx's driver or package pgxpipeline, or WithoutListen to silence this)",
+				"reason", err, "poll_interval", p.cfg.pollInterval)
 			return
 		}
 		pause = min(max(2*pause, p.cfg.pollInterval), p.cfg.maxPause)

@@ -26,6 +26,7 @@ import (
 	"github.com/gorm-outbox/outbox"
 	"github.com/gorm-outbox/outbox/kafka"
 	"github.com/gorm-outbox/outbox/outboxtest"
+	"github.com/gorm-outbox/outbox/pgxpipeline"
 )
 
 var long = flag.Bool("reliability.long", false, "run each scenario for a minute instead of a few seconds")
@@ -163,7 +164,7 @@ type scenario struct {
 	pgRestart  bool // restart PostgreSQL (a private instance)
 	poison     bool // mix in messages over the broker's maximum size
 	lateCommit bool // a transaction that commits long after later ones were published
-	pipelined  bool // the writers enqueue through outbox.PipelinedPgx (PostgreSQL)
+	pipelined  bool // the writers enqueue through pgxpipeline.DriverName (PostgreSQL)
 }
 
 func TestReliability(t *testing.T) {
@@ -236,7 +237,7 @@ func run(t *testing.T, sc scenario) {
 	writers := db
 	if sc.pipelined {
 		var err error
-		if writers, err = gorm.Open(postgres.New(postgres.Config{DriverName: outbox.PipelinedPgx, DSN: dsn}),
+		if writers, err = gorm.Open(postgres.New(postgres.Config{DriverName: pgxpipeline.DriverName, DSN: dsn}),
 			&gorm.Config{Logger: logger.Discard}); err != nil {
 			t.Fatal(err)
 		}

@@ -13,6 +13,7 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox"
+	"github.com/gorm-outbox/outbox/pgxpipeline"
 )
 
 // benchOrder is the domain row of the enqueue part.
@@ -59,7 +60,7 @@ func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error
 		return err
 	}
 	// The same outbox through the driver that sends the event with the COMMIT.
-	pipelined, closePipelined, err := openWith(postgres.New(postgres.Config{DriverName: outbox.PipelinedPgx, DSN: dsn}))
+	pipelined, closePipelined, err := openWith(postgres.New(postgres.Config{DriverName: pgxpipeline.DriverName, DSN: dsn}))
 	if err != nil {
 		return err
 	}
@@ -164,7 +165,7 @@ func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error
 			us(c.machine-base.machine), us(c.process-base.process), us((c.machine-c.process)-(base.machine-base.process)))
 	}
 	fmt.Printf("   cores stolen by the hypervisor meanwhile: median %.2f, at most %.2f of a round\n", median(stolen), slices.Max(stolen))
-	fmt.Printf("   overhead of one event: %.0f%% with GORM's default driver, %.0f%% with outbox.PipelinedPgx (target: at most 25%%)\n",
+	fmt.Printf("   overhead of one event: %.0f%% with GORM's default driver, %.0f%% with pgxpipeline.DriverName (target: at most 25%%)\n",
 		overhead[rounds/2], pipelinedOverhead[rounds/2])
 
 	// One transaction with 500 events, enqueued in one call: one multi-row INSERT.

@@ -15,7 +15,7 @@
 //
 //  3. enqueue: transactions per second of a one-row domain transaction
 //     with and without one event, at 8 writers, through pgx's driver and
-//     through outbox.PipelinedPgx; and one 500-event transaction;
+//     through pgxpipeline; and one 500-event transaction;
 //
 //  4. scaling (-scaling): drain throughput at 10k, 100k and 1M pending,
 //     and with 10M published rows retained, each beside the database

@@ -1,4 +1,25 @@
-package outbox
+// Package pgxpipeline is a database/sql driver for PostgreSQL: pgx's own
+// (the one GORM uses), except that in a transaction the outbox's INSERT is
+// not sent on its own but with the next statement, which is usually the
+// COMMIT, in one round trip. With pgx's driver an event costs its
+// transaction a round trip; through this one it costs a few statements'
+// parsing. Importing the package registers the driver as DriverName; open
+// GORM with it:
+//
+//	db, err := gorm.Open(postgres.New(postgres.Config{DriverName: pgxpipeline.DriverName, DSN: dsn}))
+//
+// Nothing else changes: the INSERT still runs in the transaction, before
+// its COMMIT, so the two commit or roll back together. What differs is
+// when an error in the INSERT is seen: at the next statement (most often
+// the commit, which then fails and rolls the transaction back) instead of
+// at Enqueue, which has already validated the message. Any statement of the
+// transaction after an enqueue, a savepoint's included, first sends the
+// INSERT, so the transaction reads its own events as with any driver.
+//
+// Every feature of the outbox that needs pgx (the publisher's LISTEN, its
+// held claim's pgx path) works through it: its connections give their
+// *pgx.Conn like pgx's own.
+package pgxpipeline
 
 import (
 	"context"
@@ -9,33 +30,17 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
+
+	"github.com/gorm-outbox/outbox/internal/pgmark"
 )
 
-// PipelinedPgx is the name of a database/sql driver for PostgreSQL: pgx's
-// own (the one GORM uses), except that in a transaction the outbox's
-// INSERT is not sent on its own but with the next statement, which is
-// usually the COMMIT, in one round trip. With pgx's driver an event costs
-// its transaction a round trip, about what a bare second INSERT costs;
-// through this driver one event added less to a one-row transaction in
-// most of outbox-bench's runs (the README has them). Open GORM with it:
-//
-//	db, err := gorm.Open(postgres.New(postgres.Config{DriverName: outbox.PipelinedPgx, DSN: dsn}))
-//
-// Nothing else changes: the INSERT still runs in the transaction, before
-// its COMMIT, so the two commit or roll back together. What differs is
-// when an error in the INSERT is seen: at the next statement (most often
-// the commit, which then fails and rolls the transaction back) instead of
-// at Enqueue, which has already validated the message. Any statement of the
-// transaction after an enqueue, a savepoint's included, first sends the
-// INSERT, so the transaction reads its own events as with any driver.
-const PipelinedPgx = "outbox-pgx"
+// DriverName is the name under which the package registers its driver
+// with database/sql.
+const DriverName = "outbox-pgx"
 
-func init() { sql.Register(PipelinedPgx, pipelinedDriver{}) }
+func init() { sql.Register(DriverName, pipelinedDriver{}) }
 
-// withCommit starts the outbox's own statements that may wait for the
-// next one (Save's INSERT and NOTIFY). Another driver runs them as they
-// come: to PostgreSQL it is a comment.
-const withCommit = "/* outbox: sent with the next statement */ "
+const withCommit = pgmark.WaitMark
 
 type pipelinedDriver struct{}
 
@@ -47,15 +52,20 @@ func (pipelinedDriver) Open(dsn string) (driver.Conn, error) {
 	sc, ok := c.(*stdlib.Conn)
 	if !ok {
 		c.Close()
-		return nil, errors.New("outbox: pgx's database/sql driver returned an unexpected connection")
+		return nil, errors.New("pgxpipeline: pgx's database/sql driver returned an unexpected connection")
 	}
-	return &pipelinedConn{Conn: sc}, nil
+	return &pipelinedConn{stdConn: sc}, nil
 }
+
+// stdConn names the embedded connection: embedded as *stdlib.Conn, the
+// field would be called Conn and hide the promoted Conn() method, by which
+// the outbox finds the *pgx.Conn of a connection.
+type stdConn = stdlib.Conn
 
 // pipelinedConn is pgx's database/sql connection that holds the outbox's
 // statements of an open transaction until the next statement.
 type pipelinedConn struct {
-	*stdlib.Conn
+	*stdConn
 	tx      *pipelinedTx // the open transaction, if any
 	waiting []waitingStatement
 }
@@ -66,7 +76,7 @@ type waitingStatement struct {
 }
 
 func (c *pipelinedConn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
-	tx, err := c.Conn.BeginTx(ctx, opts)
+	tx, err := c.stdConn.BeginTx(ctx, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -90,28 +100,28 @@ func (c *pipelinedConn) ExecContext(ctx context.Context, query string, args []dr
 	if err := c.send(ctx); err != nil {
 		return nil, err
 	}
-	return c.Conn.ExecContext(ctx, query, args)
+	return c.stdConn.ExecContext(ctx, query, args)
 }
 
 func (c *pipelinedConn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
 	if err := c.send(ctx); err != nil {
 		return nil, err
 	}
-	return c.Conn.QueryContext(ctx, query, args)
+	return c.stdConn.QueryContext(ctx, query, args)
 }
 
 func (c *pipelinedConn) PrepareContext(ctx context.Context, query string) (driver.Stmt, error) {
 	if err := c.send(ctx); err != nil {
 		return nil, err
 	}
-	st, err := c.Conn.PrepareContext(ctx, query)
+	st, err := c.stdConn.PrepareContext(ctx, query)
 	if err != nil {
 		return nil, err
 	}
 	ps, ok := st.(*stdlib.Stmt)
 	if !ok {
 		st.Close()
-		return nil, errors.New("outbox: pgx's database/sql driver returned an unexpected statement")
+		return nil, errors.New("pgxpipeline: pgx's database/sql driver returned an unexpected statement")
 	}
 	return &pipelinedStmt{Stmt: ps, conn: c}, nil
 }
@@ -156,7 +166,7 @@ func (c *pipelinedConn) send(ctx context.Context, last ...string) error {
 		b.Queue(q)
 	}
 	c.waiting = nil
-	results := c.Conn.Conn().SendBatch(ctx, b)
+	results := c.Conn().SendBatch(ctx, b)
 	var first error
 	for i := range b.Len() {
 		tag, err := results.Exec()
@@ -190,7 +200,7 @@ func (t *pipelinedTx) Commit() error {
 	}
 	// A waiting statement failed: PostgreSQL skipped the COMMIT and the
 	// transaction is aborted; end it, so the connection can be used again.
-	if pc := c.Conn.Conn(); !pc.IsClosed() && pc.PgConn().TxStatus() != 'I' {
+	if pc := c.Conn(); !pc.IsClosed() && pc.PgConn().TxStatus() != 'I' {
 		if _, rbErr := pc.Exec(context.Background(), "ROLLBACK"); rbErr != nil {
 			err = errors.Join(err, rbErr, driver.ErrBadConn)
 		}
