@@ -7,6 +7,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"math"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -20,18 +21,25 @@ import (
 
 var states = []outbox.State{outbox.StatePending, outbox.StatePublished, outbox.StateDead}
 
-func cmdStatus(ctx context.Context, a *app, args []string) error {
+func cmdStatus(args []string) (action, error) {
 	fs := flag.NewFlagSet("status", flag.ContinueOnError)
-	asJSON := fs.Bool("json", false, "print JSON")
-	budget := fs.Int("max-attempts", outbox.DefaultRetryPolicy.MaxAttempts, "the publisher's attempt budget")
+	asJSON := boolFlag(fs, "json")
+	budget := intFlag(fs, "max-attempts", outbox.DefaultRetryPolicy.MaxAttempts, 1)
 	if err := parse(fs, args); err != nil {
-		return err
+		return nil, err
 	}
-	st, err := a.store.Stats(ctx, *budget)
+	if err := noArgs(fs); err != nil {
+		return nil, err
+	}
+	return func(ctx context.Context, a *app) error { return status(ctx, a, *asJSON, *budget) }, nil
+}
+
+func status(ctx context.Context, a *app, asJSON bool, budget int) error {
+	st, err := a.store.Stats(ctx, budget)
 	if err != nil {
 		return err
 	}
-	if *asJSON {
+	if asJSON {
 		out := map[string]any{
 			"table":                      a.store.TableName(),
 			"pending":                    st.Counts[outbox.StatePending],
@@ -50,60 +58,55 @@ func cmdStatus(ctx context.Context, a *app, args []string) error {
 	fmt.Fprintf(a.stdout, "  pending     %8d   oldest %s, %d retrying, %d expired claims\n",
 		st.Counts[outbox.StatePending], st.OldestPendingAge.Round(time.Second), st.Retrying, st.ExpiredClaims)
 	fmt.Fprintf(a.stdout, "  published   %8d\n", st.Counts[outbox.StatePublished])
-	fmt.Fprintf(a.stdout, "  dead        %8d   %d over the attempt budget of %d\n", st.Counts[outbox.StateDead], st.OverBudget, *budget)
+	fmt.Fprintf(a.stdout, "  dead        %8d   %d over the attempt budget of %d\n", st.Counts[outbox.StateDead], st.OverBudget, budget)
 	return nil
 }
 
-func parseState(s string) (outbox.State, error) {
-	if s == "" {
-		return "", nil
+func cmdList(args []string) (action, error) {
+	fs := flag.NewFlagSet("list", flag.ContinueOnError)
+	state := stateFlag(fs, "state")
+	topic := stringFlag(fs, "topic", "", "a topic name")
+	key := stringFlag(fs, "key", "", "a key (messages without a key cannot be listed by key)")
+	olderThan := durationFlag(fs, "older-than", 0, false)
+	newest := boolFlag(fs, "newest")
+	limit := intFlag(fs, "limit", 50, 1)
+	page := intFlag(fs, "page", 1, 1)
+	payload := boolFlag(fs, "payload")
+	if err := parse(fs, args); err != nil {
+		return nil, err
 	}
-	for _, st := range states {
-		if string(st) == s {
-			return st, nil
+	if err := noArgs(fs); err != nil {
+		return nil, err
+	}
+	if *page-1 > math.MaxInt / *limit {
+		return nil, errUsage{fmt.Sprintf("--page %d of %d messages is past any table", *page, *limit)}
+	}
+	opts := outbox.ListOptions{State: *state, Topic: *topic, Key: *key, NewestFirst: *newest, Limit: *limit, Offset: (*page - 1) * *limit}
+	// --older-than 0s is "created before now", which is every message.
+	filterAge := isSet(fs, "older-than")
+	return func(ctx context.Context, a *app) error {
+		if filterAge {
+			opts.CreatedBefore = time.Now().Add(-*olderThan)
 		}
-	}
-	return "", errUsage{fmt.Sprintf("unknown state %q (pending, published or dead)", s)}
+		return list(ctx, a, opts, *page, *payload)
+	}, nil
 }
 
-func cmdList(ctx context.Context, a *app, args []string) error {
-	fs := flag.NewFlagSet("list", flag.ContinueOnError)
-	state := fs.String("state", "", "pending, published or dead")
-	topic := fs.String("topic", "", "only this topic")
-	key := fs.String("key", "", "only this key")
-	olderThan := fs.Duration("older-than", 0, "only messages created longer ago than this")
-	newest := fs.Bool("newest", false, "newest first")
-	limit := fs.Int("limit", 50, "messages per page")
-	page := fs.Int("page", 1, "page number")
-	payload := fs.Bool("payload", false, "show payloads")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	st, err := parseState(*state)
-	if err != nil {
-		return err
-	}
-	if *limit <= 0 || *page <= 0 {
-		return errUsage{"--limit and --page must be positive"}
-	}
-	opts := outbox.ListOptions{State: st, Topic: *topic, Key: *key, NewestFirst: *newest, Limit: *limit, Offset: (*page - 1) * *limit}
-	if *olderThan > 0 {
-		opts.CreatedBefore = time.Now().Add(-*olderThan)
-	}
+func list(ctx context.Context, a *app, opts outbox.ListOptions, page int, payload bool) error {
 	msgs, err := a.store.List(ctx, opts)
 	if err != nil {
 		return err
 	}
 	w := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
 	header := "ID\tSTATE\tTOPIC\tKEY\tATTEMPTS\tCREATED\tLAST ERROR"
-	if *payload {
+	if payload {
 		header += "\tPAYLOAD"
 	}
 	fmt.Fprintln(w, header)
 	for _, m := range msgs {
 		line := fmt.Sprintf("%s\t%s\t%s\t%s\t%d\t%s\t%s", m.ID, m.State, m.Topic, m.Key, m.Attempts,
 			m.CreatedAt.UTC().Format(time.RFC3339), shorten(m.LastError, 60))
-		if *payload {
+		if payload {
 			line += "\t" + shorten(printable(m.Payload), 80)
 		}
 		fmt.Fprintln(w, line)
@@ -111,8 +114,8 @@ func cmdList(ctx context.Context, a *app, args []string) error {
 	if err := w.Flush(); err != nil {
 		return err
 	}
-	if len(msgs) == *limit {
-		fmt.Fprintf(a.stderr, "(page %d; --page %d for more)\n", *page, *page+1)
+	if len(msgs) == opts.Limit {
+		fmt.Fprintf(a.stderr, "(page %d; --page %d for more)\n", page, page+1)
 	}
 	return nil
 }
@@ -145,19 +148,23 @@ func parseIDs(args []string) ([]uuid.UUID, error) {
 	return ids, nil
 }
 
-func cmdShow(ctx context.Context, a *app, args []string) error {
+func cmdShow(args []string) (action, error) {
 	fs := flag.NewFlagSet("show", flag.ContinueOnError)
 	if err := parse(fs, args); err != nil {
-		return err
+		return nil, err
 	}
 	if fs.NArg() != 1 {
-		return errUsage{"give one message id"}
+		return nil, errUsage{fmt.Sprintf("give one message id, not %d arguments", fs.NArg())}
 	}
 	ids, err := parseIDs(fs.Args())
 	if err != nil {
-		return err
+		return nil, err
 	}
-	m, err := a.store.Get(ctx, ids[0])
+	return func(ctx context.Context, a *app) error { return show(ctx, a, ids[0]) }, nil
+}
+
+func show(ctx context.Context, a *app, id uuid.UUID) error {
+	m, err := a.store.Get(ctx, id)
 	if err != nil {
 		return err
 	}
@@ -189,36 +196,51 @@ func cmdShow(ctx context.Context, a *app, args []string) error {
 	return w.Flush()
 }
 
-func cmdRequeue(ctx context.Context, a *app, args []string) error {
+func cmdRequeue(args []string) (action, error) {
 	fs := flag.NewFlagSet("requeue", flag.ContinueOnError)
-	dead := fs.Bool("dead", false, "requeue every dead message")
-	topic := fs.String("topic", "", "with --dead: only this topic")
+	dead := boolFlag(fs, "dead")
+	topic := stringFlag(fs, "topic", "", "a topic name")
 	if err := parse(fs, args); err != nil {
-		return err
+		return nil, err
 	}
 	if *dead {
 		if fs.NArg() > 0 {
-			return errUsage{"give ids or --dead, not both"}
+			return nil, errUsage{"give ids or --dead, not both"}
 		}
-		n, err := a.store.RequeueDead(ctx, *topic)
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(a.stdout, "requeued %d dead messages\n", n)
-		return nil
+		return func(ctx context.Context, a *app) error {
+			n, err := a.store.RequeueDead(ctx, *topic)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "requeued %d dead messages\n", n)
+			return nil
+		}, nil
 	}
-	if *topic != "" {
-		return errUsage{"--topic goes with --dead"}
+	if isSet(fs, "topic") {
+		return nil, errUsage{"--topic goes with --dead"}
 	}
 	if fs.NArg() == 0 {
-		return errUsage{"give message ids, or --dead"}
+		return nil, errUsage{"give message ids, or --dead"}
 	}
 	ids, err := parseIDs(fs.Args())
 	if err != nil {
-		return err
+		return nil, err
 	}
+	// An id given twice is one message to requeue, and one line of the report.
+	seen := map[uuid.UUID]bool{}
+	unique := ids[:0]
+	for _, id := range ids {
+		if !seen[id] {
+			seen[id] = true
+			unique = append(unique, id)
+		}
+	}
+	return func(ctx context.Context, a *app) error { return requeue(ctx, a, unique) }, nil
+}
+
+func requeue(ctx context.Context, a *app, ids []uuid.UUID) error {
 	var problems []string
-	var requeue []uuid.UUID
+	var dead []uuid.UUID
 	for _, id := range ids {
 		m, err := a.store.Get(ctx, id)
 		switch {
@@ -229,10 +251,10 @@ func cmdRequeue(ctx context.Context, a *app, args []string) error {
 		case m.State != outbox.StateDead:
 			problems = append(problems, fmt.Sprintf("%s is %s, not dead", id, m.State))
 		default:
-			requeue = append(requeue, id)
+			dead = append(dead, id)
 		}
 	}
-	n, err := a.store.Requeue(ctx, requeue...)
+	n, err := a.store.Requeue(ctx, dead...)
 	if err != nil {
 		return err
 	}
@@ -243,21 +265,30 @@ func cmdRequeue(ctx context.Context, a *app, args []string) error {
 	return nil
 }
 
-func cmdPurge(ctx context.Context, a *app, args []string) error {
+func cmdPurge(args []string) (action, error) {
 	fs := flag.NewFlagSet("purge", flag.ContinueOnError)
-	published := fs.Bool("published", false, "delete published messages (required: pending ones are never purged)")
-	olderThan := fs.Duration("older-than", 0, "only those published longer ago than this, e.g. 720h")
-	yes := fs.Bool("yes", false, "do not ask for confirmation")
+	published := boolFlag(fs, "published")
+	olderThan := durationFlag(fs, "older-than", 0, false)
+	yes := boolFlag(fs, "yes")
 	if err := parse(fs, args); err != nil {
-		return err
+		return nil, err
+	}
+	if err := noArgs(fs); err != nil {
+		return nil, err
 	}
 	if !*published {
-		return errUsage{"say what to purge: --published"}
+		return nil, errUsage{"say what to purge: --published (pending and dead messages are never purged)"}
 	}
-	if *olderThan <= 0 {
-		return errUsage{"give --older-than, e.g. --older-than 720h"}
+	// Required, and 0s is a value (everything published so far), so what
+	// tells it apart from a missing flag is whether it was given at all.
+	if !isSet(fs, "older-than") {
+		return nil, errUsage{"give --older-than, e.g. --older-than 720h (0s: everything published so far)"}
 	}
-	n, err := a.store.CountOlder(ctx, outbox.StatePublished, *olderThan)
+	return func(ctx context.Context, a *app) error { return purge(ctx, a, *olderThan, *yes) }, nil
+}
+
+func purge(ctx context.Context, a *app, olderThan time.Duration, yes bool) error {
+	n, err := a.store.CountOlder(ctx, outbox.StatePublished, olderThan)
 	if err != nil {
 		return err
 	}
@@ -265,10 +296,17 @@ func cmdPurge(ctx context.Context, a *app, args []string) error {
 		fmt.Fprintln(a.stdout, "nothing to purge")
 		return nil
 	}
-	if !*yes && !a.confirm(fmt.Sprintf("Delete %d published messages older than %s from %s?", n, *olderThan, a.store.TableName())) {
+	what := fmt.Sprintf("%d published messages older than %s", n, olderThan)
+	if olderThan == 0 {
+		what = fmt.Sprintf("all %d published messages", n)
+	}
+	if !yes && !a.confirm(fmt.Sprintf("Delete %s from %s?", what, a.store.TableName())) {
 		return errors.New("outbox: purge cancelled, nothing deleted")
 	}
-	deleted, err := a.store.Cleanup(ctx, outbox.RetentionPolicy{Published: *olderThan}, func(total int64) {
+	// Cleanup takes a zero retention as its default of 7 days; the shortest
+	// positive one is what 0s means here.
+	retention := max(olderThan, time.Nanosecond)
+	deleted, err := a.store.Cleanup(ctx, outbox.RetentionPolicy{Published: retention}, func(total int64) {
 		fmt.Fprintf(a.stderr, "\rdeleted %d of %d", total, n)
 	})
 	if deleted > 0 {
@@ -281,24 +319,28 @@ func cmdPurge(ctx context.Context, a *app, args []string) error {
 	return nil
 }
 
-func cmdWatch(ctx context.Context, a *app, args []string) error {
+func cmdWatch(args []string) (action, error) {
 	fs := flag.NewFlagSet("watch", flag.ContinueOnError)
-	interval := fs.Duration("interval", time.Second, "refresh interval")
-	times := fs.Int("n", 0, "stop after this many refreshes (0: until interrupted)")
+	interval := durationFlag(fs, "interval", time.Second, true)
+	times := intFlag(fs, "n", 0, 0)
 	if err := parse(fs, args); err != nil {
-		return err
+		return nil, err
 	}
-	if *interval <= 0 {
-		return errUsage{"--interval must be positive"}
+	if err := noArgs(fs); err != nil {
+		return nil, err
 	}
+	return func(ctx context.Context, a *app) error { return watch(ctx, a, *interval, *times) }, nil
+}
+
+func watch(ctx context.Context, a *app, interval time.Duration, times int) error {
 	var prev outbox.Stats
 	var prevAt time.Time
-	for i := 0; *times == 0 || i < *times; i++ {
+	for i := 0; times == 0 || i < times; i++ {
 		if i > 0 {
 			select {
 			case <-ctx.Done():
 				return nil
-			case <-time.After(*interval):
+			case <-time.After(interval):
 			}
 		}
 		st, err := a.store.Stats(ctx, 0)

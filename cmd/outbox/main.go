@@ -38,18 +38,33 @@ const usage = `usage: outbox [--dsn DSN] [--table NAME] COMMAND [flags]
 
 The DSN comes from --dsn or OUTBOX_DSN: a postgres:// URL or "host=... dbname=..."
 for PostgreSQL, "user:pass@tcp(host:3306)/db" (or mysql://...) for MariaDB and
-MySQL, or a SQLite file path.
+MySQL, or a SQLite file path. The table comes from --table or OUTBOX_TABLE
+(default outbox_messages). Global flags go before the command.
 
 commands:
-  status [--json]                       counts per state, oldest pending age, stuck messages
+  status [--json] [--max-attempts N]    counts per state, oldest pending age, stuck messages
   list [--state S] [--topic T] [--key K] [--older-than D] [--newest] [--limit N] [--page P] [--payload]
+                                        S: pending, published or dead; N, P: 1 or more
   show ID                               one message, with payload and headers
   requeue ID...                         make dead messages pending again
   requeue --dead [--topic T]            requeue every dead message (of a topic)
   purge --published --older-than D [--yes]
-                                        delete published messages older than D (e.g. 720h)
-  watch [--interval D]                  live counts and rates
+                                        delete published messages older than D (e.g. 720h;
+                                        0s: everything published so far)
+  watch [--interval D] [-n N]           live counts and rates, N times (0: until interrupted)
+
+D is a duration such as 720h, 90m or 30s.
 `
+
+// synopsis is each command's line of the usage, printed after a mistake in it.
+var synopsis = map[string]string{
+	"status":  "outbox status [--json] [--max-attempts N]",
+	"list":    "outbox list [--state pending|published|dead] [--topic T] [--key K] [--older-than D] [--newest] [--limit N] [--page P] [--payload]",
+	"show":    "outbox show ID",
+	"requeue": "outbox requeue ID... | outbox requeue --dead [--topic T]",
+	"purge":   "outbox purge --published --older-than D [--yes]",
+	"watch":   "outbox watch [--interval D] [-n N]",
+}
 
 // errUsage marks a mistake in the command line: exit code 2.
 type errUsage struct{ msg string }
@@ -71,60 +86,110 @@ type app struct {
 	tty    bool
 }
 
-func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+// action is a command whose arguments have been checked, ready to run.
+type action func(context.Context, *app) error
+
+var commands = map[string]func(args []string) (action, error){
+	"status": cmdStatus, "list": cmdList, "show": cmdShow, "requeue": cmdRequeue, "purge": cmdPurge, "watch": cmdWatch,
+}
+
+// invocation is a checked command line: nothing in it is left to refuse.
+type invocation struct {
+	dsn, table string
+	act        action // nil: print the usage
+}
+
+// usageError is a mistake in the command line, reported with what is
+// allowed: the command's synopsis, or the whole usage for a global mistake.
+type usageError struct {
+	command string // "" for a global mistake
+	msg     string
+}
+
+func (e usageError) Error() string { return e.msg }
+
+// parseArgs checks the whole command line before any database is opened,
+// so that a mistake is reported as one whatever the DSN.
+func parseArgs(args []string, getenv func(string) string) (invocation, error) {
 	global := flag.NewFlagSet("outbox", flag.ContinueOnError)
 	global.SetOutput(io.Discard)
-	dsn := global.String("dsn", os.Getenv("OUTBOX_DSN"), "database DSN")
-	table := global.String("table", envOr("OUTBOX_TABLE", outbox.DefaultTableName), "outbox table")
-	if err := global.Parse(args); err != nil || global.NArg() == 0 {
+	dsn := stringFlag(global, "dsn", getenv("OUTBOX_DSN"), "a DSN")
+	table := stringFlag(global, "table", getenv("OUTBOX_TABLE"), "a table name")
+	if err := global.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			fmt.Fprint(stdout, usage)
-			return 0
+			return invocation{}, nil
 		}
-		fmt.Fprint(stderr, usage)
+		return invocation{}, usageError{"", err.Error()}
+	}
+	if global.NArg() == 0 {
+		return invocation{}, usageError{"", "give a command"}
+	}
+	name := global.Arg(0)
+	if name == "help" {
+		return invocation{}, nil
+	}
+	parseCmd, ok := commands[name]
+	if !ok {
+		return invocation{}, usageError{"", fmt.Sprintf("unknown command %q", name)}
+	}
+	act, err := parseCmd(global.Args()[1:])
+	if errors.Is(err, flag.ErrHelp) {
+		return invocation{}, nil
+	}
+	var u errUsage
+	if errors.As(err, &u) {
+		return invocation{}, usageError{name, u.msg}
+	}
+	if err != nil {
+		return invocation{}, err
+	}
+	inv := invocation{dsn: *dsn, table: *table, act: act}
+	if inv.table == "" {
+		inv.table = outbox.DefaultTableName
+	}
+	// DDL checks the name as the plugin does, without a database.
+	if _, err := outbox.DDL("postgres", inv.table); err != nil {
+		msg := strings.TrimPrefix(err.Error(), "outbox: ")
+		if !isSet(global, "table") {
+			msg += " (from OUTBOX_TABLE)"
+		}
+		return invocation{}, usageError{"", msg}
+	}
+	if inv.dsn == "" {
+		return invocation{}, usageError{"", "no database: give --dsn or set OUTBOX_DSN"}
+	}
+	return inv, nil
+}
+
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	inv, err := parseArgs(args, os.Getenv)
+	var u usageError
+	switch {
+	case errors.As(err, &u) && u.command != "":
+		fmt.Fprintf(stderr, "outbox %s: %s\nusage: %s\n", u.command, u.msg, synopsis[u.command])
 		return 2
-	}
-	cmd, rest := global.Arg(0), global.Args()[1:]
-	commands := map[string]func(context.Context, *app, []string) error{
-		"status": cmdStatus, "list": cmdList, "show": cmdShow, "requeue": cmdRequeue, "purge": cmdPurge, "watch": cmdWatch,
-	}
-	fn, ok := commands[cmd]
-	if cmd == "help" {
+	case errors.As(err, &u):
+		fmt.Fprintf(stderr, "outbox: %s\n\n%s", u.msg, usage)
+		return 2
+	case err != nil:
+		fmt.Fprintln(stderr, err)
+		return 1
+	case inv.act == nil:
 		fmt.Fprint(stdout, usage)
 		return 0
 	}
-	if !ok {
-		fmt.Fprintf(stderr, "outbox: unknown command %q\n\n%s", cmd, usage)
-		return 2
-	}
-	if *dsn == "" {
-		fmt.Fprintln(stderr, "outbox: no database: give --dsn or set OUTBOX_DSN")
-		return 2
-	}
-	store, closeDB, err := open(ctx, *dsn, *table)
+	store, closeDB, err := open(ctx, inv.dsn, inv.table)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return 1
 	}
 	defer closeDB()
 	a := &app{store: store, stdin: stdin, stdout: stdout, stderr: stderr, tty: isTerminal(stdout)}
-	if err := fn(ctx, a, rest); err != nil {
-		var u errUsage
-		if errors.As(err, &u) {
-			fmt.Fprintf(stderr, "outbox %s: %s\n", cmd, u.msg)
-			return 2
-		}
+	if err := inv.act(ctx, a); err != nil {
 		fmt.Fprintln(stderr, err)
 		return 1
 	}
 	return 0
-}
-
-func envOr(name, def string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
-	}
-	return def
 }
 
 func isMySQL(dsn string) bool {
@@ -241,11 +306,31 @@ func (a *app) confirm(question string) bool {
 	return answer == "y" || answer == "yes"
 }
 
-// parse parses a command's flags; a mistake is a usage error.
+// parse parses a command's flags; a mistake is a usage error. A global
+// flag after the command gets a hint, since that is the likely slip.
 func parse(fs *flag.FlagSet, args []string) error {
 	fs.SetOutput(io.Discard)
 	if err := fs.Parse(args); err != nil {
-		return errUsage{err.Error()}
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		msg := err.Error()
+		for _, g := range []string{"dsn", "table"} {
+			if strings.HasSuffix(msg, "not defined: -"+g) {
+				msg += " (--" + g + " goes before the command)"
+			}
+		}
+		return errUsage{msg}
+	}
+	return nil
+}
+
+// noArgs refuses arguments left after the flags, which would otherwise be
+// ignored (and with them any flags that follow: flag parsing stops at the
+// first argument).
+func noArgs(fs *flag.FlagSet) error {
+	if fs.NArg() > 0 {
+		return errUsage{fmt.Sprintf("unexpected argument %q: %s takes only flags", fs.Arg(0), fs.Name())}
 	}
 	return nil
 }

@@ -40,8 +40,14 @@ type result struct {
 
 func runCmd(t *testing.T, dsn, stdin string, args ...string) result {
 	t.Helper()
+	return runCmdEnv(t, []string{"OUTBOX_DSN=" + dsn}, stdin, args...)
+}
+
+// runCmdEnv runs the command with env added to the test's environment.
+func runCmdEnv(t *testing.T, env []string, stdin string, args ...string) result {
+	t.Helper()
 	cmd := exec.Command(binary, args...)
-	cmd.Env = append(os.Environ(), "OUTBOX_DSN="+dsn)
+	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdin = strings.NewReader(stdin)
 	var out, errOut strings.Builder
 	cmd.Stdout, cmd.Stderr = &out, &errOut
@@ -132,6 +138,10 @@ func TestCommand(t *testing.T) {
 			if r.code != 0 || strings.Count(r.stdout, "\n") != 2 || !strings.Contains(r.stdout, msgs["a"][2].ID.String()) {
 				t.Fatalf("list page 2: %+v", r)
 			}
+			r = runCmd(t, dsn, "", "list", "--older-than", "0s")
+			if r.code != 0 || strings.Count(r.stdout, "\n") != 8 { // created before now: all 7
+				t.Fatalf("list --older-than 0s: %+v", r)
+			}
 			r = runCmd(t, dsn, "", "list", "--older-than", "24h")
 			if r.code != 0 || strings.Count(r.stdout, "\n") != 3 { // the two old published ones
 				t.Fatalf("list --older-than: %+v", r)
@@ -147,8 +157,9 @@ func TestCommand(t *testing.T) {
 				t.Fatalf("show of an unknown id: %+v", r)
 			}
 
-			r = runCmd(t, dsn, "", "requeue", dead.ID.String(), msgs["a"][0].ID.String())
-			if r.code != 1 || !strings.Contains(r.stdout, "requeued 1") || !strings.Contains(r.stderr, "is pending, not dead") {
+			// An id given twice is one message, and reported once.
+			r = runCmd(t, dsn, "", "requeue", dead.ID.String(), dead.ID.String(), msgs["a"][0].ID.String(), msgs["a"][0].ID.String())
+			if r.code != 1 || !strings.Contains(r.stdout, "requeued 1") || strings.Count(r.stderr, "is pending, not dead") != 1 {
 				t.Fatalf("requeue: %+v", r)
 			}
 			r = runCmd(t, dsn, "", "requeue", "--dead", "--topic", "c")
@@ -168,14 +179,29 @@ func TestCommand(t *testing.T) {
 			if r.code != 0 || !strings.Contains(r.stdout, "nothing to purge") {
 				t.Fatalf("purge of nothing: %+v", r) // pending and dead are never purged
 			}
+			// A message published just now: 0s is "everything published so far".
+			now := time.Now().UTC()
+			db.Table(outbox.DefaultTableName).Where("id = ?", msgs["a"][1].ID).Updates(map[string]any{"state": outbox.StatePublished, "published_at": now})
+			r = runCmd(t, dsn, "", "purge", "--published", "--older-than", "1h", "--yes")
+			if r.code != 0 || !strings.Contains(r.stdout, "nothing to purge") {
+				t.Fatalf("purge of a message published just now, older than 1h: %+v", r)
+			}
+			r = runCmd(t, dsn, "n\n", "purge", "--published", "--older-than", "0s")
+			if r.code != 1 || !strings.Contains(r.stderr, "Delete all 1 published messages") {
+				t.Fatalf("purge --older-than 0s answered no: %+v", r)
+			}
+			r = runCmd(t, dsn, "", "purge", "--published", "--older-than", "0s", "--yes")
+			if r.code != 0 || !strings.Contains(r.stdout, "deleted 1 published") {
+				t.Fatalf("purge --older-than 0s: %+v", r)
+			}
 			var left int64
 			db.Table(outbox.DefaultTableName).Count(&left)
-			if left != 5 {
-				t.Fatalf("%d messages left, want the 5 unpublished", left)
+			if left != 4 {
+				t.Fatalf("%d messages left, want the 4 unpublished", left)
 			}
 
 			r = runCmd(t, dsn, "", "watch", "-n", "2", "--interval", "10ms")
-			if r.code != 0 || strings.Count(r.stdout, "pending 5") != 2 || !strings.Contains(r.stdout, "0.0/s") {
+			if r.code != 0 || strings.Count(r.stdout, "pending 4") != 2 || !strings.Contains(r.stdout, "0.0/s") {
 				t.Fatalf("watch: %+v", r)
 			}
 
@@ -187,6 +213,8 @@ func TestCommand(t *testing.T) {
 	}
 }
 
+// TestCommandErrors: every mistake in a command line is exit code 2 with a
+// message saying what is allowed, found before the database is opened.
 func TestCommandErrors(t *testing.T) {
 	cases := []struct {
 		name, dsn string
@@ -200,9 +228,81 @@ func TestCommandErrors(t *testing.T) {
 		{"unreachable postgres", "postgres://postgres:s3cret-pw@127.0.0.1:1/test?connect_timeout=2", []string{"status"}, 1, "cannot connect to postgres://postgres:xxxxx@127.0.0.1:1"},
 		{"unreachable mariadb", "root:s3cret-pw@tcp(127.0.0.1:1)/test", []string{"status"}, 1, "root:xxxxx@tcp(127.0.0.1:1)/test: dial tcp"},
 		{"bad flag", "x.db", []string{"list", "--frob"}, 2, "flag provided but not defined"},
-		{"bad state", "x.db", []string{"list", "--state", "lost"}, 2, `unknown state "lost"`},
+		{"bad state", "x.db", []string{"list", "--state", "lost"}, 2, `invalid value "lost" for flag -state: want pending, published or dead`},
 		{"bad id", "x.db", []string{"show", "42"}, 2, `"42" is not a message id`},
 		{"purge without what", "x.db", []string{"purge", "--older-than", "1h"}, 2, "--published"},
+
+		// Global flags and the command.
+		{"no command", "x.db", nil, 2, "give a command"},
+		{"unknown global flag", "x.db", []string{"--frob", "status"}, 2, "flag provided but not defined: -frob"},
+		{"empty dsn flag", "x.db", []string{"--dsn=", "status"}, 2, `invalid value "" for flag -dsn: give a DSN`},
+		{"dsn flag without value", "x.db", []string{"--dsn"}, 2, "flag needs an argument: -dsn"},
+		{"empty table", "x.db", []string{"--table", "", "status"}, 2, `invalid value "" for flag -table: give a table name`},
+		{"table with a space", "x.db", []string{"--table", "a b", "status"}, 2, `table name "a b" is not a plain SQL identifier`},
+		{"table with SQL", "x.db", []string{"--table", "t;drop table x", "status"}, 2, "not a plain SQL identifier"},
+		{"table of three parts", "x.db", []string{"--table", "a.b.c", "status"}, 2, "not a plain SQL identifier"},
+		{"dsn after the command", "x.db", []string{"status", "--dsn", "x"}, 2, "--dsn goes before the command"},
+		{"table after the command", "x.db", []string{"list", "--table=t"}, 2, "--table goes before the command"},
+
+		// status
+		{"status argument", "x.db", []string{"status", "extra"}, 2, `unexpected argument "extra": status takes only flags`},
+		{"status bool as a word", "x.db", []string{"status", "--json", "false"}, 2, `unexpected argument "false"`},
+		{"status bool value", "x.db", []string{"status", "--json=maybe"}, 2, `invalid boolean value "maybe" for -json: give the flag alone, or =true or =false`},
+		{"status zero budget", "x.db", []string{"status", "--max-attempts", "0"}, 2, "want a whole number of at least 1"},
+		{"status negative budget", "x.db", []string{"status", "--max-attempts=-3"}, 2, "want a whole number of at least 1"},
+		{"status budget not a number", "x.db", []string{"status", "--max-attempts", "ten"}, 2, `invalid value "ten" for flag -max-attempts`},
+
+		// list
+		{"list empty state", "x.db", []string{"list", "--state="}, 2, "want pending, published or dead"},
+		{"list state in capitals", "x.db", []string{"list", "--state", "DEAD"}, 2, "want pending, published or dead"},
+		{"list state without value", "x.db", []string{"list", "--state"}, 2, "flag needs an argument: -state"},
+		{"list empty topic", "x.db", []string{"list", "--topic", ""}, 2, "give a topic name"},
+		{"list empty key", "x.db", []string{"list", "--key="}, 2, "give a key"},
+		{"list negative age", "x.db", []string{"list", "--older-than", "-1h"}, 2, "a duration must not be negative"},
+		{"list age in days", "x.db", []string{"list", "--older-than", "3d"}, 2, "want a duration such as 720h"},
+		{"list empty age", "x.db", []string{"list", "--older-than="}, 2, "want a duration such as 720h"},
+		{"list overflowing age", "x.db", []string{"list", "--older-than", "2562048h"}, 2, "want a duration such as 720h"},
+		{"list zero limit", "x.db", []string{"list", "--limit", "0"}, 2, "want a whole number of at least 1"},
+		{"list negative limit", "x.db", []string{"list", "--limit", "-5"}, 2, "want a whole number of at least 1"},
+		{"list fractional limit", "x.db", []string{"list", "--limit", "1.5"}, 2, "want a whole number of at least 1"},
+		{"list huge limit", "x.db", []string{"list", "--limit", "99999999999999999999"}, 2, "up to 9223372036854775807"},
+		{"list zero page", "x.db", []string{"list", "--page", "0"}, 2, "want a whole number of at least 1"},
+		{"list negative page", "x.db", []string{"list", "--page=-2"}, 2, "want a whole number of at least 1"},
+		{"list page past any table", "x.db", []string{"list", "--limit", "2", "--page", "9223372036854775807"}, 2, "past any table"},
+		{"list argument", "x.db", []string{"list", "dead"}, 2, `unexpected argument "dead": list takes only flags`},
+		{"list flag after an argument", "x.db", []string{"list", "dead", "--limit", "1"}, 2, `unexpected argument "dead"`},
+		{"list bool value", "x.db", []string{"list", "--newest=2"}, 2, `invalid boolean value "2" for -newest`},
+
+		// show
+		{"show nothing", "x.db", []string{"show"}, 2, "give one message id, not 0 arguments"},
+		{"show two", "x.db", []string{"show", "01900000-0000-7000-8000-000000000000", "01900000-0000-7000-8000-000000000001"}, 2, "give one message id, not 2 arguments"},
+		{"show empty id", "x.db", []string{"show", ""}, 2, `"" is not a message id`},
+		{"show short id", "x.db", []string{"show", "01900000-0000-7000-8000-00000000000"}, 2, "is not a message id"},
+		{"show flag", "x.db", []string{"show", "--json"}, 2, "flag provided but not defined: -json"},
+
+		// requeue
+		{"requeue nothing", "x.db", []string{"requeue"}, 2, "give message ids, or --dead"},
+		{"requeue ids and dead", "x.db", []string{"requeue", "--dead", "01900000-0000-7000-8000-000000000000"}, 2, "give ids or --dead, not both"},
+		{"requeue topic without dead", "x.db", []string{"requeue", "--topic", "c", "01900000-0000-7000-8000-000000000000"}, 2, "--topic goes with --dead"},
+		{"requeue empty topic", "x.db", []string{"requeue", "--dead", "--topic="}, 2, "give a topic name"},
+		{"requeue bad id", "x.db", []string{"requeue", "01900000-0000-7000-8000-000000000000", "nope"}, 2, `"nope" is not a message id`},
+		{"requeue bool value", "x.db", []string{"requeue", "--dead=yes"}, 2, `invalid boolean value "yes" for -dead`},
+
+		// purge
+		{"purge without age", "x.db", []string{"purge", "--published"}, 2, "give --older-than, e.g. --older-than 720h (0s: everything published so far)"},
+		{"purge not published", "x.db", []string{"purge", "--published=false", "--older-than", "1h"}, 2, "say what to purge: --published"},
+		{"purge negative age", "x.db", []string{"purge", "--published", "--older-than", "-1s"}, 2, "a duration must not be negative"},
+		{"purge bad age", "x.db", []string{"purge", "--published", "--older-than", "1x"}, 2, "want a duration such as 720h"},
+		{"purge argument", "x.db", []string{"purge", "--published", "--older-than", "1h", "now"}, 2, `unexpected argument "now": purge takes only flags`},
+		{"purge yes value", "x.db", []string{"purge", "--published", "--older-than", "1h", "--yes=please"}, 2, `invalid boolean value "please" for -yes`},
+
+		// watch
+		{"watch zero interval", "x.db", []string{"watch", "--interval", "0"}, 2, "want a duration above zero"},
+		{"watch negative interval", "x.db", []string{"watch", "--interval", "-1s"}, 2, "a duration must not be negative"},
+		{"watch bad interval", "x.db", []string{"watch", "--interval", "fast"}, 2, "want a duration such as 720h"},
+		{"watch negative count", "x.db", []string{"watch", "-n", "-1"}, 2, "want a whole number of at least 0"},
+		{"watch count not a number", "x.db", []string{"watch", "-n", "two"}, 2, "want a whole number of at least 0"},
+		{"watch argument", "x.db", []string{"watch", "1s"}, 2, `unexpected argument "1s": watch takes only flags`},
 	}
 	dir := t.TempDir()
 	db, err := gorm.Open(sqliteDialector(filepath.Join(dir, "x.db")), &gorm.Config{})
@@ -213,16 +313,92 @@ func TestCommandErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, c := range cases {
-		dsn := c.dsn
-		if dsn == "x.db" {
-			dsn = filepath.Join(dir, "x.db")
+		dsns := []string{c.dsn}
+		if c.dsn == "x.db" {
+			// A usage error is found before the database is opened: the
+			// same with a database as without one.
+			dsns = []string{filepath.Join(dir, "x.db")}
+			if c.code == 2 {
+				dsns = append(dsns, filepath.Join(dir, "missing.db"))
+			}
 		}
-		r := runCmd(t, dsn, "", c.args...)
-		if r.code != c.code || !strings.Contains(r.stderr, c.want) {
-			t.Errorf("%s: exit %d, stderr %q; want exit %d and %q", c.name, r.code, r.stderr, c.code, c.want)
+		for _, dsn := range dsns {
+			r := runCmd(t, dsn, "", c.args...)
+			if r.code != c.code || !strings.Contains(r.stderr, c.want) {
+				t.Errorf("%s: exit %d, stderr %q; want exit %d and %q", c.name, r.code, r.stderr, c.code, c.want)
+			}
+			if c.code == 2 && !strings.Contains(r.stderr, "usage: outbox ") {
+				t.Errorf("%s: the usage error does not say what is allowed: %q", c.name, r.stderr)
+			}
+			if r.stdout != "" {
+				t.Errorf("%s: a failed command printed %q", c.name, r.stdout)
+			}
+			if strings.Contains(r.stdout+r.stderr, "s3cret") {
+				t.Errorf("%s: the password was printed", c.name)
+			}
 		}
-		if strings.Contains(r.stdout+r.stderr, "s3cret") {
-			t.Errorf("%s: the password was printed", c.name)
+	}
+	var n int64
+	if err := db.Table(outbox.DefaultTableName).Count(&n).Error; err != nil || n != 0 {
+		t.Errorf("the refused commands left %d messages (%v)", n, err)
+	}
+
+	r := runCmdEnv(t, []string{"OUTBOX_DSN=" + filepath.Join(dir, "x.db"), "OUTBOX_TABLE=bad-name"}, "", "status")
+	if r.code != 2 || !strings.Contains(r.stderr, `table name "bad-name" is not a plain SQL identifier`) || !strings.Contains(r.stderr, "(from OUTBOX_TABLE)") {
+		t.Errorf("bad OUTBOX_TABLE: %+v", r)
+	}
+}
+
+// TestCommandHonoursEdgeValues: the values at the edges of what is allowed
+// do what they say.
+func TestCommandHonoursEdgeValues(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "app.db")
+	db, err := gorm.Open(sqliteDialector(path), &gorm.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s, _ := db.DB(); s.Close() })
+	msgs := populate(t, db)
+	dead := msgs["c"][0].ID.String()
+	cases := []struct {
+		name  string
+		args  []string
+		check func(r result) bool
+	}{
+		{"help", []string{"help"}, func(r result) bool { return strings.HasPrefix(r.stdout, "usage: outbox") }},
+		{"-h", []string{"-h"}, func(r result) bool { return strings.HasPrefix(r.stdout, "usage: outbox") }},
+		{"a command's -h", []string{"list", "-h"}, func(r result) bool { return strings.HasPrefix(r.stdout, "usage: outbox") }},
+		{"a command's --help", []string{"purge", "--help"}, func(r result) bool { return strings.HasPrefix(r.stdout, "usage: outbox") }},
+		{"table given", []string{"--table", outbox.DefaultTableName, "status"}, func(r result) bool { return strings.Contains(r.stdout, "pending            3") }},
+		{"budget of 1", []string{"status", "--max-attempts", "1"}, func(r result) bool {
+			return strings.Contains(r.stdout, "2 over the attempt budget of 1")
+		}},
+		{"json=true", []string{"status", "--json=true"}, func(r result) bool { return strings.Contains(r.stdout, `"dead": 2`) }},
+		{"json=false", []string{"status", "--json=false"}, func(r result) bool { return strings.HasPrefix(r.stdout, "table ") }},
+		{"age 0s: everything", []string{"list", "--older-than", "0s"}, func(r result) bool { return strings.Count(r.stdout, "\n") == 8 }},
+		{"age 0: everything", []string{"list", "--older-than=0"}, func(r result) bool { return strings.Count(r.stdout, "\n") == 8 }},
+		{"the longest age", []string{"list", "--older-than", "2562047h"}, func(r result) bool { return strings.Count(r.stdout, "\n") == 1 }},
+		{"limit 1, last page", []string{"list", "--limit", "1", "--page", "7"}, func(r result) bool {
+			return strings.Count(r.stdout, "\n") == 2 && strings.Contains(r.stdout, msgs["c"][1].ID.String())
+		}},
+		{"largest limit", []string{"list", "--limit", "9223372036854775807"}, func(r result) bool { return strings.Count(r.stdout, "\n") == 8 }},
+		{"largest page", []string{"list", "--limit", "1", "--page", "9223372036854775807"}, func(r result) bool {
+			return strings.Count(r.stdout, "\n") == 1
+		}},
+		{"decimal limit", []string{"list", "--limit", "010", "--topic", "a"}, func(r result) bool { return strings.Count(r.stdout, "\n") == 4 }},
+		{"state and topic and key", []string{"list", "--state=pending", "--topic", "a", "--key", "k1"}, func(r result) bool {
+			return strings.Count(r.stdout, "\n") == 2 && strings.Contains(r.stdout, msgs["a"][1].ID.String())
+		}},
+		{"a topic with none", []string{"list", "--topic", "no such topic"}, func(r result) bool { return strings.Count(r.stdout, "\n") == 1 }},
+		{"id as a URN", []string{"show", "urn:uuid:" + dead}, func(r result) bool { return strings.Contains(r.stdout, "broker said no") }},
+		{"id in capitals", []string{"show", strings.ToUpper(dead)}, func(r result) bool { return strings.Contains(r.stdout, "broker said no") }},
+		{"a tiny interval", []string{"watch", "-n", "3", "--interval", "1ns"}, func(r result) bool { return strings.Count(r.stdout, "pending 3") == 3 }},
+		{"nothing after --", []string{"list", "--limit", "1", "--"}, func(r result) bool { return strings.Count(r.stdout, "\n") == 2 }},
+	}
+	for _, c := range cases {
+		r := runCmd(t, path, "", c.args...)
+		if r.code != 0 || !c.check(r) {
+			t.Errorf("%s: %v: exit %d, stdout %q, stderr %q", c.name, c.args, r.code, r.stdout, r.stderr)
 		}
 	}
 }
