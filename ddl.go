@@ -54,9 +54,9 @@ var outboxIndexes = []struct {
 // fillfactor leaves room on each PostgreSQL page for a claim's stamp
 // (Store.Claim) and a retry's, so that it is written beside the row (a HOT
 // update) instead of on another page with a new entry in every index. The
-// publisher's held claims stamp nothing, but with the table full to 100
-// their drains wrote more WAL a message and were no faster (outbox-bench;
-// the README has the runs).
+// publisher's held claims stamp nothing, but with pages filled to 100 their
+// drains write more WAL a message and are no faster (outbox-bench -only
+// drain, run against both).
 const fillfactor = 50
 
 // indexName is the name of one of the table's indexes.

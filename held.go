@@ -48,11 +48,8 @@ type inFlight struct {
 	// take turns: so while other claims are open (other workers sending,
 	// soon back for more), a walk picks the next two batches of each, up
 	// to maxWalkBatches, and leaves them here, in flight, for the next
-	// claims to take instead of walking.
-	// Picking one more batch for each open claim raised the drain from
-	// 57%, 62% to 76%, 76% of the lower ceiling of the time (outbox-bench
-	// -only drain -quick, back to back; that ceiling was handicapped, see
-	// the README, but both sides had it); the lock checks each row again.
+	// claims to take instead of walking. A spare may have changed since
+	// the walk read it: the lock checks each row again.
 	claims    atomic.Int32 // held claims open, from their start to their end
 	spares    [][]*OutboxMessage
 	spareOpts ClaimOptions
@@ -168,11 +165,10 @@ func (c *heldClaim) begin(work context.Context) error {
 
 // pgxWalk reads the held claim's walk (s.walkKeys) through pgx itself, on
 // conn, inside the claim's transaction; with another driver it reads
-// through fallback. Through
-// database/sql each value of each row is converted twice (to a
-// driver.Value, then to its destination: a uuid formatted and parsed
-// again, a payload copied twice), which cost more than the rest of the
-// claim. These reads do not pass through GORM's logger and callbacks.
+// through fallback. Through database/sql each value of each row is
+// converted twice (to a driver.Value, then to its destination: a uuid
+// formatted and parsed again), and the walk, which takes turns, would be
+// longer for it. These reads do not pass through GORM's logger and callbacks.
 func (s *GormStore) pgxWalk(ctx context.Context, conn *sql.Conn, fallback walkReader, now time.Time) walkReader {
 	return func(window int, query string, args []any) ([]queued, error) {
 		out := make([]queued, 0, min(window, 4096))
@@ -230,9 +226,8 @@ func (s *GormStore) plannedWalk(tx *gorm.DB, read walkReader) walkReader {
 // that sets plan_cache_mode for the rest of the claim); the walk does not
 // take it: its generic plan costs far more than its custom one whenever
 // the table holds more than a few rows, so PostgreSQL keeps planning it
-// for its arguments, and parsing it each time added 2 to 3 ms to the
-// commit-to-send time at 1,000 messages a second (outbox-bench, back to
-// back).
+// for its arguments anyway, and a cached statement spares the parse on
+// every claim.
 func pgxQuery(ctx context.Context, conn *sql.Conn, unnamed bool, query string, args []any, row func(pgx.Rows) error) (ok bool, err error) {
 	err = conn.Raw(func(dc any) error {
 		pc, isPgx := dc.(pgxConn)
@@ -408,9 +403,8 @@ func (c *heldClaim) release() {
 // refColumn reads the address of a row of alias ("o." or ""); refsMatch is
 // true of a row whose address is among those of a refsArg. The list is
 // a subquery's result, not a constant: planned as a constant, each of its
-// addresses was estimated in turn, which took longer than locking the rows
-// (EXPLAIN, 500 addresses: planning 0.21 ms, as a subquery 0.085 ms, the
-// same TID scan); a TID scan needs no estimate to be chosen.
+// addresses is estimated in turn, which takes longer than locking the
+// rows; a TID scan needs no estimate to be chosen.
 func refColumn(alias string) string { return "CAST(" + alias + "ctid AS text)" }
 func refsMatch(alias string) string {
 	return alias + "ctid = ANY(CAST((SELECT CAST(? AS tid[])) AS tid[]))"
@@ -423,7 +417,7 @@ func refsMatch(alias string) string {
 // A row's address (PostgreSQL's ctid) stays its own while a transaction
 // holds it locked, so the lock and the results of a held claim find rows
 // by address, one page read each, instead of by id through the index
-// (three or four), which was most of the two statements' work. The walk
+// (three or four). The walk
 // reads each row's address (OutboxMessage.ref); the lock checks that each
 // address still holds the id picked there.
 func refsArg(ids []uuid.UUID, msgs []*OutboxMessage) (arg string, ok bool) {
@@ -484,14 +478,12 @@ type lockedRow struct {
 // after the lease; and plan_cache_mode force_custom_plan, so that the
 // results' statements, which pgx prepares and caches, are planned for
 // their id lists: a generic plan chosen while the table was nearly empty
-// scanned it whole for every batch once it had grown (the long
-// reliability run's broker outage: 470 msg/s). Its commit waits for the
-// disk (synchronous_commit as the server has it): the rows it deletes are
-// not known to be gone, and walks cannot drop their index entries, until
-// the commit is on disk, which without the wait is up to the WAL writer's
-// next round (wal_writer_delay, 200 ms): every walk stepped over the
-// rows deleted in that time (BenchmarkHeldClaim, one claim at a time:
-// 9.2-11.2 ms a claim without the wait, 5.3-5.6 with it).
+// scans it whole for every batch once it has grown. Its commit waits for
+// the disk (synchronous_commit as the server has it): the rows it deletes
+// are not known to be gone, and walks cannot drop their index entries,
+// until the commit is on disk, which without the wait is up to the WAL
+// writer's next round: every walk would step over the rows deleted in
+// that time.
 func (s *GormStore) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picked []*OutboxMessage, lease time.Duration, read bool) ([]*OutboxMessage, error) {
 	if len(picked) == 0 {
 		return nil, nil
