@@ -2,6 +2,7 @@ package outbox
 
 import (
 	"database/sql"
+	"errors"
 	"fmt"
 	"regexp"
 	"strconv"
@@ -147,22 +148,33 @@ func mysqlSkipLocked(db *gorm.DB) error {
 	return checkSkipLocked(v)
 }
 
+// errUnsupportedServer marks a server the publisher cannot use, which no
+// wait mends.
+var errUnsupportedServer = errors.New("outbox: unsupported database server")
+
 func checkSkipLocked(v string) error {
+	if err := skipLocked(v); err != nil {
+		return fmt.Errorf("%w: %w", errUnsupportedServer, err)
+	}
+	return nil
+}
+
+func skipLocked(v string) error {
 	m := versionNumber.FindStringSubmatch(v)
 	if m == nil {
-		return fmt.Errorf("outbox: cannot read the server version %q", v)
+		return fmt.Errorf("cannot read the server version %q", v)
 	}
 	major, _ := strconv.Atoi(m[1])
 	minor, _ := strconv.Atoi(m[2])
 	patch, _ := strconv.Atoi(m[3])
 	if strings.Contains(strings.ToLower(v), "mariadb") {
 		if major < 10 || major == 10 && minor < 6 {
-			return fmt.Errorf("outbox: MariaDB %s has no FOR UPDATE SKIP LOCKED; the publisher needs MariaDB 10.6 or later", v)
+			return fmt.Errorf("MariaDB %s has no FOR UPDATE SKIP LOCKED; the publisher needs MariaDB 10.6 or later", v)
 		}
 		return nil
 	}
 	if major < 8 || major == 8 && minor == 0 && patch < 1 {
-		return fmt.Errorf("outbox: MySQL %s has no FOR UPDATE SKIP LOCKED; the publisher needs MySQL 8.0.1 or later", v)
+		return fmt.Errorf("MySQL %s has no FOR UPDATE SKIP LOCKED; the publisher needs MySQL 8.0.1 or later", v)
 	}
 	return nil
 }

@@ -4,19 +4,30 @@
 // with the kafka package), so that none is lost between the database and
 // the broker and none of a rolled-back transaction is sent.
 //
-//	db.Use(outbox.Plugin())
+//	if err := db.Use(outbox.Plugin()); err != nil {
+//		return err
+//	}
 //
-//	outbox.Transaction(db, func(tx *gorm.DB) error {
+//	err := outbox.Transaction(db, func(tx *gorm.DB) error {
 //		if err := tx.Create(&order).Error; err != nil {
 //			return err
 //		}
-//		return outbox.Enqueue(tx, outbox.Message{Topic: "orders", Key: order.Key(), Payload: order})
+//		return outbox.Enqueue(tx, outbox.Message{Topic: "orders", Key: strconv.FormatUint(uint64(order.ID), 10), Payload: order})
 //	})
 //
-//	sender, _ := kafka.NewSender(brokers, nil)
-//	pub, _ := outbox.NewPublisher(db, sender)
-//	pub.Start(ctx)
-//	defer pub.Stop(ctx)
+//	sender, err := kafka.NewSender(brokers, nil) // connects at the first send
+//	if err != nil {
+//		return err
+//	}
+//	defer sender.Close()
+//	pub, err := outbox.NewPublisher(db, sender)
+//	if err != nil {
+//		return err
+//	}
+//	if err := pub.Start(ctx); err != nil {
+//		return err
+//	}
+//	defer pub.Stop(context.Background())
 //
 // Models can also record events (embed hooks.Events) for the plugin to
 // write before GORM commits. Delivery is at-least-once with a stable

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"reflect"
 	"sync"
 	"time"
 
@@ -34,10 +35,12 @@ type Publisher struct {
 	soon chan struct{} // see nudge
 
 	outageMu sync.Mutex
-	inOutage bool
+	outage   string // the cause of the outage in progress, "" when none
 
 	mu      sync.Mutex
 	running bool
+	failed  error              // why the last run ended on its own, for Run
+	checked bool               // the server's version has been checked
 	stop    context.CancelFunc // ends the loop after the batch in flight
 	abort   context.CancelFunc // cancels the batch in flight
 	done    chan struct{}
@@ -56,6 +59,7 @@ type publisherConfig struct {
 	retention    *RetentionPolicy // nil: no cleanup
 	cleanEvery   time.Duration
 	noListen     bool
+	storeSet     bool // WithStore was given, perhaps with nil
 }
 
 // WithoutListen makes a publisher on PostgreSQL poll only, without holding a
@@ -69,7 +73,7 @@ func WithoutListen() PublisherOption { return func(c *publisherConfig) { c.noLis
 // table cleans at a time; the others skip their turn.
 func WithRetention(policy RetentionPolicy, interval time.Duration) PublisherOption {
 	return func(c *publisherConfig) {
-		p := policy.withDefaults()
+		p := policy
 		c.retention, c.cleanEvery = &p, interval
 	}
 }
@@ -135,10 +139,14 @@ func WithMaxPause(d time.Duration) PublisherOption {
 func WithLogger(l *slog.Logger) PublisherOption { return func(c *publisherConfig) { c.logger = l } }
 
 // WithStore makes the publisher use store instead of the plugin's.
-func WithStore(s Store) PublisherOption { return func(c *publisherConfig) { c.store = s } }
+func WithStore(s Store) PublisherOption {
+	return func(c *publisherConfig) { c.store, c.storeSet = s, true }
+}
 
 // NewPublisher returns a stopped publisher for the outbox that Plugin
-// registered on db, sending with sender.
+// registered on db, sending with sender. It refuses what cannot work (a nil
+// sender, a nil db without WithStore, a store of another *gorm.DB, a size
+// or an interval that is not positive) with an error that names it.
 func NewPublisher(db *gorm.DB, sender Sender, opts ...PublisherOption) (*Publisher, error) {
 	cfg := publisherConfig{
 		batchSize:    100,
@@ -150,32 +158,41 @@ func NewPublisher(db *gorm.DB, sender Sender, opts ...PublisherOption) (*Publish
 		retention:    &DefaultRetention,
 		cleanEvery:   10 * time.Minute,
 	}
-	for _, o := range opts {
+	for i, o := range opts {
+		if o == nil {
+			return nil, fmt.Errorf("outbox: publisher option %d of %d is nil", i+1, len(opts))
+		}
 		o(&cfg)
 	}
-	if sender == nil {
-		return nil, fmt.Errorf("outbox: sender is nil")
+	if isNil(sender) {
+		return nil, fmt.Errorf("outbox: sender is nil (%T); did the sender's constructor return an error?", sender)
 	}
-	if cfg.workers <= 0 {
-		return nil, fmt.Errorf("outbox: workers must be positive, got %d", cfg.workers)
-	}
-	if cfg.batchSize <= 0 {
-		return nil, fmt.Errorf("outbox: batch size must be positive, got %d", cfg.batchSize)
-	}
-	if cfg.pollInterval <= 0 || cfg.lease <= 0 || cfg.maxPause <= 0 || cfg.retention != nil && cfg.cleanEvery <= 0 {
-		return nil, fmt.Errorf("outbox: poll interval, lease and max pause must be positive")
+	if err := cfg.validate(); err != nil {
+		return nil, err
 	}
 	cfg.retry = cfg.retry.withDefaults()
+	if cfg.retention != nil {
+		p := cfg.retention.withDefaults()
+		cfg.retention = &p
+	}
 	if cfg.logger == nil {
 		cfg.logger = slog.Default()
 	}
 	store := cfg.store
-	if store == nil {
+	switch {
+	case cfg.storeSet && isNil(store):
+		return nil, fmt.Errorf("outbox: WithStore was given a nil store")
+	case store == nil && db == nil:
+		return nil, fmt.Errorf("outbox: NewPublisher needs the *gorm.DB the plugin is registered on, got nil")
+	case store == nil:
 		s, err := StoreOf(db)
 		if err != nil {
 			return nil, err
 		}
 		store = s
+	}
+	if gs, ok := store.(*GormStore); ok && db != nil && gs.db.Config.ConnPool != db.Config.ConnPool {
+		return nil, fmt.Errorf("outbox: WithStore was given the store of another *gorm.DB than the publisher's")
 	}
 	p := &Publisher{store: store, sender: sender, cfg: cfg, wake: make(chan struct{}, cfg.workers),
 		soon: make(chan struct{}, 1), system: "unknown"}
@@ -188,6 +205,63 @@ func NewPublisher(db *gorm.DB, sender Sender, opts ...PublisherOption) (*Publish
 		p.system = sys.System()
 	}
 	return p, nil
+}
+
+// validate names the first setting that cannot work.
+func (c *publisherConfig) validate() error {
+	positive := []struct {
+		name string
+		bad  bool
+		got  any
+	}{
+		{"workers (WithWorkers)", c.workers <= 0, c.workers},
+		{"batch size (WithBatchSize)", c.batchSize <= 0, c.batchSize},
+		{"poll interval (WithPollInterval)", c.pollInterval <= 0, c.pollInterval},
+		{"lease (WithLease)", c.lease <= 0, c.lease},
+		{"max pause (WithMaxPause)", c.maxPause <= 0, c.maxPause},
+		{"retention interval (WithRetention)", c.retention != nil && c.cleanEvery <= 0, c.cleanEvery},
+	}
+	for _, p := range positive {
+		if p.bad {
+			return fmt.Errorf("outbox: %s must be positive, got %v", p.name, p.got)
+		}
+	}
+	r := c.retry
+	switch {
+	case r.MaxAttempts < 0:
+		return fmt.Errorf("outbox: retry policy's MaxAttempts must not be negative (0 means the default), got %d", r.MaxAttempts)
+	case r.MinBackoff < 0:
+		return fmt.Errorf("outbox: retry policy's MinBackoff must not be negative (0 means the default), got %v", r.MinBackoff)
+	case r.MaxBackoff < 0:
+		return fmt.Errorf("outbox: retry policy's MaxBackoff must not be negative (0 means the default), got %v", r.MaxBackoff)
+	}
+	if rp := c.retention; rp != nil {
+		switch {
+		case rp.Published < 0:
+			return fmt.Errorf("outbox: retention policy's Published must not be negative (0 means the default), got %v", rp.Published)
+		case rp.Dead < 0:
+			return fmt.Errorf("outbox: retention policy's Dead must not be negative (0 keeps dead messages), got %v", rp.Dead)
+		case rp.BatchSize < 0:
+			return fmt.Errorf("outbox: retention policy's BatchSize must not be negative (0 means the default), got %d", rp.BatchSize)
+		}
+	}
+	if c.keyPolicy != KeyWait && c.keyPolicy != KeySkip {
+		return fmt.Errorf("outbox: key policy %d is neither KeyWait nor KeySkip", c.keyPolicy)
+	}
+	return nil
+}
+
+// isNil reports whether v is nil, or an interface holding a nil pointer,
+// func, map, channel or slice: a typed nil that would fail only when used.
+func isNil(v any) bool {
+	if v == nil {
+		return true
+	}
+	switch rv := reflect.ValueOf(v); rv.Kind() {
+	case reflect.Pointer, reflect.Func, reflect.Map, reflect.Chan, reflect.Slice, reflect.Interface:
+		return rv.IsNil()
+	}
+	return false
 }
 
 // ErrPublisherRunning is returned by Start and Run on a running publisher.
@@ -204,23 +278,33 @@ func (p *Publisher) Start(ctx context.Context) error {
 }
 
 // Run runs the publisher until ctx is done or Stop is called, then returns
-// nil once the batch in flight is finished or handed back.
+// nil once the batch in flight is finished or handed back. It returns an
+// error at once if the publisher is running, and when the database server
+// turns out to be one the publisher cannot use.
 func (p *Publisher) Run(ctx context.Context) error {
 	loopCtx, err := p.begin(ctx)
 	if err != nil {
 		return err
 	}
 	p.loop(loopCtx)
-	return nil
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.failed
 }
 
 type abortKey struct{}
 
 func (p *Publisher) begin(ctx context.Context) (context.Context, error) {
-	if gs, ok := p.store.(*GormStore); ok && gs.dialect.minVersion != nil {
-		if err := gs.dialect.minVersion(gs.db.WithContext(ctx)); err != nil {
-			return nil, err
-		}
+	if p == nil {
+		return nil, errors.New("outbox: the *Publisher is nil (did NewPublisher return an error?)")
+	}
+	if ctx == nil {
+		return nil, errors.New("outbox: the publisher's context is nil")
+	}
+	// A server too old for the publisher is refused now; one that cannot be
+	// reached is checked again before the first claim (see checkServer).
+	if err := p.checkServerOnce(ctx); errors.Is(err, errUnsupportedServer) {
+		return nil, err
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -277,6 +361,17 @@ func (p *Publisher) loop(ctx context.Context) {
 	abortCtx := ctx.Value(abortKey{}).(context.Context)
 	log := p.cfg.logger
 	log.Info("outbox publisher started", "workers", p.cfg.workers, "batch_size", p.cfg.batchSize, "poll_interval", p.cfg.pollInterval)
+	defer p.endOutage()
+	if err := p.checkServer(ctx); err != nil {
+		p.mu.Lock()
+		p.abort()
+		p.stop()
+		p.running, p.failed = false, err
+		close(p.done)
+		p.mu.Unlock()
+		log.Error("outbox publisher stopped: the database server cannot run it", "error", err)
+		return
+	}
 	if gs, ok := p.store.(*GormStore); ok {
 		reg, err := p.tel.observeStore(func(ctx context.Context) (Stats, error) { return gs.Stats(ctx, p.cfg.retry.MaxAttempts) })
 		if err != nil {
@@ -328,6 +423,51 @@ func (p *Publisher) loop(ctx context.Context) {
 	log.Info("outbox publisher stopped")
 }
 
+// checkServerOnce checks the database server's version once, within a
+// few seconds; nil where the store has nothing to check.
+func (p *Publisher) checkServerOnce(ctx context.Context) error {
+	gs, ok := p.store.(*GormStore)
+	p.mu.Lock()
+	done := p.checked
+	p.mu.Unlock()
+	if !ok || gs.dialect.minVersion == nil || done {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	err := gs.dialect.minVersion(gs.db.WithContext(ctx))
+	if err == nil {
+		p.mu.Lock()
+		p.checked = true
+		p.mu.Unlock()
+	}
+	return err
+}
+
+// checkServer waits until the server's version could be checked, pausing as
+// in an outage while the database cannot be reached: a publisher started
+// during a database outage waits for it instead of exiting. It returns
+// only a server the publisher cannot use, or nil (also when ctx ends).
+func (p *Publisher) checkServer(ctx context.Context) error {
+	var pause time.Duration
+	for ctx.Err() == nil {
+		err := p.checkServerOnce(ctx)
+		if err == nil || errors.Is(err, errUnsupportedServer) {
+			if err == nil {
+				p.noteOutage(nil)
+			}
+			return err
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		p.noteOutage(err)
+		pause = min(max(2*pause, p.cfg.pollInterval), p.cfg.maxPause)
+		p.wait(ctx, jitter(pause), false)
+	}
+	return nil
+}
+
 // followUp is how soon a worker looks again after the work stopped.
 const followUp = 2 * DefaultNotifyInterval
 
@@ -345,7 +485,9 @@ func (p *Publisher) work(ctx, abortCtx context.Context) {
 			p.noteOutage(err)
 			pause = min(max(2*pause, p.cfg.pollInterval), p.cfg.maxPause)
 		} else if err == nil {
-			if res.Claimed > 0 { // an empty claim says nothing of the broker
+			// An empty claim says nothing of the broker, but that the
+			// database answers.
+			if res.Claimed > 0 || p.pausedBy("database") {
 				p.noteOutage(nil)
 			}
 			pause = 0
@@ -440,17 +582,49 @@ func (p *Publisher) clean(ctx context.Context, store *GormStore) {
 }
 
 // noteOutage logs the start and the end of an outage once each, however
-// many workers see it and however long it lasts.
+// many workers see it and however long it lasts, and keeps the paused
+// gauge; err nil says the work went through.
 func (p *Publisher) noteOutage(err error) {
 	p.outageMu.Lock()
 	defer p.outageMu.Unlock()
-	switch {
-	case err != nil && !p.inOutage:
-		p.inOutage = true
-		p.cfg.logger.Warn("outbox publisher paused: broker or database unavailable", "error", err)
-	case err == nil && p.inOutage:
-		p.inOutage = false
-		p.cfg.logger.Info("outbox publisher resumed")
+	cause := ""
+	if err != nil {
+		cause = "database"
+		if errors.Is(err, ErrBrokerUnavailable) {
+			cause = "broker"
+		}
+	}
+	if cause == p.outage {
+		return
+	}
+	if p.outage != "" {
+		p.tel.notePaused(p.outage, -1)
+		if cause == "" {
+			p.cfg.logger.Info("outbox publisher resumed", "after", p.outage+" outage")
+		}
+	}
+	p.outage = cause
+	if cause != "" {
+		p.tel.notePaused(cause, 1)
+		p.cfg.logger.Warn("outbox publisher paused: the "+cause+" is unreachable; messages wait in the table and no attempt is counted",
+			"error", err, "max_pause", p.cfg.maxPause)
+	}
+}
+
+// pausedBy reports whether an outage of cause is in progress.
+func (p *Publisher) pausedBy(cause string) bool {
+	p.outageMu.Lock()
+	defer p.outageMu.Unlock()
+	return p.outage == cause
+}
+
+// endOutage takes a stopping publisher out of the paused gauge.
+func (p *Publisher) endOutage() {
+	p.outageMu.Lock()
+	defer p.outageMu.Unlock()
+	if p.outage != "" {
+		p.tel.notePaused(p.outage, -1)
+		p.outage = ""
 	}
 }
 

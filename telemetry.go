@@ -23,6 +23,7 @@ const (
 	attrOperation   = attribute.Key("messaging.operation.name")
 	attrBatchCount  = attribute.Key("messaging.batch.message_count")
 	attrErrorType   = attribute.Key("error.type")
+	attrOutageCause = attribute.Key("outbox.outage.cause")
 )
 
 // traceContext is the W3C propagator: traceparent and tracestate headers,
@@ -46,6 +47,7 @@ type telemetry struct {
 	pending        metric.Int64ObservableGauge
 	oldestPending  metric.Float64ObservableGauge
 	deadNow        metric.Int64ObservableGauge
+	paused         metric.Int64UpDownCounter
 }
 
 func newTelemetry(mp metric.MeterProvider, tp trace.TracerProvider) *telemetry {
@@ -78,7 +80,14 @@ func newTelemetry(mp metric.MeterProvider, tp trace.TracerProvider) *telemetry {
 		metric.WithDescription("Age of the oldest pending message: alert when it grows."))
 	t.deadNow, _ = m.Int64ObservableGauge("outbox.messages.dead.current", metric.WithUnit("{message}"),
 		metric.WithDescription("Dead messages in the table, waiting for a requeue."))
+	t.paused, _ = m.Int64UpDownCounter("outbox.publisher.paused", metric.WithUnit("{publisher}"),
+		metric.WithDescription("Publishers paused because the broker or the database is unreachable, by outbox.outage.cause (broker, database)."))
 	return t
+}
+
+// notePaused counts a publisher into (delta 1) or out of (-1) an outage of cause.
+func (t *telemetry) notePaused(cause string, delta int64) {
+	t.paused.Add(context.Background(), delta, metric.WithAttributes(attrOutageCause.String(cause)))
 }
 
 // observeStore reports the table's backlog gauges from stats, read at each

@@ -36,6 +36,9 @@ func metricsByName(t *testing.T, reader *sdkmetric.ManualReader) map[string]floa
 		if v, ok := attrs.Value("messaging.destination.name"); ok {
 			return name + "{" + v.AsString() + "}"
 		}
+		if v, ok := attrs.Value("outbox.outage.cause"); ok {
+			return name + "{" + v.AsString() + "}"
+		}
 		return name
 	}
 	for _, sm := range rm.ScopeMetrics {

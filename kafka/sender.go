@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"reflect"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -23,13 +26,15 @@ const MessageIDHeader = "outbox-message-id"
 
 // Sender sends outbox messages with a sarama SyncProducer.
 type Sender struct {
-	// mu guards producer: Send shares it, a reconnect replaces it.
+	// mu guards producer and closed: Send shares the producer, a
+	// (re)connect replaces it, Close ends it.
 	mu       sync.RWMutex
-	producer sarama.SyncProducer
-	owned    bool // Close closes the producer only if the Sender made it
-	// brokers and cfg remake an owned producer after an outage: sarama's
-	// circuit breakers keep a producer failing for 10s after its broker
-	// returns, a fresh producer connects at once.
+	producer sarama.SyncProducer // nil until the first send connects
+	closed   bool
+	owned    bool // the Sender makes its producer, and closes it
+	// brokers and cfg make an owned producer, at the first send and again
+	// after an outage: sarama's circuit breakers keep a producer failing
+	// for 10s after its broker returns, a fresh producer connects at once.
 	brokers []string
 	cfg     *sarama.Config
 	stale   atomic.Bool // the producer saw the broker unavailable
@@ -43,12 +48,22 @@ type Sender struct {
 
 var _ outbox.Sender = (*Sender)(nil)
 
-// NewSender connects a producer to brokers. cfg nil means NewConfig(); a
-// config of yours (for TLS, SASL...) is used as you set it, except that the
-// producer must return successes and errors, which a SyncProducer needs.
+// NewSender returns a Sender whose producer connects to brokers at the
+// first Send, so that a service can start while Kafka is down: until the
+// brokers answer, each Send fails with outbox.ErrBrokerUnavailable, which
+// costs the messages no attempt, and the publisher pauses and tries again.
+// cfg nil means NewConfig(); a config of yours (for TLS, SASL...) is used as
+// you set it, except that the producer must return successes and errors,
+// which a SyncProducer needs. It returns an error only for what no retry
+// mends: no broker address, or a config that sarama refuses.
 func NewSender(brokers []string, cfg *sarama.Config) (*Sender, error) {
 	if len(brokers) == 0 {
 		return nil, fmt.Errorf("outbox/kafka: no broker addresses")
+	}
+	for i, b := range brokers {
+		if strings.TrimSpace(b) == "" {
+			return nil, fmt.Errorf("outbox/kafka: broker address %d of %d is empty", i+1, len(brokers))
+		}
 	}
 	if cfg == nil {
 		cfg = NewConfig()
@@ -61,24 +76,23 @@ func NewSender(brokers []string, cfg *sarama.Config) (*Sender, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("outbox/kafka: invalid producer config: %w", err)
 	}
-	p, err := sarama.NewSyncProducer(brokers, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("outbox/kafka: connecting to %v: %w", brokers, err)
-	}
-	return &Sender{producer: p, owned: true, brokers: brokers, cfg: cfg,
+	return &Sender{owned: true, brokers: slices.Clone(brokers), cfg: cfg,
 		maxMessageBytes: cfg.Producer.MaxMessageBytes, recordVersion: recordVersion(cfg)}, nil
 }
 
 // NewSenderWithProducer sends with a producer you made and will close. cfg
 // is the producer's config, or nil if unknown; with it, Send refuses a
 // message over Producer.MaxMessageBytes without letting the later messages
-// of its key overtake it.
-func NewSenderWithProducer(p sarama.SyncProducer, cfg *sarama.Config) *Sender {
+// of its key overtake it. A nil producer is refused.
+func NewSenderWithProducer(p sarama.SyncProducer, cfg *sarama.Config) (*Sender, error) {
+	if p == nil || reflect.ValueOf(p).Kind() == reflect.Pointer && reflect.ValueOf(p).IsNil() {
+		return nil, fmt.Errorf("outbox/kafka: the producer is nil")
+	}
 	s := &Sender{producer: p}
 	if cfg != nil {
 		s.maxMessageBytes, s.recordVersion = cfg.Producer.MaxMessageBytes, recordVersion(cfg)
 	}
-	return s
+	return s, nil
 }
 
 func recordVersion(cfg *sarama.Config) int {
@@ -91,20 +105,26 @@ func recordVersion(cfg *sarama.Config) int {
 // System is the messaging.system of the sender's spans.
 func (s *Sender) System() string { return "kafka" }
 
-// Close closes the producer if NewSender made it.
+// Close closes the producer if NewSender made it. A closed Sender's Send
+// fails with outbox.ErrBrokerUnavailable.
 func (s *Sender) Close() error {
-	if !s.owned {
+	if s == nil {
 		return nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.producer == nil {
+	s.closed = true
+	if !s.owned || s.producer == nil {
 		return nil
 	}
 	err := s.producer.Close()
 	s.producer = nil
 	return err
 }
+
+// errNoSender is what a nil *Sender's Send returns: it costs the messages no
+// attempt, and says what to fix.
+var errNoSender = fmt.Errorf("%w: outbox/kafka: the *kafka.Sender is nil (did NewSender return an error?)", outbox.ErrBrokerUnavailable)
 
 // Send implements outbox.Sender.
 //
@@ -120,7 +140,13 @@ func (s *Sender) Close() error {
 // sarama's own timeouts (Net.*Timeout, Producer.Timeout, Producer.Retry)
 // bound it.
 func (s *Sender) Send(ctx context.Context, msgs []*outbox.OutboxMessage) error {
-	if err := s.reconnectIfStale(); err != nil {
+	if s == nil {
+		return errNoSender
+	}
+	if slices.Contains(msgs, nil) {
+		return fmt.Errorf("outbox/kafka: the batch holds a nil message")
+	}
+	if err := s.connect(); err != nil {
 		return err
 	}
 	s.mu.RLock()
@@ -135,23 +161,30 @@ func (s *Sender) Send(ctx context.Context, msgs []*outbox.OutboxMessage) error {
 	return err
 }
 
-// reconnectIfStale replaces an owned producer that saw an outage. While the
-// broker is still away the new producer cannot connect, and the old one is
-// kept for the next try.
-func (s *Sender) reconnectIfStale() error {
-	if !s.stale.Load() {
+// connect makes an owned producer where there is none yet, or replaces one
+// that saw an outage. While the brokers are away the new producer cannot
+// connect: a stale one is kept for the next try, and the error says the
+// broker is unavailable, whatever sarama's reason (refused, timed out, a
+// TLS or SASL handshake that failed), so that it costs no attempt.
+func (s *Sender) connect() error {
+	s.mu.RLock()
+	need := s.owned && !s.closed && (s.producer == nil || s.stale.Load())
+	s.mu.RUnlock()
+	if !need {
 		return nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.stale.Load() || s.producer == nil {
+	if s.closed || s.producer != nil && !s.stale.Load() {
 		return nil
 	}
 	p, err := sarama.NewSyncProducer(s.brokers, s.cfg)
 	if err != nil {
-		return classify(err)
+		return fmt.Errorf("%w: outbox/kafka: connecting to %v: %w", outbox.ErrBrokerUnavailable, s.brokers, err)
 	}
-	_ = s.producer.Close()
+	if s.producer != nil {
+		_ = s.producer.Close()
+	}
 	s.producer = p
 	s.stale.Store(false)
 	return nil
@@ -269,6 +302,9 @@ func (s *Sender) sendWave(msgs []*outbox.OutboxMessage) map[uuid.UUID]error {
 // ProducerMessage is the Kafka record for an outbox message: its key, its
 // payload, its headers, and the MessageIDHeader.
 func ProducerMessage(m *outbox.OutboxMessage) *sarama.ProducerMessage {
+	if m == nil {
+		return nil
+	}
 	pm := &sarama.ProducerMessage{Topic: m.Topic, Value: sarama.ByteEncoder(m.Payload)}
 	if m.Key != "" {
 		pm.Key = sarama.StringEncoder(m.Key)

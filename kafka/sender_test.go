@@ -4,11 +4,13 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
 	"testing"
 	"time"
 
 	"github.com/IBM/sarama"
 	"github.com/google/uuid"
+	"github.com/twmb/franz-go/pkg/kfake"
 
 	"github.com/gorm-outbox/outbox"
 	"github.com/gorm-outbox/outbox/kafka"
@@ -143,8 +145,79 @@ func TestSenderKeepsTheCallersSecurityConfig(t *testing.T) {
 	// The kfake broker speaks plaintext, so a TLS handshake must fail: the
 	// config was used as given.
 	_, addrs := outboxtest.Kafka(t, 1, "t")
-	if _, err := kafka.NewSender(addrs, cfg); err == nil {
+	s, err := kafka.NewSender(addrs, cfg)
+	if err != nil {
+		t.Fatal(err) // it connects at the first send
+	}
+	defer s.Close()
+	err = s.Send(t.Context(), []*outbox.OutboxMessage{msg("t", "k", "v", nil)})
+	if err == nil {
 		t.Fatal("a TLS producer connected to a plaintext broker")
+	}
+	if !errors.Is(err, outbox.ErrBrokerUnavailable) {
+		t.Fatalf("a failed connection is %v, want it to cost no attempt (ErrBrokerUnavailable)", err)
+	}
+}
+
+// A Sender is made while no broker listens, and sends once one does: a
+// service can start during a Kafka outage.
+func TestNewSenderConnectsAtTheFirstSend(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().(*net.TCPAddr)
+	l.Close()
+	s, err := kafka.NewSender([]string{addr.String()}, nil)
+	if err != nil {
+		t.Fatalf("NewSender with no broker listening: %v", err)
+	}
+	defer s.Close()
+	m := msg("t", "k", "v", nil)
+	if err := s.Send(t.Context(), []*outbox.OutboxMessage{m}); !errors.Is(err, outbox.ErrBrokerUnavailable) {
+		t.Fatalf("Send with no broker = %v, want ErrBrokerUnavailable", err)
+	}
+	c, err := kfake.NewCluster(kfake.Ports(addr.Port), kfake.SeedTopics(1, "t"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := s.Send(t.Context(), []*outbox.OutboxMessage{m}); err != nil {
+		t.Fatalf("Send once the broker listens: %v", err)
+	}
+	if n := len(outboxtest.ReadAll(t, []string{addr.String()}, "t", 1, 300*time.Millisecond)); n != 1 {
+		t.Fatalf("topic holds %d records, want 1", n)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Send(t.Context(), []*outbox.OutboxMessage{m}); !errors.Is(err, outbox.ErrBrokerUnavailable) {
+		t.Fatalf("Send after Close = %v, want ErrBrokerUnavailable", err)
+	}
+}
+
+// What cannot work is refused with an error, never a panic.
+func TestSenderRefusesWhatCannotWork(t *testing.T) {
+	if _, err := kafka.NewSender([]string{"127.0.0.1:9092", " "}, nil); err == nil {
+		t.Error("accepted an empty broker address")
+	}
+	if _, err := kafka.NewSenderWithProducer(nil, nil); err == nil {
+		t.Error("accepted a nil producer")
+	}
+	s, err := kafka.NewSender([]string{"127.0.0.1:1"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Send(t.Context(), []*outbox.OutboxMessage{nil}); err == nil {
+		t.Error("sent a nil message")
+	}
+	if kafka.ProducerMessage(nil) != nil {
+		t.Error("ProducerMessage(nil) is not nil")
+	}
+	var nilSender *kafka.Sender
+	if err := nilSender.Send(t.Context(), nil); !errors.Is(err, outbox.ErrBrokerUnavailable) {
+		t.Errorf("a nil Sender's Send = %v", err)
 	}
 }
 
