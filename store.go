@@ -160,26 +160,30 @@ func (s *GormStore) quote(name string) string { return s.db.Statement.Quote(name
 func (s *GormStore) table() string { return s.quote(s.cfg.table) }
 
 // CreateOutboxTable creates the table and its indexes, or adds what is missing.
+// Processes that run it at once on one database take turns (see
+// migrateAlone), each waiting at most a minute (or until ctx ends) for the
+// one before it.
 func (s *GormStore) CreateOutboxTable(ctx context.Context) error {
-	db := s.db.WithContext(ctx)
-	created := !db.Migrator().HasTable(s.cfg.table)
-	if err := db.Table(s.cfg.table).AutoMigrate(&OutboxMessage{}); err != nil {
-		return fmt.Errorf("outbox: migrating table %s: %w", s.cfg.table, err)
-	}
-	if created && s.dialect.name == "postgres" {
-		if err := db.Exec(fmt.Sprintf("ALTER TABLE %s SET (fillfactor = %d)", s.table(), fillfactor)).Error; err != nil {
+	return s.migrateAlone(ctx, func(db *gorm.DB) error {
+		created := !db.Migrator().HasTable(s.cfg.table)
+		if err := db.Table(s.cfg.table).AutoMigrate(&OutboxMessage{}); err != nil {
 			return fmt.Errorf("outbox: migrating table %s: %w", s.cfg.table, err)
 		}
-	}
-	for _, i := range tableIndexes(s.dialect.name, s.cfg.table, s.quote) {
-		if db.Migrator().HasIndex(s.cfg.table, i.name) {
-			continue
+		if created && s.dialect.name == "postgres" {
+			if err := db.Exec(fmt.Sprintf("ALTER TABLE %s SET (fillfactor = %d)", s.table(), fillfactor)).Error; err != nil {
+				return fmt.Errorf("outbox: migrating table %s: %w", s.cfg.table, err)
+			}
 		}
-		if err := db.Exec(i.create).Error; err != nil {
-			return fmt.Errorf("outbox: creating index %s on %s: %w", i.name, s.cfg.table, err)
+		for _, i := range tableIndexes(s.dialect.name, s.cfg.table, s.quote) {
+			if db.Migrator().HasIndex(s.cfg.table, i.name) {
+				continue
+			}
+			if err := db.Exec(i.create).Error; err != nil {
+				return fmt.Errorf("outbox: creating index %s on %s: %w", i.name, s.cfg.table, err)
+			}
 		}
-	}
-	return nil
+		return nil
+	})
 }
 
 // inTransaction reports whether tx runs inside a database transaction, which
