@@ -1,6 +1,9 @@
 package outbox
 
-import "encoding/json"
+import (
+	"encoding/json"
+	"errors"
+)
 
 // Encoder turns a payload that is neither []byte nor string into bytes.
 // Replace the default JSONEncoder with WithEncoder (for protobuf, Avro...).
@@ -18,4 +21,9 @@ func (JSONEncoder) Encode(payload any) ([]byte, error) { return json.Marshal(pay
 type EncoderFunc func(payload any) ([]byte, error)
 
 // Encode implements Encoder.
-func (f EncoderFunc) Encode(payload any) ([]byte, error) { return f(payload) }
+func (f EncoderFunc) Encode(payload any) ([]byte, error) {
+	if f == nil {
+		return nil, errors.New("outbox: the EncoderFunc is nil")
+	}
+	return f(payload)
+}

@@ -2,6 +2,7 @@ package outbox
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"gorm.io/gorm"
@@ -29,6 +30,9 @@ func Enqueue(tx *gorm.DB, msgs ...Message) error {
 func (s *GormStore) enqueue(ctx context.Context, tx *gorm.DB, msgs []Message) error {
 	if len(msgs) == 0 {
 		return nil
+	}
+	if tx == nil {
+		return errors.New("outbox: enqueue needs the caller's *gorm.DB transaction, got nil")
 	}
 	if !s.cfg.allowNoTx && !inTransaction(tx) {
 		return ErrNoTransaction
@@ -62,6 +66,9 @@ func (s *GormStore) enqueue(ctx context.Context, tx *gorm.DB, msgs []Message) er
 // on tx through store, with the same validation and encoding as Enqueue.
 // store is usually the one from StoreOf(db).
 func SaveToOutbox(ctx context.Context, tx *gorm.DB, store Store, topic string, payload any, headers map[string]string) error {
+	if isNil(store) {
+		return errors.New("outbox: SaveToOutbox needs a store (StoreOf(db)), got nil")
+	}
 	m := Message{Topic: topic, Payload: payload, Headers: headers}
 	if gs, ok := store.(*GormStore); ok {
 		return gs.enqueue(ctx, tx, []Message{m})

@@ -43,14 +43,17 @@ func newConfig(opts []Option) (config, error) {
 		maxPayloadBytes: DefaultMaxPayloadBytes,
 		notifyInterval:  DefaultNotifyInterval,
 	}
-	for _, o := range opts {
+	for i, o := range opts {
+		if o == nil {
+			return c, fmt.Errorf("outbox: plugin option %d of %d is nil", i+1, len(opts))
+		}
 		o(&c)
 	}
 	if err := validateTableName(c.table); err != nil {
 		return c, err
 	}
-	if c.encoder == nil {
-		return c, fmt.Errorf("outbox: encoder is nil")
+	if isNil(c.encoder) {
+		return c, fmt.Errorf("outbox: encoder is nil (WithEncoder)")
 	}
 	if c.notifyInterval < 0 {
 		return c, fmt.Errorf("outbox: notify interval must not be negative, got %v", c.notifyInterval)

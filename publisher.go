@@ -326,6 +326,12 @@ func (p *Publisher) begin(ctx context.Context) (context.Context, error) {
 // elsewhere), and Stop still waits for the
 // goroutine before returning ctx's error.
 func (p *Publisher) Stop(ctx context.Context) error {
+	if p == nil {
+		return nil
+	}
+	if ctx == nil {
+		ctx = context.Background()
+	}
 	p.mu.Lock()
 	if !p.running {
 		p.mu.Unlock()
@@ -351,6 +357,9 @@ func (p *Publisher) Stop(ctx context.Context) error {
 // so that a backlog brings every worker in while a trickle keeps one busy
 // instead of all of them claiming a few messages each.
 func (p *Publisher) Wake() {
+	if p == nil {
+		return
+	}
 	select {
 	case p.wake <- struct{}{}:
 	default:
@@ -641,6 +650,12 @@ type BatchResult struct {
 // PublishOnce runs one batch: claim, send, record. It is the step the
 // running publisher repeats; use it to drain in tests or from a scheduler.
 func (p *Publisher) PublishOnce(ctx context.Context) (BatchResult, error) {
+	if p == nil {
+		return BatchResult{}, errors.New("outbox: the *Publisher is nil (did NewPublisher return an error?)")
+	}
+	if ctx == nil {
+		return BatchResult{}, errors.New("outbox: PublishOnce's context is nil")
+	}
 	return p.publishBatch(ctx, ctx)
 }
 
@@ -650,8 +665,11 @@ func (p *Publisher) PublishOnce(ctx context.Context) (BatchResult, error) {
 // error and attempt count; the error returned is only for a failure of the
 // store or an unreachable broker.
 func PublishFromOutbox(ctx context.Context, store Store, sender Sender, limit int) error {
-	if store == nil || sender == nil {
+	if isNil(store) || isNil(sender) {
 		return fmt.Errorf("outbox: PublishFromOutbox needs a store and a sender")
+	}
+	if limit <= 0 {
+		return fmt.Errorf("outbox: PublishFromOutbox's limit must be positive, got %d", limit)
 	}
 	p, err := NewPublisher(nil, sender, WithStore(store), WithBatchSize(max(limit, 1)))
 	if err != nil {

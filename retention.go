@@ -45,6 +45,7 @@ var ErrCleanupRunning = errors.New("outbox: another cleanup of this table is run
 // progress, if not nil, is called after each batch with the total so far.
 // It returns how many rows it deleted.
 func (s *GormStore) Cleanup(ctx context.Context, policy RetentionPolicy, progress func(deleted int64)) (int64, error) {
+	ctx = orBackground(ctx)
 	policy = policy.withDefaults()
 	now := time.Now().UTC()
 	var total int64

@@ -97,6 +97,9 @@ func NewStore(db *gorm.DB, opts ...Option) (*GormStore, error) {
 // NewPostgresOutboxStore returns the store for a PostgreSQL db, and an error
 // for any other database.
 func NewPostgresOutboxStore(db *gorm.DB, opts ...Option) (*PostgresOutboxStore, error) {
+	if db == nil || db.Dialector == nil {
+		return nil, errors.New("outbox: NewPostgresOutboxStore needs an opened *gorm.DB, got nil")
+	}
 	if name := db.Dialector.Name(); name != "postgres" {
 		return nil, fmt.Errorf("outbox: NewPostgresOutboxStore needs a postgres database, got %q", name)
 	}
@@ -104,6 +107,9 @@ func NewPostgresOutboxStore(db *gorm.DB, opts ...Option) (*PostgresOutboxStore, 
 }
 
 func newStore(db *gorm.DB, cfg config) (*GormStore, error) {
+	if db == nil || db.Dialector == nil {
+		return nil, errors.New("outbox: the store needs an opened *gorm.DB, got nil")
+	}
 	d, err := dialectOf(db)
 	if err != nil {
 		return nil, err
@@ -164,6 +170,7 @@ func (s *GormStore) table() string { return s.quote(s.cfg.table) }
 // migrateAlone), each waiting at most a minute (or until ctx ends) for the
 // one before it.
 func (s *GormStore) CreateOutboxTable(ctx context.Context) error {
+	ctx = orBackground(ctx)
 	return s.migrateAlone(ctx, func(db *gorm.DB) error {
 		created := !db.Migrator().HasTable(s.cfg.table)
 		if err := db.Table(s.cfg.table).AutoMigrate(&OutboxMessage{}); err != nil {
@@ -184,6 +191,15 @@ func (s *GormStore) CreateOutboxTable(ctx context.Context) error {
 		}
 		return nil
 	})
+}
+
+// orBackground is ctx, or context.Background() for a nil one: a nil
+// context is a caller's slip that should not become a panic.
+func orBackground(ctx context.Context) context.Context {
+	if ctx == nil {
+		return context.Background()
+	}
+	return ctx
 }
 
 // inTransaction reports whether tx runs inside a database transaction, which
@@ -329,6 +345,7 @@ func execOn(ctx context.Context, tx *gorm.DB, query string, args []any) error {
 // those it cannot lock: they are in a publisher's held claim, which does
 // not stamp them (see heldClaim).
 func (s *GormStore) Claim(ctx context.Context, opts ClaimOptions) (string, []*OutboxMessage, error) {
+	ctx = orBackground(ctx)
 	if opts.Limit <= 0 {
 		return "", nil, fmt.Errorf("outbox: claim limit must be positive, got %d", opts.Limit)
 	}
@@ -679,7 +696,9 @@ func (s *GormStore) serialized(ctx context.Context, lock, unlock string, key int
 		if err := s.lock(conn, lock, key); err != nil {
 			return err
 		}
-		defer conn.Exec(unlock, s.lockName(key))
+		// Released even when ctx has ended: a pooled connection that kept
+		// the lock would stall every other claim for GET_LOCK's timeout.
+		defer conn.WithContext(context.WithoutCancel(ctx)).Exec(unlock, s.lockName(key))
 		return conn.Transaction(fn, txOpts)
 	})
 }
@@ -743,6 +762,7 @@ func lessID(a, b uuid.UUID) bool { return string(a[:]) < string(b[:]) }
 // MarkPublished implements Store: the messages become published, or are
 // deleted under WithDeleteOnPublish.
 func (s *GormStore) MarkPublished(ctx context.Context, token string, ids []uuid.UUID) error {
+	ctx = orBackground(ctx)
 	return s.recording(ctx, false, func(db *gorm.DB) error { return s.markPublished(db, &token, ids, nil) })
 }
 
@@ -813,6 +833,7 @@ func (s *GormStore) recording(ctx context.Context, inTx bool, fn func(db *gorm.D
 // MarkFailed implements Store. Failures are rare, so each is its own UPDATE,
 // all in one transaction.
 func (s *GormStore) MarkFailed(ctx context.Context, token string, failures []Failure) error {
+	ctx = orBackground(ctx)
 	if len(failures) == 0 {
 		return nil
 	}
@@ -843,6 +864,7 @@ func (s *GormStore) markFailed(tx *gorm.DB, token *string, failures []Failure) e
 
 // Release implements Store.
 func (s *GormStore) Release(ctx context.Context, token string, ids []uuid.UUID) error {
+	ctx = orBackground(ctx)
 	if len(ids) == 0 {
 		return nil
 	}
@@ -869,6 +891,7 @@ type ListOptions struct {
 
 // List returns messages, oldest first unless opts.NewestFirst.
 func (s *GormStore) List(ctx context.Context, opts ListOptions) ([]OutboxMessage, error) {
+	ctx = orBackground(ctx)
 	q := s.db.WithContext(ctx).Table(s.cfg.table)
 	if opts.State != "" {
 		q = q.Where("state = ?", opts.State)
@@ -901,6 +924,7 @@ var ErrNotFound = errors.New("outbox: no such message")
 
 // Get returns one message.
 func (s *GormStore) Get(ctx context.Context, id uuid.UUID) (*OutboxMessage, error) {
+	ctx = orBackground(ctx)
 	var out []OutboxMessage
 	if err := s.db.WithContext(ctx).Table(s.cfg.table).Where("id = ?", id).Limit(1).Find(&out).Error; err != nil {
 		return nil, fmt.Errorf("outbox: reading message %s from %s: %w", id, s.cfg.table, err)
@@ -914,6 +938,7 @@ func (s *GormStore) Get(ctx context.Context, id uuid.UUID) (*OutboxMessage, erro
 // CountOlder counts the messages in state that Cleanup would delete with a
 // retention of age: created, and for published ones published, before it.
 func (s *GormStore) CountOlder(ctx context.Context, state State, age time.Duration) (int64, error) {
+	ctx = orBackground(ctx)
 	cutoff := time.Now().UTC().Add(-age)
 	q := s.db.WithContext(ctx).Table(s.cfg.table).Where("state = ? AND created_at < ?", state, cutoff)
 	if state == StatePublished {
@@ -930,6 +955,7 @@ func (s *GormStore) CountOlder(ctx context.Context, state State, age time.Durati
 // due now. It returns how many it requeued; ids that are not dead are left
 // alone. The last error is kept for the record until the next attempt.
 func (s *GormStore) Requeue(ctx context.Context, ids ...uuid.UUID) (int64, error) {
+	ctx = orBackground(ctx)
 	if len(ids) == 0 {
 		return 0, nil
 	}
@@ -938,6 +964,7 @@ func (s *GormStore) Requeue(ctx context.Context, ids ...uuid.UUID) (int64, error
 
 // RequeueDead requeues every dead message, or those of one topic if topic is not empty.
 func (s *GormStore) RequeueDead(ctx context.Context, topic string) (int64, error) {
+	ctx = orBackground(ctx)
 	q := s.db.WithContext(ctx).Table(s.cfg.table)
 	if topic != "" {
 		q = q.Where("topic = ?", topic)
@@ -973,6 +1000,7 @@ type Stats struct {
 // Stats reads the table's state; attemptBudget is the MaxAttempts to count
 // OverBudget against (DefaultRetryPolicy's when zero).
 func (s *GormStore) Stats(ctx context.Context, attemptBudget int) (Stats, error) {
+	ctx = orBackground(ctx)
 	if attemptBudget <= 0 {
 		attemptBudget = DefaultRetryPolicy.MaxAttempts
 	}
@@ -1016,6 +1044,7 @@ func (s *GormStore) Stats(ctx context.Context, attemptBudget int) (Stats, error)
 
 // Count returns how many messages are in each state.
 func (s *GormStore) Count(ctx context.Context) (map[State]int64, error) {
+	ctx = orBackground(ctx)
 	var rows []struct {
 		State State
 		N     int64

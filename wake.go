@@ -2,6 +2,7 @@ package outbox
 
 import (
 	"database/sql"
+	"errors"
 	"sync"
 
 	"gorm.io/gorm"
@@ -68,6 +69,12 @@ const enqueuedKey = "outbox:enqueued"
 // ms), which finds the events if the transaction has committed by then,
 // and on PostgreSQL its NOTIFY wakes the publishers of every process.
 func Transaction(db *gorm.DB, fn func(tx *gorm.DB) error, opts ...*sql.TxOptions) error {
+	if db == nil {
+		return errors.New("outbox: Transaction needs a *gorm.DB, got nil")
+	}
+	if fn == nil {
+		return errors.New("outbox: Transaction needs a function to run, got nil")
+	}
 	if err := db.Transaction(fn, opts...); err != nil {
 		return err
 	}

@@ -37,9 +37,18 @@ func (e *Events) RecordEvent(topic, key string, payload any) {
 }
 
 // RecordedEvents implements outbox.EventRecorder.
-func (e *Events) RecordedEvents() []outbox.Message { return e.events }
+func (e *Events) RecordedEvents() []outbox.Message {
+	if e == nil {
+		return nil
+	}
+	return e.events
+}
 
 // ClearRecordedEvents implements outbox.EventRecorder.
-func (e *Events) ClearRecordedEvents() { e.events = nil }
+func (e *Events) ClearRecordedEvents() {
+	if e != nil {
+		e.events = nil
+	}
+}
 
 var _ outbox.EventRecorder = (*Events)(nil)
