@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 )
@@ -57,9 +58,13 @@ func (c *config) toRow(ctx context.Context, m Message, now time.Time) (*OutboxMe
 	if len(m.Key) > maxKeyLength {
 		return nil, fmt.Errorf("outbox: key for topic %q is %d bytes long; at most %d", m.Topic, len(m.Key), maxKeyLength)
 	}
-	for k := range m.Headers {
+	for k, v := range m.Headers {
 		if k == "" {
 			return nil, fmt.Errorf("outbox: message for topic %q has a header with an empty key", m.Topic)
+		}
+		// Headers are stored as JSON text, which cannot hold other bytes.
+		if !utf8.ValidString(k) || !utf8.ValidString(v) {
+			return nil, fmt.Errorf("outbox: message for topic %q has header %q, which is not valid UTF-8", m.Topic, k)
 		}
 	}
 	payload, err := c.encode(m.Payload)

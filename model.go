@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 )
@@ -67,10 +68,16 @@ func (s State) Value() (driver.Value, error) { return string(s), nil }
 // Headers are a message's string headers, stored as a JSON object.
 type Headers map[string]string
 
-// Value implements driver.Valuer.
+// Value implements driver.Valuer. It refuses text that is not UTF-8, which
+// JSON would silently replace with U+FFFD.
 func (h Headers) Value() (driver.Value, error) {
 	if len(h) == 0 {
 		return "{}", nil
+	}
+	for k, v := range h {
+		if !utf8.ValidString(k) || !utf8.ValidString(v) {
+			return nil, fmt.Errorf("outbox: header %q=%q is not valid UTF-8", k, v)
+		}
 	}
 	b, err := json.Marshal(map[string]string(h))
 	return string(b), err
