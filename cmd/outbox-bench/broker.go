@@ -14,10 +14,9 @@ import (
 // (1 GiB segments, no size limit) every message is written into fresh
 // memory and a segment's growth copies up to 64 MiB at once inside the
 // broker's one request loop. Small segments and a size limit keep the
-// broker's memory bounded, as a real broker's page cache is: broker
-// alone, 1.2M messages, 6.4-6.6 µs of CPU per message with spikes of
-// 10-16 µs in some 100k rounds, 4.7-4.8 µs without spikes with these.
-// Nothing in the benchmark reads the messages back.
+// broker's memory bounded, as a real broker's page cache is, and spare
+// the broker's CPU the copies' spikes. Nothing in the benchmark reads the
+// messages back.
 const (
 	benchPartitions     = 8
 	benchSegmentBytes   = "2097152" // 2 MiB

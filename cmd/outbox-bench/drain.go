@@ -36,6 +36,7 @@ import (
 // shows the spread.
 func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 	fmt.Printf("\n1. drain: %d pending messages, %d rounds, interleaved (medians)\n", s.n, s.rounds)
+	part := fmt.Sprintf("drain, %s pending", count(s.n))
 	cluster, err := newBroker("bench")
 	if err != nil {
 		return err
@@ -57,22 +58,27 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 
 	type measure struct {
 		name      string
+		what      string // one line for -markdown
 		publisher bool
 		run       func() (float64, cpuTime, error)
 	}
 	measures := []measure{
 		// Ceiling 1: the database alone, on a table of the same shape.
-		{"ceiling, database alone (DELETE ... SKIP LOCKED ... RETURNING):", false, func() (float64, cpuTime, error) {
-			if err := fill(db, "bench_db", s.n, s.keys, payload); err != nil {
-				return 0, cpuTime{}, err
-			}
-			return emptied(db, "bench_db")(measured(func() (float64, error) { return drainDB(ctx, db, "bench_db", s.batch, s.workers, s.n) }))
-		}},
+		{"ceiling, database alone (DELETE ... SKIP LOCKED ... RETURNING):",
+			fmt.Sprintf("the backlog deleted and returned by %d goroutines, a batch at a time, nothing sent: the fastest the database drains this table", s.workers),
+			false, func() (float64, cpuTime, error) {
+				if err := fill(db, "bench_db", s.n, s.keys, payload); err != nil {
+					return 0, cpuTime{}, err
+				}
+				return emptied(db, "bench_db")(measured(func() (float64, error) { return drainDB(ctx, db, "bench_db", s.batch, s.workers, s.n) }))
+			}},
 		// Ceiling 2: the broker alone, same producer settings.
-		{"ceiling, broker alone (sarama SendMessages):", false, func() (float64, cpuTime, error) {
-			settle(db)
-			return measured(func() (float64, error) { return produceOnly(addrs, s.batch, s.workers, s.n, s.keys, payload) })
-		}},
+		{"ceiling, broker alone (sarama SendMessages):",
+			"as many messages of the same size sent with the Kafka sender's producer settings and no database: the fastest this broker takes them",
+			false, func() (float64, cpuTime, error) {
+				settle(db)
+				return measured(func() (float64, error) { return produceOnly(addrs, s.batch, s.workers, s.n, s.keys, payload) })
+			}},
 	}
 	// A reference, not a ceiling: the simplest relay, which keeps its
 	// transaction open across the send. It has no lease (a stalled
@@ -84,7 +90,8 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 		references = nil
 	}
 	for _, workers := range references {
-		measures = append(measures, measure{fmt.Sprintf("reference, one transaction across the send, %d worker(s):", workers), false,
+		measures = append(measures, measure{fmt.Sprintf("reference, one transaction across the send, %d worker(s):", workers),
+			"the simplest relay: lock a batch, send it, delete it, commit; no lease and no per-key order across workers", false,
 			func() (float64, cpuTime, error) {
 				if err := fill(db, "bench_db", s.n, s.keys, payload); err != nil {
 					return 0, cpuTime{}, err
@@ -104,16 +111,17 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 	}
 	for _, workers := range sweep {
 		for _, v := range []struct {
-			name string
-			db   *gorm.DB
+			name, what string
+			db         *gorm.DB
 		}{
-			{"claim, send, mark published", db},
-			{"WithDeleteOnPublish: claim, send, delete", deleting},
+			{"claim, send, mark published", "published rows kept (the default)", db},
+			{"WithDeleteOnPublish: claim, send, delete", "each row deleted once acknowledged", deleting},
 		} {
 			if s.quick && v.db != deleting {
 				continue
 			}
-			measures = append(measures, measure{fmt.Sprintf("publisher, %d worker(s), %s:", workers, v.name), true,
+			measures = append(measures, measure{fmt.Sprintf("publisher, %d worker(s), %s:", workers, v.name),
+				fmt.Sprintf("the outbox's publisher draining the backlog to the broker, %s", v.what), true,
 				func() (float64, cpuTime, error) {
 					if err := fill(db, outbox.DefaultTableName, s.n, s.keys, payload); err != nil {
 						return 0, cpuTime{}, err
@@ -127,22 +135,19 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 
 	// The broker's log first grown to its retention, as a running
 	// broker's is: until then the process's heap grows with it, and the
-	// broker alone ran its first round at 181k and 223k msg/s against
-	// 283k-361k for the later ones (291k and 274k after this).
+	// first round would pay for that growth.
 	if _, err := produceOnly(addrs, s.batch, s.workers, retentionMessages(s.payloadBytes), s.keys, payload); err != nil {
 		return fmt.Errorf("warming up: %w", err)
 	}
 	// A drain of the database ceiling first, not counted: the first drain
-	// of its new table ran at 60% of the rate of the later ones (92k
-	// against 146k and 152k msg/s), which made every first round's
-	// ratios high.
+	// of a new table is markedly slower than the later ones, which would
+	// make every first round's ratios high.
 	if _, _, err := measures[0].run(); err != nil {
 		return fmt.Errorf("warming up: %w", err)
 	}
 	// And the publisher's pools, whose workers' connections would
 	// otherwise be new in the first round, beside a ceiling that has had
-	// its warm-up (in the scaling part a cold pool cost a third of a 10k
-	// drain's time).
+	// its warm-up (see warmUp).
 	for _, pool := range []*gorm.DB{db, deleting} {
 		if s.quick && pool != deleting {
 			continue
@@ -195,6 +200,8 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 		}
 		fmt.Printf("   %-72s %8.0f msg/s  (%.1f µs CPU/msg, %.1f of it here, %.1f cores busy, %.2f stolen; %s %s)\n", m.name, median(rates[i]), median(machine), median(process),
 			median(busy), median(stolen), map[bool]string{true: "drains", false: "rounds"}[i == 0], thousands(rates[i]))
+		record(part, m.name, m.what+fmt.Sprintf("; median of %d %s, and the machine's CPU a message (every process)", len(rates[i]), map[bool]string{true: "drains", false: "rounds"}[i == 0]),
+			"%.0f msg/s, %.1f µs CPU/msg", median(rates[i]), median(machine))
 		if m.publisher {
 			ratios := make([]float64, s.rounds)
 			for r := range s.rounds {
@@ -202,6 +209,9 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 			}
 			fmt.Printf("      ratio to the lower ceiling: %.0f%% (target: at least 70%%); each round to the database ceiling drained just before it: %s\n",
 				100*median(rates[i])/min(median(rates[0]), median(rates[1])), percents(ratios))
+			record(part, strings.TrimSuffix(m.name, ":")+", ratio to the lower ceiling",
+				"the line above's median over the lower of the two ceilings' medians (target: at least 70%); then each round's ratio to its paired database drain",
+				"%.0f%% (rounds %s)", 100*median(rates[i])/min(median(rates[0]), median(rates[1])), percents(ratios))
 			// The ratio is the cores it kept busy times what its CPU per
 			// message would reach on all of them: this line tells which of
 			// the two a shortfall comes from.
@@ -229,6 +239,9 @@ func drainPart(ctx context.Context, db *gorm.DB, dsn string, s settings) error {
 	}
 	fmt.Printf("   both ceilings' work on %d cores, if it were all CPU-bound: %.0f%% of the lower ceiling, rounds %s\n",
 		runtime.NumCPU(), median(both), percents(both))
+	record(part, "both ceilings' work on the machine's cores",
+		"what a relay doing both ceilings' work at no cost of its own would reach if it kept every core busy: the most any relay can read here",
+		"%.0f%% of the lower ceiling", median(both))
 	return nil
 }
 
@@ -296,8 +309,8 @@ func (c cpuTime) stolenCores() float64 {
 
 // machineCPU is the CPU time all processes of the machine have used so
 // far, and the time stolen from it by the hypervisor (0 where /proc/stat
-// cannot be read). Steal counted as busy until the eleventh session: it
-// made a message look costlier in the phases when the host took more.
+// cannot be read). Steal is not counted as busy: it would make a message
+// look costlier in the phases when the host takes more.
 func machineCPU() (busy, stolen time.Duration) {
 	b, err := os.ReadFile("/proc/stat")
 	if err != nil {
@@ -327,13 +340,10 @@ func publisherDrain(ctx context.Context, db *gorm.DB, addrs []string, s settings
 	defer sender.Close()
 	// The end is found by counting acknowledgements, then by stopping the
 	// publisher, which returns once the results of every batch sent are
-	// recorded; the table is asked only after the clock stops. A query
-	// every 20 ms for a pending row stepped over the index entries of every
-	// row drained so far, ~3 ms of PostgreSQL's time each, 7% of the
-	// machine during a drain; and a single one at the end, timed, read the
-	// whole drained table (pg_stat_statements: ~90 ms of a 100k drain's
-	// ~1.1 s), which the database ceiling, ending on its own empty DELETE,
-	// did not pay.
+	// recorded; the table is asked only after the clock stops. Asking it
+	// for a pending row while the clock runs steps over the index entries
+	// of every row drained so far, a cost the database ceiling, ending on
+	// its own empty DELETE, does not pay.
 	var acked atomic.Int64
 	var firstSend, lastAck atomic.Int64 // unix nanoseconds
 	counting := outbox.SenderFunc(func(ctx context.Context, msgs []*outbox.OutboxMessage) error {
@@ -384,9 +394,8 @@ func publisherDrain(ctx context.Context, db *gorm.DB, addrs []string, s settings
 // that the measured drains will use, then empties the table. A first drain
 // pays for what a publisher pays once: the pool's new connections (pgx
 // prepares each statement on each connection) and the new broker's first
-// batches. In the scaling part's 10k drain that was a third of the time:
-// 39k-46k msg/s cold against 62k-83k after a warm-up (from the first
-// mark to the last, five pairs in a row); a 1M drain hardly sees it.
+// batches: a large share of a small drain's time, next to nothing of a
+// deep one's, so it would bend the scaling part's ratios.
 func warmUp(ctx context.Context, db *gorm.DB, addrs []string, s settings, payload []byte) error {
 	if err := fill(db, outbox.DefaultTableName, warmUpMessages, s.keys, payload); err != nil {
 		return err

@@ -79,30 +79,30 @@ func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error
 		return outbox.Enqueue(tx, outbox.Message{Topic: "orders", Key: fmt.Sprint(o.ID), Payload: orderPlaced{o.ID, o.Customer, o.Amount}})
 	}
 	variants := []struct {
-		name string
-		db   *gorm.DB
-		tx   func(tx *gorm.DB) error
+		name, what string // what: one line for -markdown
+		db         *gorm.DB
+		tx         func(tx *gorm.DB) error
 	}{
-		{"domain row only", db, domainOnly},
-		{"domain row + one event", db, withEvent},
-		{"domain row + one event, no NOTIFY", quiet, withEvent},
-		{"domain row + bare INSERT (reference)", db, func(tx *gorm.DB) error {
+		{"domain row only", "a one-row domain transaction through pgx's driver, GORM's default: the base of the next three", db, domainOnly},
+		{"domain row + one event", "the same with outbox.Enqueue of one event (NOTIFY on, the default); the percentage is the time it adds to a transaction (target: at most 25%)", db, withEvent},
+		{"domain row + one event, no NOTIFY", "the same through a plugin WithNotifyInterval(0)", quiet, withEvent},
+		{"domain row + bare INSERT (reference)", "the same with a bare second INSERT of two small columns instead of the event: what any second statement costs", db, func(tx *gorm.DB) error {
 			o := benchOrder{Customer: "c", Amount: 42, Created: time.Now()}
 			if err := tx.Create(&o).Error; err != nil {
 				return err
 			}
 			return tx.Exec("INSERT INTO bench_audits (order_id, note) VALUES (?, ?)", o.ID, "placed").Error
 		}},
-		{"PipelinedPgx: domain row only", pipelined, domainOnly},
-		{"PipelinedPgx: domain row + one event", pipelined, withEvent},
+		{"pgxpipeline: domain row only", "the one-row domain transaction through the pgxpipeline driver: the base of the next", pipelined, domainOnly},
+		{"pgxpipeline: domain row + one event", "the same with one event, whose INSERT goes with the COMMIT (target: at most 25%)", pipelined, withEvent},
 	}
 	const pipelinedBase = 4 // the variants from here on compare with this one
 	// The machine is shared and noisy: the variants run in short rounds,
 	// interleaved, every other round in reverse order (so that a drift of
 	// the machine's speed within a round favours no variant), and each
 	// overhead is the median of its rounds' ratios to the domain-only rate
-	// of the same round. Five rounds of 2 s read +22% and +41% for the
-	// same code minutes apart.
+	// of the same round: a few long rounds in one order move with the
+	// machine more than the event's cost does.
 	rates := make([][]float64, len(variants))
 	cpu := make([][]cpuTime, len(variants)) // per transaction
 	var stolen []float64                    // cores the hypervisor took, each variant's round
@@ -148,6 +148,7 @@ func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error
 			}
 		}
 		fmt.Printf("   %-42s %7.0f tx/s%s\n", v.name, median(rates[i]), extra)
+		record("enqueue", v.name, fmt.Sprintf("%s; %d writers, median of %d rounds", v.what, s.writers, rounds), "%.0f tx/s%s", median(rates[i]), extra)
 	}
 	// The machine's CPU time per transaction, split as in the drain: it
 	// tells the Go side's cost from the database's, which the rates cannot.
@@ -165,7 +166,7 @@ func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error
 			us(c.machine-base.machine), us(c.process-base.process), us((c.machine-c.process)-(base.machine-base.process)))
 	}
 	fmt.Printf("   cores stolen by the hypervisor meanwhile: median %.2f, at most %.2f of a round\n", median(stolen), slices.Max(stolen))
-	fmt.Printf("   overhead of one event: %.0f%% with GORM's default driver, %.0f%% with pgxpipeline.DriverName (target: at most 25%%)\n",
+	fmt.Printf("   overhead of one event: %.0f%% with GORM's default driver, %.0f%% with pgxpipeline (target: at most 25%%)\n",
 		overhead[rounds/2], pipelinedOverhead[rounds/2])
 
 	// One transaction with 500 events, enqueued in one call: one multi-row INSERT.
@@ -184,6 +185,8 @@ func enqueuePart(ctx context.Context, db *gorm.DB, dsn string, s settings) error
 	sort.Slice(times, func(i, j int) bool { return times[i] < times[j] })
 	med := times[len(times)/2]
 	fmt.Printf("   one transaction of 500 events: median %.1f ms (%.0f events/s)\n", float64(med.Microseconds())/1000, 500/med.Seconds())
+	record("enqueue", "one transaction of 500 events", "one Enqueue call of 500 events (one multi-row INSERT) and its commit, alone; median of 20",
+		"%.1f ms (%.0f events/s)", float64(med.Microseconds())/1000, 500/med.Seconds())
 	return nil
 }
 

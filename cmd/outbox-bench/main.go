@@ -26,10 +26,12 @@
 //     go run ./cmd/outbox-bench -scaling -depths 10000,100000 -published 200000
 //     go run ./cmd/outbox-bench -only drain -n 1000000
 //     go run ./cmd/outbox-bench -only drain -quick  # the ceilings and one publisher line, to compare changes
+//     go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling -markdown docs/performance.md
 //     cmd/outbox-bench/pgbench/run.sh              # part 3's SQL through pgbench, without Go
 //
 // It prints its conditions first. Every part works in a schema of its own,
-// dropped at the end.
+// dropped at the end. -markdown FILE also writes the figures, the command
+// and the conditions as markdown (docs/performance.md is that file).
 package main
 
 import (
@@ -38,10 +40,12 @@ import (
 	"fmt"
 	"log"
 	"os"
+	"os/exec"
 	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
 	"strings"
+	"time"
 
 	"github.com/google/uuid"
 	"gorm.io/driver/postgres"
@@ -88,6 +92,7 @@ func main() {
 	depths := flag.String("depths", "10000,100000,1000000", "scaling part: pending backlogs drained; the first is the base of the ratios, the second is drained again behind -published rows")
 	flag.IntVar(&s.published, "published", 10_000_000, "published rows retained in the last scaling step")
 	ddl := flag.Bool("ddl", false, "print the outbox table's PostgreSQL DDL and exit (for pgbench/run.sh)")
+	markdown := flag.String("markdown", "", "also write the figures, with this run's command and conditions, to this markdown file (docs/performance.md)")
 	flag.Parse()
 	if *ddl {
 		stmts, err := outbox.DDL("postgres", outbox.DefaultTableName)
@@ -128,7 +133,7 @@ func main() {
 		pprof.StartCPUProfile(out)
 		defer pprof.StopCPUProfile()
 	}
-	if err := run(s, parts); err != nil {
+	if err := run(s, parts, *markdown); err != nil {
 		log.Fatal(err)
 	}
 }
@@ -153,20 +158,28 @@ func envOr(name, def string) string {
 	return def
 }
 
-func run(s settings, parts map[string]bool) error {
+func run(s settings, parts map[string]bool, markdown string) error {
 	ctx := context.Background()
 	admin, err := gorm.Open(postgres.Open(s.dsn), &gorm.Config{Logger: logger.Discard})
 	if err != nil {
 		return err
 	}
-	printConditions(admin, s)
+	cond := printConditions(admin, s)
 	// The hypervisor's share over the whole run, last: a run to set beside
 	// another should have taken about as much.
 	start := cpuNow()
 	if err := runParts(ctx, admin, s, parts); err != nil {
 		return err
 	}
-	fmt.Printf("\ncores stolen by the hypervisor over the whole run: %.2f of %d\n", cpuNow().since(start).stolenCores(), runtime.NumCPU())
+	stolen := cpuNow().since(start).stolenCores()
+	fmt.Printf("\ncores stolen by the hypervisor over the whole run: %.2f of %d\n", stolen, runtime.NumCPU())
+	if markdown == "" {
+		return nil
+	}
+	if err := writeMarkdown(markdown, cond, commandLine(os.Args[1:]), setFlags(), stolen); err != nil {
+		return fmt.Errorf("writing %s: %w", markdown, err)
+	}
+	fmt.Printf("figures written to %s\n", markdown)
 	return nil
 }
 
@@ -195,7 +208,9 @@ func runParts(ctx context.Context, admin *gorm.DB, s settings, parts map[string]
 	return nil
 }
 
-func printConditions(admin *gorm.DB, s settings) {
+// printConditions prints what the figures depend on besides the code, and
+// returns it for -markdown.
+func printConditions(admin *gorm.DB, s settings) conditions {
 	var pgVersion, autovacuum string
 	admin.Raw("SHOW server_version").Scan(&pgVersion)
 	admin.Raw("SHOW autovacuum").Scan(&autovacuum)
@@ -209,10 +224,19 @@ func printConditions(admin *gorm.DB, s settings) {
 			deps[d.Path] = d.Version
 		}
 	}
+	revision := ""
 	for _, s := range bi().Settings {
 		if s.Key == "vcs.revision" {
-			version += " " + s.Value[:min(12, len(s.Value))]
+			revision = s.Value[:min(12, len(s.Value))]
 		}
+	}
+	if revision == "" { // go run stamps no revision: ask git, from the work tree it ran in
+		if out, err := exec.Command("git", "describe", "--always", "--dirty").Output(); err == nil {
+			revision = strings.TrimSpace(string(out))
+		}
+	}
+	if revision != "" {
+		version += " " + revision
 	}
 	checkpoint := "yes"
 	if err := admin.Exec("CHECKPOINT").Error; err != nil {
@@ -220,15 +244,24 @@ func printConditions(admin *gorm.DB, s settings) {
 	}
 	checkpoints = checkpoint == "yes"
 	host, _ := os.Hostname()
+	c := conditions{cpus: runtime.NumCPU(), goos: runtime.GOOS, goarch: runtime.GOARCH, goVersion: runtime.Version(),
+		postgres: pgVersion, autovacuum: autovacuum, outbox: version,
+		gorm: deps["gorm.io/gorm"], pgx: deps["github.com/jackc/pgx/v5"], sarama: deps["github.com/IBM/sarama"],
+		settings: fmt.Sprintf("backlog %d, batch %d, workers %d, payload %d B, keys %d, writers %d, rounds %d, %d s a latency run, "+
+			"%d enqueue rounds, scaling depths %v behind %d published, pool MaxIdleConns %d, CHECKPOINT before each measurement: %s",
+			s.n, s.batch, s.workers, s.payloadBytes, s.keys, s.writers, s.rounds, s.seconds, s.enqueueRounds, s.depths, s.published, idleConns, checkpoint),
+		date: time.Now()}
 	fmt.Printf("conditions: host=%s cpus=%d %s/%s %s postgresql=%s outbox=%s\n",
-		host, runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, runtime.Version(), pgVersion, version)
+		host, c.cpus, c.goos, c.goarch, c.goVersion, pgVersion, version)
 	fmt.Printf("            gorm=%s pgx=%s sarama=%s kafka=kfake %s (in this process, over TCP; topics of %d partitions, segment.bytes=%s, retention.bytes=%s)\n",
-		deps["gorm.io/gorm"], deps["github.com/jackc/pgx/v5"], deps["github.com/IBM/sarama"], deps["github.com/twmb/franz-go/pkg/kfake"],
+		c.gorm, c.pgx, c.sarama, deps["github.com/twmb/franz-go/pkg/kfake"],
 		benchPartitions, benchSegmentBytes, benchRetentionBytes)
 	fmt.Printf("            batch=%d workers=%d payload=%dB keys=%d writers=%d pool: MaxIdleConns=%d (database/sql's default: 2)\n",
 		s.batch, s.workers, s.payloadBytes, s.keys, s.writers, idleConns)
 	fmt.Printf("            a CHECKPOINT and a Go GC before each measurement: %s; autovacuum=%s\n", checkpoint, autovacuum)
-	fmt.Printf("            machine speed: %s\n", machineSpeed(admin))
+	c.machineSpeed = machineSpeed(admin)
+	fmt.Printf("            machine speed: %s\n", c.machineSpeed)
+	return c
 }
 
 func bi() *debug.BuildInfo {

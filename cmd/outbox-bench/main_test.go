@@ -10,9 +10,10 @@ import (
 	"github.com/gorm-outbox/outbox/outboxtest"
 )
 
-// The benchmark is run as the README says, with small sizes: every part
-// must run to its end and print its lines. Its figures are not checked
-// (timings are not pass/fail); a part that fails or stops printing is.
+// The benchmark is run as docs/performance.md says, with small sizes:
+// every part must run to its end and print its lines, and -markdown must
+// write them. Its figures are not checked (timings are not pass/fail); a
+// part that fails or stops printing is.
 func TestBenchmarkRunsEveryPart(t *testing.T) {
 	outboxtest.Postgres(t, nil) // fails on CI, skips elsewhere, without a server
 	binary := filepath.Join(t.TempDir(), "outbox-bench")
@@ -40,16 +41,46 @@ func TestBenchmarkRunsEveryPart(t *testing.T) {
 
 	expect(run("-ddl"), `CREATE TABLE IF NOT EXISTS "outbox_messages"`, "WITH (fillfactor = 50)", `"idx_outbox_messages_pending"`)
 
-	expect(run("-n", "3000", "-quick", "-rounds", "1", "-seconds", "2", "-rates", "200,1500", "-enqueue-rounds", "1"),
+	markdown := filepath.Join(t.TempDir(), "performance.md")
+	expect(run("-n", "3000", "-quick", "-rounds", "1", "-seconds", "2", "-rates", "200,1500", "-enqueue-rounds", "1", "-markdown", markdown),
 		"conditions:", "machine speed:",
 		"ceiling, database alone", "ceiling, broker alone", "publisher, 4 worker(s), WithDeleteOnPublish", "ratio to the lower ceiling:",
 		"200/s (achieved", "wake-up", "poll only", "2 a transaction",
-		"PipelinedPgx: domain row + one event", "overhead of one event:", "one transaction of 500 events:",
-		"cores stolen by the hypervisor over the whole run:")
+		"pgxpipeline: domain row + one event", "overhead of one event:", "one transaction of 500 events:",
+		"cores stolen by the hypervisor over the whole run:", "figures written to "+markdown)
+	// -markdown writes what docs/performance.md holds: how to regenerate
+	// it, this run's command without its DSN, the conditions, a row per
+	// figure, and a warning that a run with small sizes is not the benchmark.
+	expect(readFile(t, markdown),
+		"# Performance\n", "Regenerate it with:", "go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling -markdown docs/performance.md",
+		"go run ./cmd/outbox-bench -n 3000 -quick -rounds 1 -seconds 2 -rates 200,1500 -enqueue-rounds 1 -markdown "+markdown+"\n",
+		"**Not the full benchmark:** this run set -enqueue-rounds 1, -n 3000, -quick true, -rates 200,1500, -rounds 1, -seconds 2.",
+		"| date | ", "| cores | ", "| Go | go1.", "| PostgreSQL | ", "| machine speed | sha256 ", "| settings | backlog 3000, batch 500",
+		"| part | figure | value | what it is |\n|---|---|---|---|\n",
+		"| drain, 3k pending | ceiling, database alone (DELETE ... SKIP LOCKED ... RETURNING) | ",
+		"| drain, 3k pending | publisher, 4 worker(s), WithDeleteOnPublish: claim, send, delete, ratio to the lower ceiling | ",
+		"| latency | 200/s, wake-up | p50 ", "| latency | 1500/s, poll only | p50 ",
+		"| enqueue | pgxpipeline: domain row + one event | ", "% time per transaction",
+		"| enqueue | one transaction of 500 events | ")
+	if out := readFile(t, markdown); strings.Contains(out, outboxtest.PostgresDSN()) || strings.Contains(out, "-dsn host") {
+		t.Errorf("the markdown names the DSN:\n%s", out)
+	}
 
-	expect(run("-scaling", "-depths", "2000,4000", "-published", "3000"),
+	expect(run("-scaling", "-depths", "2000,4000", "-published", "3000", "-markdown", markdown),
 		"the 2k drain 5 times", "2k rate, median of 5:",
 		"4000 pending,        0 published kept:", "% of the 2k rate",
 		"4000 pending,     3000 published kept:", "(wrote 3000 published rows",
 		"database alone (DELETE ... SKIP LOCKED ... RETURNING), same depth:", "% of its 2k rate")
+	expect(readFile(t, markdown),
+		"| scaling | 2k pending (the base) | ", "| scaling | 4k pending, 0 published kept | ", "| scaling | 4k pending, 3k published kept | ",
+		"% of the 2k rate; database alone ")
+}
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }

@@ -14,14 +14,12 @@ import (
 // scalingPart drains backlogs of growing depth (s.depths: 10k, 100k and
 // 1M by default), then the second of them (100k) behind many published
 // rows kept for retention (s.published), each in a fresh schema.
-// The 10k drain, the base of the ratios, lasts a tenth of a second: one
-// read 86k msg/s and the next 102k, minutes apart, so it runs five times
+// The 10k drain, the base of the ratios, lasts a tenth of a second and
+// moves with the machine from one run to the next, so it runs five times
 // and the base is their median. Every measured drain comes after a
 // warm-up drain on the same pool and broker (see warmUp), and its steady
-// rate runs from its first send to its last acknowledgement: the span from
-// the first batch marked to the last, used before, left out the first
-// batch of one worker but counted those of the others, which had mostly
-// been sent before it, a fifth of a 10k drain's time with 4 workers.
+// rate runs from its first send to its last acknowledgement, which counts
+// every worker's first batch alike.
 // After each, the database ceiling drains the same depth from the same
 // table (the published rows kept, in the last step), so that a deep
 // backlog's slower drain can be told from the database's own.
@@ -33,9 +31,8 @@ func scalingPart(ctx context.Context, admin *gorm.DB, s settings) error {
 	payload := []byte(strings.Repeat("x", s.payloadBytes))
 	// The cost per message, beside the rate: the machine's CPU per message
 	// (the hypervisor's steal left out) moves less with the neighbours than
-	// the rate, which fell by a third when they took 0.5 to 0.8 of the 2
-	// cores during the 10k drains. It includes the publisher's start, a
-	// larger share of a 10k drain than of a deeper one.
+	// the rate does. It includes the publisher's start, a larger share of
+	// a 10k drain than of a deeper one.
 	var base, baseCPU, ceilingBase float64
 	step := func(pending, kept int) (steady, cpuPerMsg, ceiling float64, err error) {
 		// The closure sets the named results; they are returned after it
@@ -93,6 +90,13 @@ func scalingPart(ctx context.Context, admin *gorm.DB, s settings) error {
 			}
 			fmt.Printf("      database alone (DELETE ... SKIP LOCKED ... RETURNING), same depth: %.0f msg/s%s, %.1f µs CPU/msg (%.2f cores stolen)\n",
 				ceiling, vsBase, us(cpu.machine)/float64(pending), cpu.stolenCores())
+			if base > 0 { // the base's five drains are summed up in one line after them
+				record("scaling", fmt.Sprintf("%s pending, %s published kept", count(pending), count(kept)),
+					fmt.Sprintf("the publisher's drain (%d workers, published rows kept) from its first send to its last acknowledgement, against the %s base (target: within 20%%); then the database alone draining the same depth, against its own %s base",
+						s.workers, baseName, baseName),
+					"%.0f msg/s, %.0f%% of the %s rate; database alone %.0f msg/s, %.0f%% of its %s rate",
+					steady, 100*steady/base, baseName, ceiling, 100*ceiling/ceilingBase, baseName)
+			}
 			return nil
 		})
 		return steady, cpuPerMsg, ceiling, err
@@ -108,6 +112,9 @@ func scalingPart(ctx context.Context, admin *gorm.DB, s settings) error {
 	base, baseCPU, ceilingBase = median(bases), median(baseCPUs), median(ceilings)
 	fmt.Printf("      %s rate, median of %d: %.0f msg/s; CPU a message, median: %.1f µs; database alone, median: %.0f msg/s\n",
 		baseName, baseRuns, base, baseCPU, ceilingBase)
+	record("scaling", fmt.Sprintf("%s pending (the base)", baseName),
+		fmt.Sprintf("the publisher's drain of the smallest backlog, median of %d, the base of the lines below; then the database alone's median", baseRuns),
+		"%.0f msg/s, %.1f µs CPU/msg; database alone %.0f msg/s", base, baseCPU, ceilingBase)
 	for _, n := range s.depths[1:] {
 		if _, _, _, err := step(n, 0); err != nil {
 			return err
@@ -117,7 +124,7 @@ func scalingPart(ctx context.Context, admin *gorm.DB, s settings) error {
 	return err
 }
 
-// count names a number of messages the way the README does: 10k, 1M.
+// count names a number of messages the way the docs do: 10k, 1M.
 func count(n int) string {
 	switch {
 	case n >= 1_000_000 && n%1_000_000 == 0:
@@ -131,7 +138,7 @@ func count(n int) string {
 // ceilingDrain fills the outbox table with n pending messages and drains
 // them as the drain part's database ceiling does, after a drain of
 // warmUpMessages not counted, as that part's ceiling has one: the first
-// drain of a new (truncated) table ran at 60% of the later ones there.
+// drain of a new (truncated) table is markedly slower than the later ones.
 func ceilingDrain(ctx context.Context, db *gorm.DB, s settings, n int, payload []byte) (float64, cpuTime, error) {
 	drain := func(n int) (float64, cpuTime, error) {
 		if err := fill(db, outbox.DefaultTableName, n, s.keys, payload); err != nil {
@@ -172,8 +179,8 @@ func fillPublished(db *gorm.DB, n, payloadBytes int) error {
 // WAL again: a cost of the database's settings (max_wal_size), not of the
 // claim's work, which the scaling lines show beside the rates. The WAL is
 // read from its position, not from pg_stat_wal, which each backend
-// reports up to seconds later: the 10k drains read twice the WAL a
-// message of the 100k one from it.
+// reports up to seconds later: a short drain would read little of its own
+// WAL there and some of the drain's before it.
 type walCounters struct{ bytes, checkpoints int64 }
 
 func readWAL(db *gorm.DB) walCounters {

@@ -1,0 +1,125 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+)
+
+// fullCommand regenerates docs/performance.md with every part at its
+// default sizes: the command the file names for it, whatever run wrote it.
+const fullCommand = "go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling -markdown docs/performance.md"
+
+// figure is one result of the run, as -markdown writes it: the part that
+// measured it, its name, its value and what it is, in one line.
+type figure struct{ part, name, value, what string }
+
+// figures are the run's results in the order they were printed; each part
+// adds its own as it prints them.
+var figures []figure
+
+func record(part, name, what, format string, args ...any) {
+	figures = append(figures, figure{part, name, fmt.Sprintf(format, args...), what})
+}
+
+// conditions are what a figure depends on besides the code: printed first,
+// and written with the figures.
+type conditions struct {
+	cpus                      int
+	goos, goarch, goVersion   string
+	postgres, autovacuum      string
+	outbox, gorm, pgx, sarama string
+	machineSpeed              string
+	settings                  string
+	date                      time.Time
+}
+
+// commandLine is the command that ran this benchmark, as it would be typed
+// from the repository's root; the DSN is left out, as it may hold a password.
+func commandLine(args []string) string {
+	out := []string{"go", "run", "./cmd/outbox-bench"}
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		name := strings.TrimLeft(a, "-")
+		switch {
+		case name == "dsn":
+			i++ // and its value
+			continue
+		case strings.HasPrefix(name, "dsn="):
+			continue
+		}
+		out = append(out, a)
+	}
+	return strings.Join(out, " ")
+}
+
+// setFlags lists the flags given on the command line other than -dsn and
+// -markdown, with their values: a run with any of them is not the full
+// benchmark, and its file says so.
+func setFlags() []string {
+	var out []string
+	flag.Visit(func(f *flag.Flag) {
+		if f.Name != "dsn" && f.Name != "markdown" {
+			out = append(out, fmt.Sprintf("-%s %s", f.Name, f.Value))
+		}
+	})
+	return out
+}
+
+// writeMarkdown writes the run's figures to path as docs/performance.md
+// has them: how to regenerate the file, the command and the conditions of
+// this run, then one table row per figure.
+func writeMarkdown(path string, c conditions, command string, changed []string, stolen float64) error {
+	var b strings.Builder
+	p := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
+	p("# Performance\n\n")
+	p("This file is written by the benchmark, `cmd/outbox-bench`; do not edit it by hand. Regenerate it with:\n\n")
+	p("```sh\n%s\n```\n\n", fullCommand)
+	p("It needs a PostgreSQL server (`-dsn`, or `OUTBOX_BENCH_DSN`; by default the tests' server at\n")
+	p("`127.0.0.1:5432`) and takes several minutes on two cores; the broker is kfake, in the benchmark's\n")
+	p("process, over TCP. The figures describe this library's overhead and behaviour beside references\n")
+	p("measured in the same run on the same machine, not a production Kafka cluster: compare ratios\n")
+	p("within a run, not rates across machines.\n\n")
+	p("## This run\n\n")
+	p("```sh\n%s\n```\n\n", command)
+	if len(changed) > 0 {
+		p("**Not the full benchmark:** this run set %s. Its figures show what the file holds, "+
+			"not the library's performance; run the command above for those.\n\n", strings.Join(changed, ", "))
+	}
+	p("| condition | value |\n|---|---|\n")
+	p("| date | %s |\n", c.date.UTC().Format("2006-01-02 15:04 MST"))
+	p("| cores | %d (%s/%s); cores taken by the hypervisor over the run: %.2f |\n", c.cpus, c.goos, c.goarch, stolen)
+	p("| machine speed | %s |\n", c.machineSpeed)
+	p("| Go | %s |\n", c.goVersion)
+	p("| PostgreSQL | %s (autovacuum %s) |\n", c.postgres, c.autovacuum)
+	p("| outbox | %s |\n", c.outbox)
+	p("| libraries | gorm %s, pgx %s, sarama %s |\n", c.gorm, c.pgx, c.sarama)
+	p("| settings | %s |\n\n", c.settings)
+	p("## Figures\n\n")
+	p("| part | figure | value | what it is |\n|---|---|---|---|\n")
+	for _, f := range figures {
+		p("| %s | %s | %s | %s |\n", f.part, cell(f.name), cell(f.value), cell(f.what))
+	}
+	p("\n## How it measures\n\n")
+	p("Every measurement starts after a `CHECKPOINT` and a Go GC, and every drain from a new table. Before\n")
+	p("the rounds, not counted, the broker's log is filled to its retention, the database ceiling drains once\n")
+	p("and each publisher pool drains 10,000 messages, so that no round pays for a cold start. The drain and\n")
+	p("latency parts run each measurement once a round, the rounds interleaved (`-rounds`); the enqueue part\n")
+	p("runs short rounds of each variant, every other round in reverse order (`-enqueue-rounds`). A drain\n")
+	p("ends when every message is acknowledged and the stopped publisher has recorded every result.\n\n")
+	p("## Other measurements\n\n")
+	p("| command | what it measures |\n|---|---|\n")
+	p("| `go run ./cmd/outbox-bench -only drain -quick` | the two ceilings and one publisher line: to compare two versions of the code back to back |\n")
+	p("| `go test -run x -bench CommitToAck -benchtime 100x .` | commit to Kafka acknowledgement, one message at a time, on each database, with and without a wake-up |\n")
+	p("| `go test -run x -bench HeldClaim -benchtime 200x -benchmem .` | one held claim of 500 messages and its delete on PostgreSQL, with its allocations |\n")
+	p("| `go test -run x -bench TelemetryWithoutProvider .` | what the metrics cost without a meter provider |\n")
+	p("| `cmd/outbox-bench/pgbench/run.sh 5` | the enqueue part's transactions as plain SQL through pgbench, without Go |\n")
+	return os.WriteFile(path, []byte(b.String()), 0o644)
+}
+
+// cell keeps a value inside its table cell.
+func cell(s string) string {
+	return strings.ReplaceAll(strings.TrimSuffix(strings.TrimSpace(s), ":"), "|", `\|`)
+}
