@@ -44,8 +44,8 @@ type dialect struct {
 	// the lease API's result writes (MarkPublished, MarkFailed, Release).
 	// On PostgreSQL it plans them for their id lists: pgx caches prepared
 	// statements, and a generic plan for "id = ANY($1)" chosen while the
-	// table was nearly empty scans the whole table once it is not (seen
-	// as a claim stalling for minutes, see lockPicked).
+	// table was nearly empty scans the whole table once it is not (see
+	// lockPicked).
 	resultSetup string
 	// deleteLimit: DELETE ... LIMIT, for a database that cannot select from
 	// the table it deletes from.
@@ -54,18 +54,17 @@ type dialect struct {
 	// rows in id order (the claim's walk, Stats' oldest). MariaDB's
 	// optimizer reads "state = 'pending' ORDER BY id LIMIT n" along the
 	// primary key, through every published row, instead of along the
-	// pending index (measured: 0.7 s instead of 1 ms with 140k published
-	// rows); a hint that names no index of ours cannot fail on a table
+	// pending index, so a claim slows down with every row retention
+	// keeps; a hint that names no index of ours cannot fail on a table
 	// created by hand.
 	pendingHint string
 	// walkSetup, where set, runs in a claim's transaction before its walk:
 	// it leaves the planner no way to read the pending rows but along the
 	// pending index, in id order. With statistics taken while the table
 	// was empty or nearly (before a backlog, which autovacuum analyzes
-	// only once a tenth of the table has changed), PostgreSQL read every
-	// pending row through a bitmap and sorted them, for each walk: 20.8 ms
-	// for 625 rows with 25,000 pending, against 2 to 3 ms along the index
-	// (BenchmarkHeldClaim, auto_explain), and it grows with the backlog.
+	// only once a tenth of the table has changed), PostgreSQL chose a
+	// bitmap scan of every pending row and a sort, for each walk: a cost
+	// that grows with the backlog the walk is meant to drain.
 	// The settings last until the claim's transaction ends; its other
 	// statements find rows by address or by primary key.
 	walkSetup string
@@ -76,7 +75,7 @@ type dialect struct {
 	notInKeys string
 	// binaryIDs: Save passes ids as pgtype.UUID. pgx encodes a uuid.UUID
 	// through its text form (driver.Valuer), after first failing a binary
-	// encode, which cost an enqueue more than the rest of its arguments
+	// encode, which costs an enqueue more than the rest of its arguments
 	// together. A plain [16]byte would be cheaper still, but pgx's simple
 	// protocol (PgBouncer setups) cannot encode it.
 	binaryIDs bool
@@ -92,8 +91,8 @@ type dialect struct {
 	holdClaims bool
 	// oneWriter: the store's own write transactions (claims, results,
 	// cleanups) take turns in the process. SQLite has one writer, and one
-	// that finds it taken sleeps in steps of up to 100 ms (busy_timeout):
-	// four workers spent most of their time asleep.
+	// that finds it taken sleeps in steps of up to 100 ms (busy_timeout),
+	// so that several workers would spend most of their time asleep.
 	oneWriter bool
 	// addresses: the walk reads each row's address in the table beside it,
 	// and a claim locks its picked rows, and writes the results of the rows
