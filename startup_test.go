@@ -14,6 +14,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kfake"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"gorm.io/driver/mysql"
+	"gorm.io/driver/postgres"
 	"gorm.io/gorm"
 	"gorm.io/gorm/logger"
 
@@ -159,17 +160,66 @@ func (p *switchProxy) serve() {
 }
 
 // A publisher started while the database is unreachable waits and resumes,
-// instead of failing to start (MariaDB: its start checks the server's
-// version).
+// instead of failing to start (MariaDB's start checks the server's version;
+// PostgreSQL's LISTEN and claims meet the outage first).
 func TestPublisherStartsWhileTheDatabaseIsDown(t *testing.T) {
-	_, dsn := outboxtest.MariaDBDatabase(t, nil)
-	start, end := strings.Index(dsn, "tcp(")+len("tcp("), strings.Index(dsn, ")/")
-	if start < len("tcp(") || end < start {
-		t.Fatalf("cannot find the server's address in %q", dsn)
+	for _, name := range []string{"postgres", "mariadb"} {
+		t.Run(name, func(t *testing.T) {
+			var db *gorm.DB
+			var proxy *switchProxy
+			if name == "postgres" {
+				_, dsn := outboxtest.PostgresSchema(t, nil)
+				host, port := "127.0.0.1", "5432"
+				for _, kv := range strings.Fields(dsn) {
+					if v, ok := strings.CutPrefix(kv, "host="); ok {
+						host = v
+					}
+					if v, ok := strings.CutPrefix(kv, "port="); ok {
+						port = v
+					}
+				}
+				proxy = newSwitchProxy(t, net.JoinHostPort(host, port))
+				ph, pp, _ := net.SplitHostPort(proxy.addr())
+				db = openDown(t, postgres.Open(dsn+" host="+ph+" port="+pp))
+			} else {
+				_, dsn := outboxtest.MariaDBDatabase(t, nil)
+				start, end := strings.Index(dsn, "tcp(")+len("tcp("), strings.Index(dsn, ")/")
+				if start < len("tcp(") || end < start {
+					t.Fatalf("cannot find the server's address in %q", dsn)
+				}
+				proxy = newSwitchProxy(t, dsn[start:end])
+				db = openDown(t, mysql.Open(dsn[:start]+proxy.addr()+dsn[end:]))
+			}
+			setup(t, db)
+			enqueueN(t, db, "dbdown", 3)
+			proxy.set(false)
+
+			_, addrs := outboxtest.Kafka(t, 1, "dbdown")
+			var logs syncBuffer
+			pub, err := outbox.NewPublisher(db, kafkaSender(t, addrs), outbox.WithPollInterval(10*time.Millisecond),
+				outbox.WithMaxPause(200*time.Millisecond), outbox.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := pub.Start(t.Context()); err != nil {
+				t.Fatalf("Start with the database down: %v", err)
+			}
+			t.Cleanup(func() { _ = pub.Stop(context.Background()) })
+			waitFor(t, "a Warn line saying the database is unreachable", func() bool {
+				return strings.Contains(logs.String(), "database is unreachable")
+			})
+			proxy.set(true)
+			if got := len(outboxtest.Consume(t, addrs, "dbdown", 3, 30*time.Second)); got != 3 {
+				t.Fatalf("Kafka holds %d events, want 3", got)
+			}
+		})
 	}
-	proxy := newSwitchProxy(t, dsn[start:end])
-	db, err := gorm.Open(mysql.Open(dsn[:start]+proxy.addr()+dsn[end:]),
-		&gorm.Config{Logger: logger.Discard, DisableAutomaticPing: true})
+}
+
+// openDown opens GORM without the ping that would fail during an outage.
+func openDown(t *testing.T, d gorm.Dialector) *gorm.DB {
+	t.Helper()
+	db, err := gorm.Open(d, &gorm.Config{Logger: logger.Discard, DisableAutomaticPing: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,28 +228,7 @@ func TestPublisherStartsWhileTheDatabaseIsDown(t *testing.T) {
 			sqlDB.Close()
 		}
 	})
-	setup(t, db)
-	enqueueN(t, db, "dbdown", 3)
-	proxy.set(false)
-
-	_, addrs := outboxtest.Kafka(t, 1, "dbdown")
-	var logs syncBuffer
-	pub, err := outbox.NewPublisher(db, kafkaSender(t, addrs), outbox.WithPollInterval(10*time.Millisecond),
-		outbox.WithMaxPause(200*time.Millisecond), outbox.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := pub.Start(t.Context()); err != nil {
-		t.Fatalf("Start with the database down: %v", err)
-	}
-	t.Cleanup(func() { _ = pub.Stop(context.Background()) })
-	waitFor(t, "a Warn line saying the database is unreachable", func() bool {
-		return strings.Contains(logs.String(), "database is unreachable")
-	})
-	proxy.set(true)
-	if got := len(outboxtest.Consume(t, addrs, "dbdown", 3, 30*time.Second)); got != 3 {
-		t.Fatalf("Kafka holds %d events, want 3", got)
-	}
+	return db
 }
 
 // The README's opening lines with the error of NewSender ignored: a nil
