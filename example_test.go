@@ -2,6 +2,7 @@ package outbox_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -208,4 +209,57 @@ func ExampleWithDeleteOnPublish() {
 	after, _ := store.Count(ctx)
 	fmt.Println(before[outbox.StatePending], "pending before;", len(after), "rows of any state after")
 	// Output: 1 pending before; 0 rows of any state after
+}
+
+// Transaction is db.Transaction that also wakes this process's publishers
+// once it commits. A transaction that fails takes its events with it.
+func ExampleTransaction() {
+	db, cleanup := exampleDB()
+	defer cleanup()
+	if err := db.Use(outbox.Plugin()); err != nil {
+		panic(err)
+	}
+	err := outbox.Transaction(db, func(tx *gorm.DB) error {
+		if err := outbox.Enqueue(tx, outbox.Message{Topic: "orders", Key: "1", Payload: "placed"}); err != nil {
+			return err
+		}
+		return errors.New("payment declined") // rolls back the event too
+	})
+	fmt.Println(err)
+
+	err = outbox.Transaction(db, func(tx *gorm.DB) error {
+		return outbox.Enqueue(tx, outbox.Message{Topic: "orders", Key: "2", Payload: "placed"})
+	})
+	if err != nil {
+		panic(err)
+	}
+	store, err := outbox.StoreOf(db)
+	if err != nil {
+		panic(err)
+	}
+	counts, err := store.Count(context.Background())
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println(counts[outbox.StatePending], "pending")
+	// Output:
+	// payment declined
+	// 1 pending
+}
+
+// kafka.NewSender does not connect: a service starts while Kafka is down,
+// and its publisher treats the unreachable broker as an outage. Only what
+// no retry mends is refused at once.
+func Example_lazyKafkaSender() {
+	sender, err := kafka.NewSender([]string{"127.0.0.1:1"}, nil) // nothing listens there
+	fmt.Println(sender != nil, err)
+	if sender != nil {
+		sender.Close()
+	}
+
+	_, err = kafka.NewSender(nil, nil)
+	fmt.Println(err)
+	// Output:
+	// true <nil>
+	// outbox/kafka: no broker addresses
 }
