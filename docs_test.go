@@ -166,7 +166,7 @@ func snippetFile(name string, b goBlock) (string, error) {
 	// Statements: a function body; a block that ends on a return needs no other.
 	f, err := parser.ParseFile(fset, "", "package snippet\nfunc snippet() error {\n"+b.text+"}\n", 0)
 	if err != nil {
-		return "", fmt.Errorf("neither declarations nor statements: %v", err)
+		return "", fmt.Errorf("neither declarations nor statements: %w", err)
 	}
 	end := "return nil\n"
 	if list := f.Decls[0].(*ast.FuncDecl).Body.List; len(list) > 0 {

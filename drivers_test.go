@@ -139,6 +139,7 @@ func TestPipelinedPgxSendsWaitingStatementsBeforeAPreparedOne(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer count.Close()
 	if _, err := tx.ExecContext(ctx, outbox.WaitMark+"INSERT INTO waits VALUES (1)"); err != nil {
 		t.Fatal(err)
 	}

@@ -359,7 +359,7 @@ func TestSaveToOutboxAsInTheDesignDocument(t *testing.T) {
 		now := time.Now()
 		row := &outbox.OutboxMessage{ID: uuid.Must(uuid.NewV7()), Topic: "user.created", Payload: []byte("x"),
 			State: outbox.StatePending, NextAttemptAt: now, CreatedAt: now}
-		//lint:ignore SA1012 a nil context is what this checks
+		//nolint:staticcheck // SA1012: a nil context is what this checks
 		if err := db.WithContext(ctx).Transaction(func(tx *gorm.DB) error { return store.Save(nil, tx, row) }); err != nil {
 			t.Fatal(err)
 		}

@@ -496,7 +496,8 @@ func (s *GormStore) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picke
 		args = append(args, strconv.FormatInt(max(lease.Milliseconds(), 1), 10))
 	}
 	ids := ids(picked)
-	match, matchArg := "", any(nil)
+	var match string
+	var matchArg any
 	byAddress := false
 	if arg, ok := refsArg(ids, picked); ok {
 		match, matchArg, byAddress = refsMatch("o."), arg, true

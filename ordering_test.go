@@ -137,7 +137,9 @@ func poisonCase(t *testing.T, policy outbox.KeyPolicy) {
 			last := map[string]int{}
 			for _, r := range recs {
 				var n int
-				fmt.Sscan(string(r.Value), &n)
+				if _, err := fmt.Sscan(string(r.Value), &n); err != nil {
+					t.Fatalf("value %q is not a number: %v", r.Value, err)
+				}
 				if prev, ok := last[string(r.Key)]; ok && n < prev {
 					t.Errorf("key %s: %d after %d", r.Key, n, prev)
 				}
@@ -191,7 +193,9 @@ func TestWorkersKeepPerKeyOrder(t *testing.T) {
 		next := map[string]int{}
 		for _, r := range recs {
 			var n int
-			fmt.Sscan(string(r.Value), &n)
+			if _, err := fmt.Sscan(string(r.Value), &n); err != nil {
+				t.Fatalf("value %q is not a number: %v", r.Value, err)
+			}
 			if n != next[string(r.Key)] {
 				t.Fatalf("key %s: got %d, want %d", r.Key, n, next[string(r.Key)])
 			}

@@ -279,7 +279,7 @@ func TestPublisherGracefulStopMidBatchLosesNothing(t *testing.T) {
 		if err := pub2.Start(t.Context()); err != nil {
 			t.Fatal(err)
 		}
-		defer pub2.Stop(context.Background())
+		defer func() { _ = pub2.Stop(context.Background()) }()
 		if got := len(outboxtest.Consume(t, addrs, "ledger", 25, 20*time.Second)); got != 25 {
 			t.Fatalf("consumed %d, want 25", got)
 		}

@@ -133,7 +133,7 @@ func TestPublisherRunsTheCleanup(t *testing.T) {
 	if err := pub.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	defer pub.Stop(context.Background())
+	defer func() { _ = pub.Stop(context.Background()) }()
 	waitFor(t, "the scheduled cleanup", func() bool { return count(t, db, outbox.DefaultTableName) == 0 })
 }
 

@@ -157,7 +157,7 @@ func TestMetricsOfFailuresAndTheBacklog(t *testing.T) {
 	if err := pub.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	defer pub.Stop(context.Background())
+	defer func() { _ = pub.Stop(context.Background()) }()
 	waitFor(t, "the backlog gauges", func() bool {
 		m := metricsByName(t, reader)
 		return m["outbox.messages.dead.current"] == 3 && m["outbox.messages.pending"] == 2

@@ -92,7 +92,9 @@ func TestSendKeepsKeyPayloadHeadersAndPartition(t *testing.T) {
 		}
 		partitions[m.Key] = r.Partition
 		var n int
-		fmt.Sscan(string(r.Value), &n)
+		if _, err := fmt.Sscan(string(r.Value), &n); err != nil {
+			t.Fatalf("value %q is not a number: %v", r.Value, err)
+		}
 		if last, ok := lastOfKey[m.Key]; ok && n < last {
 			t.Errorf("key %s: %d arrived after %d", m.Key, n, last)
 		}

@@ -237,7 +237,7 @@ func ConsumeRecords(addrs []string, topic string, n int, timeout time.Duration) 
 			break
 		}
 		if errs := fs.Errors(); len(errs) > 0 {
-			return out, fmt.Errorf("fetch: %v", errs[0].Err)
+			return out, fmt.Errorf("fetch: %w", errs[0].Err)
 		}
 		out = append(out, fs.Records()...)
 	}
@@ -289,7 +289,7 @@ func ReadAllRecords(addrs []string, topic string, n int, quiet, timeout time.Dur
 		fs := cl.PollFetches(ctx)
 		cancel()
 		if errs := fs.Errors(); len(errs) > 0 && ctx.Err() == nil {
-			return out, fmt.Errorf("fetch: %v", errs[0].Err)
+			return out, fmt.Errorf("fetch: %w", errs[0].Err)
 		}
 		got := fs.Records()
 		if len(got) == 0 && (len(out) >= n || time.Now().After(deadline)) {
@@ -318,7 +318,7 @@ func EndOffset(t testing.TB, addrs []string, topic string) int64 {
 func EndOffsets(addrs []string, topic string) (int64, error) {
 	cl, err := kgo.NewClient(kgo.SeedBrokers(addrs...))
 	if err != nil {
-		return 0, fmt.Errorf("kgo client: %v", err)
+		return 0, fmt.Errorf("kgo client: %w", err)
 	}
 	defer cl.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -329,7 +329,7 @@ func EndOffsets(addrs []string, topic string) (int64, error) {
 	meta.Topics = append(meta.Topics, mt)
 	mresp, err := meta.RequestWith(ctx, cl)
 	if err != nil {
-		return 0, fmt.Errorf("metadata: %v", err)
+		return 0, fmt.Errorf("metadata: %w", err)
 	}
 	req := kmsg.NewPtrListOffsetsRequest()
 	rt := kmsg.NewListOffsetsRequestTopic()
@@ -345,7 +345,7 @@ func EndOffsets(addrs []string, topic string) (int64, error) {
 	req.Topics = append(req.Topics, rt)
 	resp, err := req.RequestWith(ctx, cl)
 	if err != nil {
-		return 0, fmt.Errorf("list offsets: %v", err)
+		return 0, fmt.Errorf("list offsets: %w", err)
 	}
 	var n int64
 	for _, rtopic := range resp.Topics {
