@@ -88,7 +88,7 @@ func Check(ctx context.Context, db *gorm.DB, addrs []string, topic string) (Repo
 		rep.Delivered++
 		var e Event
 		if err := json.Unmarshal(r.Value, &e); err != nil {
-			return rep, fmt.Errorf("record %s: %v", id, err)
+			return rep, fmt.Errorf("record %s: %w", id, err)
 		}
 		if e.Version <= lastVersion[e.Key] {
 			rep.OrderViolations++
@@ -108,7 +108,7 @@ func Check(ctx context.Context, db *gorm.DB, addrs []string, topic string) (Repo
 	for _, m := range rows {
 		var e Event
 		if err := json.Unmarshal(m.Payload, &e); err != nil {
-			return rep, fmt.Errorf("message %s: %v", m.ID, err)
+			return rep, fmt.Errorf("message %s: %w", m.ID, err)
 		}
 		if versions[e.Key] == nil {
 			versions[e.Key] = map[int64]int{}

@@ -37,11 +37,11 @@ func StartPostgres() (*PostgresServer, error) {
 	s := &PostgresServer{bin: bin, dir: dir, Port: port}
 	if os.Geteuid() == 0 { // initdb refuses to run as root
 		if out, err := exec.Command("chown", "postgres:postgres", dir).CombinedOutput(); err != nil {
-			return nil, fmt.Errorf("chown %s: %v: %s", dir, err, out)
+			return nil, fmt.Errorf("chown %s: %w: %s", dir, err, out)
 		}
 	}
 	if out, err := s.run("initdb", "-D", filepath.Join(dir, "data"), "-U", "postgres", "-A", "trust", "--no-sync"); err != nil {
-		return nil, fmt.Errorf("initdb: %v: %s", err, out)
+		return nil, fmt.Errorf("initdb: %w: %s", err, out)
 	}
 	return s, s.Start()
 }
@@ -55,7 +55,7 @@ func (s *PostgresServer) DSN() string {
 func (s *PostgresServer) Start() error {
 	opts := fmt.Sprintf("-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200", s.Port, s.dir)
 	if out, err := s.run("pg_ctl", "-D", filepath.Join(s.dir, "data"), "-o", opts, "-l", filepath.Join(s.dir, "log"), "-w", "start"); err != nil {
-		return fmt.Errorf("pg_ctl start: %v: %s", err, out)
+		return fmt.Errorf("pg_ctl start: %w: %s", err, out)
 	}
 	return nil
 }
@@ -63,7 +63,7 @@ func (s *PostgresServer) Start() error {
 // Stop stops the server at once (fast shutdown: open transactions roll back).
 func (s *PostgresServer) Stop() error {
 	if out, err := s.run("pg_ctl", "-D", filepath.Join(s.dir, "data"), "-m", "fast", "-w", "stop"); err != nil {
-		return fmt.Errorf("pg_ctl stop: %v: %s", err, out)
+		return fmt.Errorf("pg_ctl stop: %w: %s", err, out)
 	}
 	return nil
 }
