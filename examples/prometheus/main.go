@@ -10,6 +10,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log"
@@ -53,7 +54,11 @@ func run(serve bool) error {
 		return err
 	}
 	meterProvider := sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter))
-	defer meterProvider.Shutdown(ctx)
+	defer func() {
+		if err := meterProvider.Shutdown(ctx); err != nil {
+			log.Printf("shutting the meter provider down: %v", err)
+		}
+	}()
 
 	addr := "127.0.0.1:0"
 	if serve {
@@ -64,7 +69,11 @@ func run(serve bool) error {
 		return err
 	}
 	srv := &http.Server{Handler: promhttp.HandlerFor(registry, promhttp.HandlerOpts{}), ReadHeaderTimeout: 5 * time.Second}
-	go srv.Serve(ln)
+	go func() {
+		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			log.Printf("serving /metrics: %v", err)
+		}
+	}()
 	defer srv.Close()
 
 	dir, err := os.MkdirTemp("", "outbox-prometheus")
@@ -96,7 +105,11 @@ func run(serve bool) error {
 	if err := pub.Start(ctx); err != nil {
 		return err
 	}
-	defer pub.Stop(ctx)
+	defer func() {
+		if err := pub.Stop(ctx); err != nil {
+			log.Printf("stopping the publisher: %v", err)
+		}
+	}()
 
 	for i := range 5 {
 		err := db.Transaction(func(tx *gorm.DB) error {

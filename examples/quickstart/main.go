@@ -147,7 +147,11 @@ func run(dsn, brokerList string) error {
 	if err := pub.Start(ctx); err != nil {
 		return err
 	}
-	defer pub.Stop(ctx)
+	defer func() {
+		if err := pub.Stop(ctx); err != nil {
+			log.Printf("stopping the publisher: %v", err)
+		}
+	}()
 
 	// Read the topic back with franz-go, a client other than the producer.
 	const want = 4
