@@ -369,7 +369,7 @@ func publisherDrain(ctx context.Context, db *gorm.DB, addrs []string, s settings
 	if err := pub.Start(ctx); err != nil {
 		return 0, err
 	}
-	defer pub.Stop(ctx)
+	defer func() { _ = pub.Stop(ctx) }() // after an early return; the drain's own Stop below reports its error
 	for acked.Load() < int64(n) && ctx.Err() == nil {
 		time.Sleep(time.Millisecond)
 	}

@@ -130,7 +130,9 @@ func main() {
 		if err != nil {
 			log.Fatal(err)
 		}
-		pprof.StartCPUProfile(out)
+		if err := pprof.StartCPUProfile(out); err != nil {
+			log.Fatal(err)
+		}
 		defer pprof.StopCPUProfile()
 	}
 	if err := run(s, parts, *markdown); err != nil {
