@@ -78,6 +78,8 @@ func wantProblems(m outbox.Message) (problems []string, payload []byte) {
 	}
 	if len(m.Key) > 255 {
 		problems = append(problems, "at most 255")
+	} else if !utf8.ValidString(m.Key) || strings.ContainsRune(m.Key, 0) {
+		problems = append(problems, "not valid UTF-8 text without NUL")
 	}
 	for k, v := range m.Headers {
 		if k == "" {
@@ -238,7 +240,7 @@ func FuzzHeadersValue(f *testing.F) {
 // 63 characters (PostgreSQL's limit), optionally schema-qualified.
 func plainIdentifier(name string) bool {
 	parts := strings.Split(name, ".")
-	if len(parts) > 2 {
+	if len(parts) > 2 || len("idx_"+name+"_published") > 63 {
 		return false
 	}
 	for _, p := range parts {
@@ -356,4 +358,57 @@ func TestHeadersThatAreNotUTF8AreRefused(t *testing.T) {
 			t.Fatalf("stored %+v, want one message with headers %q", msgs, given)
 		}
 	})
+}
+
+// A key that is not UTF-8 text, or holds a NUL, is refused on every
+// database alike: left to the databases, PostgreSQL would abort the caller's
+// transaction, MariaDB would alter the key and SQLite would keep it.
+func TestKeysThatAreNotTextAreRefused(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		for _, key := range []string{"\xff", "a\x00b", "\xed\xa0\x80"} {
+			err := db.Transaction(func(tx *gorm.DB) error {
+				return outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: key, Payload: "x"})
+			})
+			if err == nil || !strings.Contains(err.Error(), "not valid UTF-8 text without NUL") {
+				t.Errorf("Enqueue with key %q: %v; want it refused", key, err)
+			}
+		}
+		if n := len(messages(t, db)); n != 0 {
+			t.Fatalf("%d messages stored, want none", n)
+		}
+		key := "ключ☃😀"
+		if err := db.Transaction(func(tx *gorm.DB) error {
+			return outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: key, Payload: "x"})
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if msgs := messages(t, db); len(msgs) != 1 || msgs[0].Key != key {
+			t.Fatalf("stored %+v, want one message with key %q", msgs, key)
+		}
+	})
+}
+
+// A table name whose index names PostgreSQL would cut to 63 bytes is
+// refused: two of them cut to the same name would leave an index out.
+func TestTableNamesWhoseIndexNamesDoNotFitAreRefused(t *testing.T) {
+	fits := strings.Repeat("t", 49)
+	if _, err := outbox.DDL("postgres", fits); err != nil {
+		t.Fatalf("DDL for a %d-character name: %v", len(fits), err)
+	}
+	for _, name := range []string{fits + "t", "s." + strings.Repeat("t", 48)} {
+		if _, err := outbox.DDL("postgres", name); err == nil || !strings.Contains(err.Error(), "fit in 63") {
+			t.Errorf("DDL(%q) = %v, want it refused", name, err)
+		}
+	}
+	db := outboxtest.Postgres(t, nil)
+	if err := db.Use(outbox.Plugin(outbox.WithTableName(fits))); err != nil {
+		t.Fatal(err)
+	}
+	var n int64
+	if err := db.Raw("SELECT count(*) FROM pg_indexes WHERE tablename = ? AND schemaname = current_schema()", fits).Scan(&n).Error; err != nil {
+		t.Fatal(err)
+	}
+	if n != 4 { // the primary key, pending, published, dead
+		t.Fatalf("the table has %d indexes, want 4", n)
+	}
 }

@@ -3,6 +3,7 @@ package outbox
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -57,6 +58,11 @@ func (c *config) toRow(ctx context.Context, m Message, now time.Time) (*OutboxMe
 	}
 	if len(m.Key) > maxKeyLength {
 		return nil, fmt.Errorf("outbox: key for topic %q is %d bytes long; at most %d", m.Topic, len(m.Key), maxKeyLength)
+	}
+	// The key is a text column: PostgreSQL refuses such bytes (aborting the
+	// caller's transaction), MariaDB alters them, SQLite keeps them.
+	if !utf8.ValidString(m.Key) || strings.ContainsRune(m.Key, 0) {
+		return nil, fmt.Errorf("outbox: key %q for topic %q is not valid UTF-8 text without NUL bytes", m.Key, m.Topic)
 	}
 	for k, v := range m.Headers {
 		if k == "" {

@@ -110,6 +110,9 @@ func WithTracerProvider(tp trace.TracerProvider) Option {
 // kept exactly as without it.
 func WithDeleteOnPublish() Option { return func(c *config) { c.deletePublished = true } }
 
+// maxIdentifier is the longest name PostgreSQL and MySQL keep whole.
+const maxIdentifier = 63
+
 var identifier = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$`)
 
 func validateTableName(name string) error {
@@ -118,6 +121,12 @@ func validateTableName(name string) error {
 	}
 	if !identifier.MatchString(name) {
 		return fmt.Errorf("outbox: table name %q is not a plain SQL identifier (letters, digits and _, optionally schema.table)", name)
+	}
+	// PostgreSQL cuts names at 63 bytes, and two index names cut to the
+	// same one would leave the table without the second index.
+	if longest := indexName(name, "published"); len(longest) > maxIdentifier {
+		return fmt.Errorf("outbox: table name %q is %d characters long; at most %d, so that its index names (such as %s) fit in %d",
+			name, len(name), len(name)-(len(longest)-maxIdentifier), longest, maxIdentifier)
 	}
 	return nil
 }
