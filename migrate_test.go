@@ -207,7 +207,7 @@ func startTogether(t *testing.T, n int, spec string) []string {
 		select {
 		case <-c.ready:
 		default:
-			err = fmt.Errorf("never ready (%v)", err)
+			err = fmt.Errorf("never ready (%w)", err)
 		}
 		if err != nil {
 			c.mu.Lock()

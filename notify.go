@@ -12,13 +12,9 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
-// DefaultNotifyInterval is how often, at most, one process's enqueues send
-// a PostgreSQL NOTIFY (see WithNotifyInterval).
-const DefaultNotifyInterval = 5 * time.Millisecond
-
 // WithNotifyInterval sets how often, at most, this process's enqueuing
 // transactions on PostgreSQL send a NOTIFY that wakes the publishers
-// LISTENing in every process (default DefaultNotifyInterval). PostgreSQL
+// LISTENing in every process (defaults to DefaultNotifyInterval). PostgreSQL
 // serializes the commits of notifying transactions, so a NOTIFY in every
 // transaction would cost concurrent writers about a third of their
 // throughput; one per interval costs almost nothing, and a publisher woken

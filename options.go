@@ -9,16 +9,6 @@ import (
 	"go.opentelemetry.io/otel/trace"
 )
 
-// DefaultTableName is the outbox table's name unless WithTableName says otherwise.
-const DefaultTableName = "outbox_messages"
-
-// DefaultMaxPayloadBytes stays under Kafka's default maximum message size
-// (1 MiB, for sarama's Producer.MaxMessageBytes and the broker's
-// message.max.bytes) with room for the key and headers: a larger payload
-// would only be refused later by the broker, so it is refused at enqueue,
-// where the caller can still act on it.
-const DefaultMaxPayloadBytes = 1_000_000
-
 // Option configures the Plugin and the Store it creates.
 type Option func(*config)
 
@@ -65,7 +55,7 @@ func newConfig(opts []Option) (config, error) {
 	return c, nil
 }
 
-// WithTableName sets the outbox table's name (default "outbox_messages").
+// WithTableName sets the outbox table's name. Defaults to DefaultTableName.
 // It must be a plain SQL identifier, optionally schema-qualified
 // ("events.outbox"), because it is spliced into SQL.
 func WithTableName(name string) Option { return func(c *config) { c.table = name } }
@@ -79,7 +69,7 @@ func WithoutMigration() Option { return func(c *config) { c.migrate = false } }
 func WithEncoder(e Encoder) Option { return func(c *config) { c.encoder = e } }
 
 // WithMaxPayloadBytes refuses, at enqueue, payloads larger than n bytes
-// (default DefaultMaxPayloadBytes). Keep it at or below the producer's and the
+// (defaults to DefaultMaxPayloadBytes). Keep it at or below the producer's and the
 // topic's maximum message size.
 func WithMaxPayloadBytes(n int) Option { return func(c *config) { c.maxPayloadBytes = n } }
 

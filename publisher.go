@@ -69,7 +69,7 @@ type publisherConfig struct {
 func WithoutListen() PublisherOption { return func(c *publisherConfig) { c.noListen = true } }
 
 // WithRetention sets the cleanup the publisher runs every interval
-// (default: DefaultRetention, every 10 minutes). Only one publisher of a
+// (defaults to DefaultRetention every DefaultRetentionInterval). Only one publisher of a
 // table cleans at a time; the others skip their turn.
 func WithRetention(policy RetentionPolicy, interval time.Duration) PublisherOption {
 	return func(c *publisherConfig) {
@@ -95,10 +95,11 @@ const (
 	KeySkip
 )
 
-// WithKeyPolicy sets what a failing message does to its key (default KeyWait).
+// WithKeyPolicy sets what a failing message does to its key. Defaults to KeyWait.
 func WithKeyPolicy(k KeyPolicy) PublisherOption { return func(c *publisherConfig) { c.keyPolicy = k } }
 
-// WithWorkers runs n claim-send-record loops in the publisher (default 1).
+// WithWorkers runs n claim-send-record loops in the publisher. Defaults to
+// DefaultWorkers.
 // Claims are serialized and a key is in at most one batch at a time, so
 // per-key order holds whatever n; more workers overlap the round trips
 // to the database and the broker.
@@ -107,16 +108,18 @@ func WithWorkers(n int) PublisherOption { return func(c *publisherConfig) { c.wo
 // PublisherOption configures a Publisher.
 type PublisherOption func(*publisherConfig)
 
-// WithBatchSize sets how many messages one claim takes (default 100).
+// WithBatchSize sets how many messages one claim takes. Defaults to
+// DefaultBatchSize.
 func WithBatchSize(n int) PublisherOption { return func(c *publisherConfig) { c.batchSize = n } }
 
 // WithPollInterval sets how long the publisher waits after finding less than
-// a full batch (default 100ms). Wake cuts the wait short.
+// a full batch; Wake cuts the wait short. Defaults to DefaultPollInterval.
 func WithPollInterval(d time.Duration) PublisherOption {
 	return func(c *publisherConfig) { c.pollInterval = d }
 }
 
-// WithLease sets how long a claim holds its messages (default 30s). It must
+// WithLease sets how long a claim holds its messages (defaults to
+// DefaultLease). It must
 // outlast a batch's send: a claim that expires mid-send lets another
 // publisher send the same messages again. Claims of a publisher that dies
 // come back to work after it (on PostgreSQL at once, when its connection
@@ -129,13 +132,13 @@ func WithRetryPolicy(r RetryPolicy) PublisherOption {
 }
 
 // WithMaxPause caps the publisher's own backoff while the broker or the
-// database is unreachable (default 5s): it bounds how long after the outage
+// database is unreachable (defaults to DefaultMaxPause): it bounds how long after the outage
 // ends the publisher resumes.
 func WithMaxPause(d time.Duration) PublisherOption {
 	return func(c *publisherConfig) { c.maxPause = d }
 }
 
-// WithLogger sets the logger (default slog.Default()).
+// WithLogger sets the logger. Defaults to slog.Default(); nil means the default.
 func WithLogger(l *slog.Logger) PublisherOption { return func(c *publisherConfig) { c.logger = l } }
 
 // WithStore makes the publisher use store instead of the plugin's.
@@ -148,15 +151,16 @@ func WithStore(s Store) PublisherOption {
 // sender, a nil db without WithStore, a store of another *gorm.DB, a size
 // or an interval that is not positive) with an error that names it.
 func NewPublisher(db *gorm.DB, sender Sender, opts ...PublisherOption) (*Publisher, error) {
+	retention := DefaultRetention
 	cfg := publisherConfig{
-		batchSize:    100,
-		pollInterval: 100 * time.Millisecond,
-		lease:        30 * time.Second,
+		batchSize:    DefaultBatchSize,
+		pollInterval: DefaultPollInterval,
+		lease:        DefaultLease,
 		retry:        DefaultRetryPolicy,
-		maxPause:     5 * time.Second,
-		workers:      1,
-		retention:    &DefaultRetention,
-		cleanEvery:   10 * time.Minute,
+		maxPause:     DefaultMaxPause,
+		workers:      DefaultWorkers,
+		retention:    &retention,
+		cleanEvery:   DefaultRetentionInterval,
 	}
 	for i, o := range opts {
 		if o == nil {
@@ -371,7 +375,7 @@ func (p *Publisher) loop(ctx context.Context) {
 	log := p.cfg.logger
 	log.Info("outbox publisher started", "workers", p.cfg.workers, "batch_size", p.cfg.batchSize, "poll_interval", p.cfg.pollInterval)
 	defer p.endOutage()
-	if err := p.checkServer(ctx); err != nil {
+	if err := p.checkServer(ctx); errors.Is(err, errUnsupportedServer) {
 		p.mu.Lock()
 		p.abort()
 		p.stop()
@@ -455,26 +459,26 @@ func (p *Publisher) checkServerOnce(ctx context.Context) error {
 
 // checkServer waits until the server's version could be checked, pausing as
 // in an outage while the database cannot be reached: a publisher started
-// during a database outage waits for it instead of exiting. It returns
-// only a server the publisher cannot use, or nil (also when ctx ends).
+// during a database outage waits for it instead of exiting. It returns nil,
+// an error wrapping errUnsupportedServer for a server the publisher cannot
+// use, or ctx's error.
 func (p *Publisher) checkServer(ctx context.Context) error {
 	var pause time.Duration
-	for ctx.Err() == nil {
+	for {
 		err := p.checkServerOnce(ctx)
-		if err == nil || errors.Is(err, errUnsupportedServer) {
-			if err == nil {
-				p.noteOutage(nil)
-			}
-			return err
-		}
-		if ctx.Err() != nil {
+		switch {
+		case err == nil:
+			p.noteOutage(nil)
 			return nil
+		case errors.Is(err, errUnsupportedServer):
+			return err
+		case ctx.Err() != nil:
+			return ctx.Err()
 		}
 		p.noteOutage(err)
 		pause = min(max(2*pause, p.cfg.pollInterval), p.cfg.maxPause)
 		p.wait(ctx, jitter(pause), false)
 	}
-	return nil
 }
 
 // followUp is how soon a worker looks again after the work stopped.

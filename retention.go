@@ -23,9 +23,6 @@ type RetentionPolicy struct {
 	BatchSize int
 }
 
-// DefaultRetention is the policy of a publisher without WithRetention.
-var DefaultRetention = RetentionPolicy{Published: 7 * 24 * time.Hour, BatchSize: 1000}
-
 func (r RetentionPolicy) withDefaults() RetentionPolicy {
 	if r.Published <= 0 {
 		r.Published = DefaultRetention.Published

@@ -17,9 +17,6 @@ type RetryPolicy struct {
 	MaxBackoff time.Duration
 }
 
-// DefaultRetryPolicy is used when WithRetryPolicy is not given.
-var DefaultRetryPolicy = RetryPolicy{MaxAttempts: 10, MinBackoff: time.Second, MaxBackoff: 5 * time.Minute}
-
 func (r RetryPolicy) withDefaults() RetryPolicy {
 	if r.MaxAttempts <= 0 {
 		r.MaxAttempts = DefaultRetryPolicy.MaxAttempts

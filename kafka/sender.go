@@ -245,15 +245,17 @@ func (s *Sender) send(ctx context.Context, msgs []*outbox.OutboxMessage) error {
 		return nil
 	}
 	if len(failed) == len(msgs) {
+		// The broker as a whole was away: say so, rather than the same
+		// error once per message.
 		var first error
-		same := true
+		away := true
 		for _, err := range failed {
 			if first == nil {
 				first = err
 			}
-			same = same && err == first
+			away = away && errors.Is(err, outbox.ErrBrokerUnavailable)
 		}
-		if same && errors.Is(first, outbox.ErrBrokerUnavailable) {
+		if away {
 			return first
 		}
 	}

@@ -346,7 +346,7 @@ func watch(ctx context.Context, a *app, interval time.Duration, times int) error
 		st, err := a.store.Stats(ctx, 0)
 		if err != nil {
 			if ctx.Err() != nil {
-				return nil
+				return nil //nolint:nilerr // interrupted: watching ends, which is no failure
 			}
 			return err
 		}
