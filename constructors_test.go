@@ -45,7 +45,7 @@ func TestConstructorsRefuseWhatCannotWork(t *testing.T) {
 	newPub := func(db *gorm.DB, s outbox.Sender, opts ...outbox.PublisherOption) func() error {
 		return func() error { _, err := outbox.NewPublisher(db, s, opts...); return err }
 	}
-	plugin := func(opts ...outbox.Option) func() error {
+	plugin := func(opts ...outbox.PluginOption) func() error {
 		return func() error { return outboxtest.SQLite(t, nil).Use(outbox.Plugin(opts...)) }
 	}
 	policy := outbox.RetentionPolicy{}

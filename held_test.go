@@ -25,7 +25,7 @@ func TestHeldClaimKeepsItsKeysFromOtherPublishers(t *testing.T) {
 }
 
 func testHeldClaimKeys(t *testing.T, deleteOnPublish bool) {
-	var opts []outbox.Option
+	var opts []outbox.PluginOption
 	if deleteOnPublish {
 		opts = append(opts, outbox.WithDeleteOnPublish())
 	}

@@ -41,13 +41,13 @@ var databases = []struct {
 
 // eachDB runs fn as a subtest on every backend, with the plugin registered
 // with opts and the test's domain tables migrated.
-func eachDB(t *testing.T, fn func(t *testing.T, db *gorm.DB), opts ...outbox.Option) {
+func eachDB(t *testing.T, fn func(t *testing.T, db *gorm.DB), opts ...outbox.PluginOption) {
 	t.Helper()
 	eachDBWith(t, func(features) bool { return true }, fn, opts...)
 }
 
 // eachDBWith is eachDB on the backends whose features satisfy has.
-func eachDBWith(t *testing.T, has func(features) bool, fn func(t *testing.T, db *gorm.DB), opts ...outbox.Option) {
+func eachDBWith(t *testing.T, has func(features) bool, fn func(t *testing.T, db *gorm.DB), opts ...outbox.PluginOption) {
 	t.Helper()
 	ran := 0
 	for _, d := range databases {
@@ -64,7 +64,7 @@ func eachDBWith(t *testing.T, has func(features) bool, fn func(t *testing.T, db 
 	}
 }
 
-func setup(t testing.TB, db *gorm.DB, opts ...outbox.Option) *gorm.DB {
+func setup(t testing.TB, db *gorm.DB, opts ...outbox.PluginOption) *gorm.DB {
 	t.Helper()
 	if err := db.Use(outbox.Plugin(opts...)); err != nil {
 		t.Fatalf("db.Use(outbox.Plugin()): %v", err)

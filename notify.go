@@ -21,7 +21,7 @@ import (
 // by one keeps looking for a moment for what the next transactions commit
 // (see Publisher). Zero turns the NOTIFY off: publishers then learn of work
 // from this process's in-process wake-up and from polling.
-func WithNotifyInterval(d time.Duration) Option {
+func WithNotifyInterval(d time.Duration) PluginOption {
 	return func(c *config) { c.notifyInterval = d }
 }
 

@@ -19,7 +19,7 @@ import (
 // openAgain opens a second *gorm.DB on the same schema, with a plugin of its
 // own: to the outbox it is another process, which no in-process wake-up
 // reaches.
-func openAgain(t *testing.T, dsn string, opts ...outbox.Option) *gorm.DB {
+func openAgain(t *testing.T, dsn string, opts ...outbox.PluginOption) *gorm.DB {
 	t.Helper()
 	db, err := gorm.Open(postgres.Open(dsn), &gorm.Config{Logger: logger.Discard})
 	if err != nil {
@@ -30,7 +30,7 @@ func openAgain(t *testing.T, dsn string, opts ...outbox.Option) *gorm.DB {
 			sqlDB.Close()
 		}
 	})
-	return setup(t, db, append([]outbox.Option{outbox.WithoutMigration()}, opts...)...)
+	return setup(t, db, append([]outbox.PluginOption{outbox.WithoutMigration()}, opts...)...)
 }
 
 func TestNotifyWakesPublishersOfOtherProcesses(t *testing.T) {

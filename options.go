@@ -9,8 +9,10 @@ import (
 	"go.opentelemetry.io/otel/trace"
 )
 
-// Option configures the Plugin and the Store it creates.
-type Option func(*config)
+// PluginOption configures the Plugin and the Store it creates: how events
+// are written. How they are relayed is set by PublisherOption, given to
+// NewPublisher; the two types keep the options of one out of the other.
+type PluginOption func(*config)
 
 type config struct {
 	table           string
@@ -25,7 +27,7 @@ type config struct {
 	deletePublished bool
 }
 
-func newConfig(opts []Option) (config, error) {
+func newConfig(opts []PluginOption) (config, error) {
 	c := config{
 		table:           DefaultTableName,
 		migrate:         true,
@@ -58,35 +60,35 @@ func newConfig(opts []Option) (config, error) {
 // WithTableName sets the outbox table's name. Defaults to DefaultTableName.
 // It must be a plain SQL identifier, optionally schema-qualified
 // ("events.outbox"), because it is spliced into SQL.
-func WithTableName(name string) Option { return func(c *config) { c.table = name } }
+func WithTableName(name string) PluginOption { return func(c *config) { c.table = name } }
 
 // WithoutMigration stops Plugin from creating or altering the table, for
 // applications that own their migrations (see DDL).
-func WithoutMigration() Option { return func(c *config) { c.migrate = false } }
+func WithoutMigration() PluginOption { return func(c *config) { c.migrate = false } }
 
 // WithEncoder replaces the JSON encoder used for payloads that are neither
 // []byte nor string.
-func WithEncoder(e Encoder) Option { return func(c *config) { c.encoder = e } }
+func WithEncoder(e Encoder) PluginOption { return func(c *config) { c.encoder = e } }
 
 // WithMaxPayloadBytes refuses, at enqueue, payloads larger than n bytes
 // (defaults to DefaultMaxPayloadBytes). Keep it at or below the producer's and the
 // topic's maximum message size.
-func WithMaxPayloadBytes(n int) Option { return func(c *config) { c.maxPayloadBytes = n } }
+func WithMaxPayloadBytes(n int) PluginOption { return func(c *config) { c.maxPayloadBytes = n } }
 
 // AllowWithoutTransaction lets Enqueue write outside a transaction
 // (SkipDefaultTransaction, or a plain *gorm.DB). The event is then no longer
 // atomic with the domain rows: a crash between the two writes loses one of them.
-func AllowWithoutTransaction() Option { return func(c *config) { c.allowNoTx = true } }
+func AllowWithoutTransaction() PluginOption { return func(c *config) { c.allowNoTx = true } }
 
 // WithMeterProvider records the outbox's metrics (enqueue, and the
 // publishers of this db) with mp instead of OpenTelemetry's global provider.
-func WithMeterProvider(mp metric.MeterProvider) Option {
+func WithMeterProvider(mp metric.MeterProvider) PluginOption {
 	return func(c *config) { c.meterProvider = mp }
 }
 
 // WithTracerProvider makes the publisher's send spans with tp instead of
 // OpenTelemetry's global provider.
-func WithTracerProvider(tp trace.TracerProvider) Option {
+func WithTracerProvider(tp trace.TracerProvider) PluginOption {
 	return func(c *config) { c.tracerProvider = tp }
 }
 
@@ -98,7 +100,7 @@ func WithTracerProvider(tp trace.TracerProvider) Option {
 // so draining is faster; the price is the table's record of what was sent
 // and when, which Kafka then holds alone. What has not been delivered is
 // kept exactly as without it.
-func WithDeleteOnPublish() Option { return func(c *config) { c.deletePublished = true } }
+func WithDeleteOnPublish() PluginOption { return func(c *config) { c.deletePublished = true } }
 
 // maxIdentifier is the longest name PostgreSQL and MySQL keep whole.
 const maxIdentifier = 63

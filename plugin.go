@@ -26,7 +26,7 @@ type OutboxPlugin struct {
 // the table (unless WithoutMigration), and registers the callbacks that write
 // the events recorded by models (see EventRecorder). It starts no goroutine:
 // the Publisher is started and stopped by the application.
-func Plugin(opts ...Option) *OutboxPlugin {
+func Plugin(opts ...PluginOption) *OutboxPlugin {
 	cfg, err := newConfig(opts)
 	return &OutboxPlugin{cfg: cfg, err: err}
 }

@@ -86,7 +86,7 @@ type PostgresOutboxStore = GormStore
 
 // NewStore returns the store for db's dialect, with the same options as Plugin.
 // Most applications get theirs from StoreOf after db.Use(Plugin(...)).
-func NewStore(db *gorm.DB, opts ...Option) (*GormStore, error) {
+func NewStore(db *gorm.DB, opts ...PluginOption) (*GormStore, error) {
 	cfg, err := newConfig(opts)
 	if err != nil {
 		return nil, err
@@ -96,7 +96,7 @@ func NewStore(db *gorm.DB, opts ...Option) (*GormStore, error) {
 
 // NewPostgresOutboxStore returns the store for a PostgreSQL db, and an error
 // for any other database.
-func NewPostgresOutboxStore(db *gorm.DB, opts ...Option) (*PostgresOutboxStore, error) {
+func NewPostgresOutboxStore(db *gorm.DB, opts ...PluginOption) (*PostgresOutboxStore, error) {
 	if db == nil || db.Dialector == nil {
 		return nil, errors.New("outbox: NewPostgresOutboxStore needs an opened *gorm.DB, got nil")
 	}

@@ -143,7 +143,7 @@ func BenchmarkCommitToAck(b *testing.B) {
 	for _, d := range databases {
 		for _, mode := range []string{"wake", "plain"} {
 			b.Run(d.name+"/"+mode, func(b *testing.B) {
-				var opts []outbox.Option
+				var opts []outbox.PluginOption
 				var popts []outbox.PublisherOption
 				if mode == "plain" {
 					opts = append(opts, outbox.WithNotifyInterval(0))

@@ -152,7 +152,7 @@ func quantile(ds []time.Duration, q float64) time.Duration {
 }
 
 func latencyRun(ctx context.Context, db *gorm.DB, dsn string, s settings, rate int, wake bool) (latencyResult, error) {
-	var opts []outbox.Option
+	var opts []outbox.PluginOption
 	var popts []outbox.PublisherOption
 	if !wake {
 		opts = append(opts, outbox.WithNotifyInterval(0))
