@@ -100,6 +100,8 @@ type dialect struct {
 	addresses bool
 	// minVersion checks the server when a publisher starts.
 	minVersion func(db *gorm.DB) error
+	// listens: enqueues send a NOTIFY that publishers LISTEN for.
+	listens bool
 }
 
 var dialects = map[string]dialect{
@@ -120,7 +122,7 @@ var dialects = map[string]dialect{
 		" set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)) l",
 		walkSetup:   "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)",
 		cleanupLock: "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)", inIDs: "= ANY(CAST(? AS uuid[]))", notInIDs: "<> ALL(CAST(? AS uuid[]))",
-		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true, numberedArgs: true, holdClaims: true, waitPrefix: pgmark.WaitMark,
+		notInKeys: "<> ALL(CAST(? AS text[]))", binaryIDs: true, numberedArgs: true, holdClaims: true, listens: true, waitPrefix: pgmark.WaitMark,
 		resultSetup: "SELECT set_config('plan_cache_mode', 'force_custom_plan', true)", addresses: true},
 	"sqlite": {name: "sqlite", inIDs: "IN ?", notInIDs: "NOT IN ?", notInKeys: "NOT IN ?", oneWriter: true},
 }

@@ -351,6 +351,23 @@ func splitPicked(picked []*OutboxMessage, limit int) [][]*OutboxMessage {
 	return batches
 }
 
+func (c *heldClaim) messages() []*OutboxMessage { return c.msgs }
+
+// record records the results in the claim's transaction and commits it;
+// the released messages, left as they were, are due again.
+func (c *heldClaim) record(_ context.Context, published []uuid.UUID, failures []Failure, _ []uuid.UUID) error {
+	return c.finish(published, failures)
+}
+
+// giveBack rolls the claim back: every message is due again.
+func (c *heldClaim) giveBack(context.Context) error {
+	c.abandon()
+	return nil
+}
+
+// end rolls back what finish has not committed.
+func (c *heldClaim) end() { c.abandon() }
+
 // finish records the sends' results in the claim's transaction and
 // commits it; the messages not among them are left as they were, due.
 func (c *heldClaim) finish(published []uuid.UUID, failures []Failure) error {

@@ -49,7 +49,7 @@ func channelSQL(table string) string {
 }
 
 func newNotifier(d dialect, table string, interval time.Duration) *notifier {
-	if d.name != "postgres" || interval <= 0 {
+	if !d.listens || interval <= 0 {
 		return nil
 	}
 	call := "pg_notify(" + channelSQL(table) + ", '')"
@@ -68,18 +68,18 @@ func (n *notifier) due() bool {
 	return now-last >= int64(n.interval) && n.last.CompareAndSwap(last, now)
 }
 
-// listen holds one connection of db's pool LISTENing on the table's channel
-// and wakes p on each notification, until ctx ends. When the connection
-// breaks it listens again after a pause; polling covers the gap, and p is
-// woken after each (re)start in case a notification was missed.
-func (p *Publisher) listen(ctx context.Context, store *GormStore) {
+// listen keeps store LISTENing and wakes p on each notification, until
+// ctx ends. When the connection breaks it listens again after a pause;
+// polling covers the gap, and p is woken after each (re)start in case a
+// notification was missed.
+func (p *Publisher) listen(ctx context.Context, store notifyListener) {
 	var pause time.Duration
 	for ctx.Err() == nil {
-		err := p.listenOnce(ctx, store)
+		err := store.listenOnce(ctx, p.Wake, p.Wake)
 		if ctx.Err() != nil {
 			return
 		}
-		if errors.Is(err, errNotPgx) {
+		if errors.Is(err, errNotListening) {
 			// Said once: enqueues in other processes now reach this
 			// publisher only at its next poll.
 			p.cfg.logger.Warn("outbox: cannot LISTEN for the enqueuers' notifications; publishing from other processes' enqueues waits for the poll interval (use pgx's driver or package pgxpipeline, or WithoutListen to silence this)",
@@ -101,10 +101,14 @@ func (p *Publisher) listen(ctx context.Context, store *GormStore) {
 // here keeps the pgx driver package (and its init) out of this package.
 type pgxConn interface{ Conn() *pgx.Conn }
 
-var errNotPgx = errors.New("outbox: LISTEN needs the pgx driver")
+// listens reports whether the database has notifications to LISTEN for.
+func (s *GormStore) listens() bool { return s.dialect.listens }
 
-func (p *Publisher) listenOnce(ctx context.Context, store *GormStore) error {
-	sqlDB, err := store.db.DB()
+// listenOnce holds one connection of the store's pool LISTENing on the
+// table's channel, calls ready once it listens and wake on each
+// notification, until ctx ends or the connection fails.
+func (s *GormStore) listenOnce(ctx context.Context, ready, wake func()) error {
+	sqlDB, err := s.db.DB()
 	if err != nil {
 		return err
 	}
@@ -116,24 +120,24 @@ func (p *Publisher) listenOnce(ctx context.Context, store *GormStore) error {
 	return conn.Raw(func(dc any) error {
 		pc, ok := dc.(pgxConn)
 		if !ok {
-			return fmt.Errorf("%w, got %T", errNotPgx, dc)
+			return fmt.Errorf("%w, got %T", errNotListening, dc)
 		}
 		c := pc.Conn()
 		var channel string
-		if err := c.QueryRow(ctx, "SELECT "+channelSQL(store.cfg.table)).Scan(&channel); err != nil {
+		if err := c.QueryRow(ctx, "SELECT "+channelSQL(s.cfg.table)).Scan(&channel); err != nil {
 			return errors.Join(err, driver.ErrBadConn)
 		}
 		if _, err := c.Exec(ctx, "LISTEN "+pgx.Identifier{channel}.Sanitize()); err != nil {
 			return errors.Join(err, driver.ErrBadConn)
 		}
-		p.Wake()
+		ready()
 		for {
 			if _, err := c.WaitForNotification(ctx); err != nil {
 				// The connection still LISTENs, or is broken: never hand it
 				// back to the pool.
 				return errors.Join(err, driver.ErrBadConn)
 			}
-			p.Wake()
+			wake()
 		}
 	})
 }

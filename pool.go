@@ -13,8 +13,8 @@ var poolCheckInterval = time.Minute
 // and so opens them again for the next caller: each worker takes a
 // connection for every claim, and in outbox-bench that churn was most of
 // the commit-to-Kafka latency tail.
-func (p *Publisher) watchPool(ctx context.Context, store *GormStore) {
-	sqlDB, err := store.db.DB()
+func (p *Publisher) watchPool(ctx context.Context, store pooled) {
+	sqlDB, err := store.sqlDB()
 	if err != nil {
 		return // not a *sql.DB: nothing to read
 	}

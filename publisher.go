@@ -195,13 +195,13 @@ func NewPublisher(db *gorm.DB, sender Sender, opts ...PublisherOption) (*Publish
 		}
 		store = s
 	}
-	if gs, ok := store.(*GormStore); ok && db != nil && gs.db.Config.ConnPool != db.Config.ConnPool {
+	if s, ok := store.(interface{ servesPool(*gorm.DB) bool }); ok && db != nil && !s.servesPool(db) {
 		return nil, fmt.Errorf("outbox: WithStore was given the store of another *gorm.DB than the publisher's")
 	}
 	p := &Publisher{store: store, sender: sender, cfg: cfg, wake: make(chan struct{}, cfg.workers),
 		soon: make(chan struct{}, 1), system: "unknown"}
-	if gs, ok := store.(*GormStore); ok {
-		p.tel = gs.cfg.telemetry
+	if s, ok := store.(instrumented); ok {
+		p.tel = s.telemetry()
 	} else {
 		p.tel = newTelemetry(nil, nil)
 	}
@@ -385,38 +385,37 @@ func (p *Publisher) loop(ctx context.Context) {
 		log.Error("outbox publisher stopped: the database server cannot run it", "error", err)
 		return
 	}
-	if gs, ok := p.store.(*GormStore); ok {
-		reg, err := p.tel.observeStore(func(ctx context.Context) (Stats, error) { return gs.Stats(ctx, p.cfg.retry.MaxAttempts) })
+	if s, ok := p.store.(statser); ok {
+		reg, err := p.tel.observeStore(func(ctx context.Context) (Stats, error) { return s.Stats(ctx, p.cfg.retry.MaxAttempts) })
 		if err != nil {
 			log.Warn("outbox: cannot register the backlog gauges", "error", err)
 		} else {
 			defer func() { _ = reg.Unregister() }()
 		}
 	}
-	if gs, ok := p.store.(*GormStore); ok {
-		gs.wakeups.add(p)
-		defer gs.wakeups.remove(p)
+	if s, ok := p.store.(wakeSource); ok {
+		defer s.subscribe(p)()
 	}
 	var wg sync.WaitGroup
-	if gs, ok := p.store.(*GormStore); ok && p.cfg.retention != nil {
+	if s, ok := p.store.(cleaner); ok && p.cfg.retention != nil {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			p.clean(ctx, gs)
+			p.clean(ctx, s)
 		}()
 	}
-	if gs, ok := p.store.(*GormStore); ok && gs.dialect.name == "postgres" && !p.cfg.noListen {
+	if s, ok := p.store.(notifyListener); ok && s.listens() && !p.cfg.noListen {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			p.listen(ctx, gs)
+			p.listen(ctx, s)
 		}()
 	}
-	if gs, ok := p.store.(*GormStore); ok {
+	if s, ok := p.store.(pooled); ok {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			p.watchPool(ctx, gs)
+			p.watchPool(ctx, s)
 		}()
 	}
 	for range p.cfg.workers {
@@ -439,16 +438,16 @@ func (p *Publisher) loop(ctx context.Context) {
 // checkServerOnce checks the database server's version once, within a
 // few seconds; nil where the store has nothing to check.
 func (p *Publisher) checkServerOnce(ctx context.Context) error {
-	gs, ok := p.store.(*GormStore)
+	s, ok := p.store.(serverChecker)
 	p.mu.Lock()
 	done := p.checked
 	p.mu.Unlock()
-	if !ok || gs.dialect.minVersion == nil || done {
+	if !ok || done {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	err := gs.dialect.minVersion(gs.db.WithContext(ctx))
+	err := s.checkServer(ctx)
 	if err == nil {
 		p.mu.Lock()
 		p.checked = true
@@ -574,7 +573,7 @@ func (p *Publisher) nudge() {
 }
 
 // clean runs the retention cleanup every cleanEvery until ctx ends.
-func (p *Publisher) clean(ctx context.Context, store *GormStore) {
+func (p *Publisher) clean(ctx context.Context, store cleaner) {
 	ticker := time.NewTicker(p.cfg.cleanEvery)
 	defer ticker.Stop()
 	for {
@@ -688,34 +687,19 @@ func PublishFromOutbox(ctx context.Context, store Store, sender Sender, limit in
 func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error) {
 	var res BatchResult
 	opts := ClaimOptions{Limit: p.cfg.batchSize, Lease: p.cfg.lease, SkipFailedKeys: p.cfg.keyPolicy == KeySkip}
-	var (
-		token string
-		msgs  []*OutboxMessage
-		held  *heldClaim
-		err   error
-	)
-	if gs, ok := p.store.(*GormStore); ok && gs.dialect.holdClaims {
-		held, err = gs.claimHeld(ctx, work, opts)
-		if held != nil {
-			msgs = held.msgs
-			defer held.abandon() // whatever happens below, the transaction ends
-		}
-	} else {
-		token, msgs, err = p.store.Claim(ctx, opts)
-	}
+	batch, err := claimBatch(p.store, ctx, work, opts)
 	if err != nil {
 		return res, err
 	}
+	defer batch.end() // whatever happens below, the claim ends
+	msgs := batch.messages()
 	res.Claimed = len(msgs)
 	if len(msgs) == 0 {
 		return res, nil
 	}
 	if ctx.Err() != nil { // stopping: hand the claim back unsent
 		res.Released = len(msgs)
-		if held != nil {
-			return res, nil // the deferred abandon rolls it back
-		}
-		return res, p.store.Release(work, token, ids(msgs))
+		return res, batch.giveBack(work)
 	}
 	started := time.Now()
 	sendCtx, span := p.tel.startSend(work, p.system, msgs)
@@ -756,16 +740,7 @@ func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error)
 		}
 	}
 	res.Published, res.Failed, res.Released = len(published), len(failures), len(released)
-	if held != nil {
-		err = held.finish(published, failures) // what it leaves out is released
-	} else {
-		err = errors.Join(
-			p.store.MarkPublished(work, token, published),
-			p.store.MarkFailed(work, token, failures),
-			p.store.Release(work, token, released),
-		)
-	}
-	if err != nil {
+	if err := batch.record(work, published, failures, released); err != nil {
 		return res, err
 	}
 	if unavailable != nil {

@@ -19,7 +19,12 @@ import (
 
 // Store persists outbox messages. GormStore is the implementation for the
 // databases GORM drives; the interface is what PublishFromOutbox and
-// SaveToOutbox need, so that a test or another backend can stand in.
+// SaveToOutbox need, so that a test or another backend can stand in. A
+// Publisher given a Store of yours (WithStore) claims by lease, sends,
+// records, retries and keeps each key's order through these methods alone;
+// it also reports the backlog gauges if the store has GormStore's Stats
+// method, and runs retention if it has its Cleanup method. Wake-ups, LISTEN
+// and the held claim are the plugin's store's.
 type Store interface {
 	// Save writes messages on tx, the caller's transaction.
 	Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessage) error
@@ -157,6 +162,51 @@ func StoreOf(db *gorm.DB) (*GormStore, error) {
 	}
 	return p.store, nil
 }
+
+// The publisher's capabilities of the plugin's store (see relay.go).
+var (
+	_ batchClaimer   = (*GormStore)(nil)
+	_ statser        = (*GormStore)(nil)
+	_ cleaner        = (*GormStore)(nil)
+	_ wakeSource     = (*GormStore)(nil)
+	_ notifyListener = (*GormStore)(nil)
+	_ serverChecker  = (*GormStore)(nil)
+	_ pooled         = (*GormStore)(nil)
+	_ instrumented   = (*GormStore)(nil)
+)
+
+// claimBatch holds its claim across the send where the database allows
+// (heldClaim), and takes a lease (Claim) elsewhere.
+func (s *GormStore) claimBatch(ctx, work context.Context, opts ClaimOptions) (claimedBatch, error) {
+	if s.dialect.holdClaims {
+		c, err := s.claimHeld(ctx, work, opts)
+		if err != nil {
+			return nil, err
+		}
+		return c, nil
+	}
+	token, msgs, err := s.Claim(ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	return &leaseBatch{store: s, token: token, msgs: msgs}, nil
+}
+
+func (s *GormStore) subscribe(w waker) func() { return s.wakeups.subscribe(w) }
+
+func (s *GormStore) checkServer(ctx context.Context) error {
+	if s.dialect.minVersion == nil {
+		return nil
+	}
+	return s.dialect.minVersion(s.db.WithContext(ctx))
+}
+
+func (s *GormStore) sqlDB() (*sql2.DB, error) { return s.db.DB() }
+
+func (s *GormStore) telemetry() *telemetry { return s.cfg.telemetry }
+
+// servesPool reports whether the store works on db's connection pool.
+func (s *GormStore) servesPool(db *gorm.DB) bool { return s.db.Config.ConnPool == db.Config.ConnPool }
 
 // TableName is the outbox table this store reads and writes.
 func (s *GormStore) TableName() string { return s.cfg.table }

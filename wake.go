@@ -14,22 +14,28 @@ import (
 // WithNotifyInterval) also reaches other processes.
 type wakeups struct {
 	mu   sync.RWMutex
-	subs map[*Publisher]struct{}
+	subs map[waker]struct{}
 }
 
-func (w *wakeups) add(p *Publisher) {
+// waker is what a wake-up reaches: a running publisher.
+type waker interface {
+	Wake()
+	nudge()
+}
+
+// subscribe adds w until the returned function is called.
+func (w *wakeups) subscribe(p waker) (unsubscribe func()) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.subs == nil {
-		w.subs = map[*Publisher]struct{}{}
+		w.subs = map[waker]struct{}{}
 	}
 	w.subs[p] = struct{}{}
-}
-
-func (w *wakeups) remove(p *Publisher) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	delete(w.subs, p)
+	return func() {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		delete(w.subs, p)
+	}
 }
 
 func (w *wakeups) wake() {

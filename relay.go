@@ -1,0 +1,120 @@
+package outbox
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+
+	"github.com/google/uuid"
+)
+
+// What a publisher uses of its store: the Store interface, and the optional
+// capabilities below, each found by an interface of its own, never by the
+// store's type. The plugin's store (GormStore) has every one; a Store of the
+// application's gets what its methods provide:
+//
+//   - claims, sends, results, retries, dead messages, per-key order and the
+//     pause of an outage: always, through Claim, MarkPublished, MarkFailed
+//     and Release (leases);
+//   - the backlog gauges: with a Stats(ctx, attemptBudget) (Stats, error)
+//     method;
+//   - retention: with a Cleanup(ctx, RetentionPolicy, func(int64)) (int64,
+//     error) method;
+//   - the wake-up of enqueuing transactions of this process (Transaction, the
+//     hooks), PostgreSQL's LISTEN, the held claim, the server check and the
+//     pool watch: the plugin's store only.
+
+// batchClaimer claims in its own way; a store without it claims by lease.
+type batchClaimer interface {
+	claimBatch(ctx, work context.Context, opts ClaimOptions) (claimedBatch, error)
+}
+
+// claimedBatch is a claim's messages and how their results are recorded.
+type claimedBatch interface {
+	messages() []*OutboxMessage
+	// record records the results; the messages in released, and any not
+	// named at all, are handed back due with no attempt counted.
+	record(work context.Context, published []uuid.UUID, failures []Failure, released []uuid.UUID) error
+	// giveBack hands every message back unsent.
+	giveBack(work context.Context) error
+	// end frees what the claim holds once nothing more is recorded.
+	end()
+}
+
+// statser gives the backlog gauges their figures.
+type statser interface {
+	Stats(ctx context.Context, attemptBudget int) (Stats, error)
+}
+
+// cleaner runs the retention cleanup.
+type cleaner interface {
+	Cleanup(ctx context.Context, policy RetentionPolicy, progress func(deleted int64)) (int64, error)
+}
+
+// wakeSource wakes its subscribers when an enqueuing transaction of this
+// process commits (or, nudge, is about to).
+type wakeSource interface {
+	subscribe(w waker) (unsubscribe func())
+}
+
+// notifyListener waits for other processes' enqueues; listenOnce calls
+// ready once it listens and wake on each notification, and returns when
+// ctx ends or the connection fails (errNotListening: it never can).
+type notifyListener interface {
+	listens() bool
+	listenOnce(ctx context.Context, ready, wake func()) error
+}
+
+// errNotListening says the store cannot listen for notifications at all.
+var errNotListening = errors.New("outbox: LISTEN needs the pgx driver")
+
+// serverChecker refuses a database server the publisher cannot use
+// (errUnsupportedServer) or says it cannot be reached now.
+type serverChecker interface {
+	checkServer(ctx context.Context) error
+}
+
+// pooled has the connection pool whose churn the publisher watches.
+type pooled interface {
+	sqlDB() (*sql.DB, error)
+}
+
+// instrumented records with the plugin's meter and tracer providers.
+type instrumented interface {
+	telemetry() *telemetry
+}
+
+// claimBatch claims through the store's own claimBatch, or by lease.
+func claimBatch(store Store, ctx, work context.Context, opts ClaimOptions) (claimedBatch, error) {
+	if c, ok := store.(batchClaimer); ok {
+		return c.claimBatch(ctx, work, opts)
+	}
+	token, msgs, err := store.Claim(ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	return &leaseBatch{store: store, token: token, msgs: msgs}, nil
+}
+
+// leaseBatch is a claim stamped with a token and a lease (Store.Claim).
+type leaseBatch struct {
+	store Store
+	token string
+	msgs  []*OutboxMessage
+}
+
+func (b *leaseBatch) messages() []*OutboxMessage { return b.msgs }
+
+func (b *leaseBatch) record(work context.Context, published []uuid.UUID, failures []Failure, released []uuid.UUID) error {
+	return errors.Join(
+		b.store.MarkPublished(work, b.token, published),
+		b.store.MarkFailed(work, b.token, failures),
+		b.store.Release(work, b.token, released),
+	)
+}
+
+func (b *leaseBatch) giveBack(work context.Context) error {
+	return b.store.Release(work, b.token, ids(b.msgs))
+}
+
+func (b *leaseBatch) end() {}
