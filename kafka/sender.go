@@ -26,12 +26,14 @@ const MessageIDHeader = "outbox-message-id"
 
 // Sender sends outbox messages with a sarama SyncProducer.
 type Sender struct {
-	// mu guards producer and closed: Send shares the producer, a
-	// (re)connect replaces it, Close ends it.
+	// mu guards producer, closed and dial: Send shares the producer, a
+	// (re)connection replaces it, Close ends it.
 	mu       sync.RWMutex
 	producer sarama.SyncProducer // nil until the first send connects
 	closed   bool
-	owned    bool // the Sender makes its producer, and closes it
+	dial     *dialing       // the connection in progress, if any
+	dials    sync.WaitGroup // the goroutine of dial, which Close waits for
+	owned    bool           // the Sender makes its producer, and closes it
 	// brokers and cfg make an owned producer, at the first send and again
 	// after an outage: sarama's circuit breakers keep a producer failing
 	// for 10s after its broker returns, a fresh producer connects at once.
@@ -105,21 +107,25 @@ func recordVersion(cfg *sarama.Config) int {
 // System is the messaging.system of the sender's spans.
 func (s *Sender) System() string { return "kafka" }
 
-// Close closes the producer if NewSender made it. A closed Sender's Send
-// fails with outbox.ErrBrokerUnavailable.
+// Close closes the producer if NewSender made it; a closed Sender's Send
+// fails with outbox.ErrBrokerUnavailable. A connection in progress is
+// waited for (sarama's Net timeouts bound it) and closed.
 func (s *Sender) Close() error {
 	if s == nil {
 		return nil
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	s.closed = true
-	if !s.owned || s.producer == nil {
+	p := s.producer
+	if s.owned {
+		s.producer = nil
+	}
+	s.mu.Unlock()
+	s.dials.Wait()
+	if !s.owned || p == nil {
 		return nil
 	}
-	err := s.producer.Close()
-	s.producer = nil
-	return err
+	return p.Close()
 }
 
 // errNoSender is what a nil *Sender's Send returns: it costs the messages no
@@ -146,12 +152,12 @@ func (s *Sender) Send(ctx context.Context, msgs []*outbox.OutboxMessage) error {
 	if slices.Contains(msgs, nil) {
 		return fmt.Errorf("outbox/kafka: the batch holds a nil message")
 	}
-	if err := s.connect(); err != nil {
+	if err := s.connect(ctx); err != nil {
 		return err
 	}
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	if s.producer == nil {
+	if s.producer == nil || s.closed {
 		return fmt.Errorf("%w: outbox/kafka: sender is closed", outbox.ErrBrokerUnavailable)
 	}
 	err := s.send(ctx, msgs)
@@ -161,33 +167,64 @@ func (s *Sender) Send(ctx context.Context, msgs []*outbox.OutboxMessage) error {
 	return err
 }
 
+// dialing is one connection of the producer, shared by the Sends that
+// wait for it.
+type dialing struct {
+	done chan struct{}
+	err  error // set before done is closed
+}
+
 // connect makes an owned producer where there is none yet, or replaces one
-// that saw an outage. While the brokers are away the new producer cannot
-// connect: a stale one is kept for the next try, and the error says the
-// broker is unavailable, whatever sarama's reason (refused, timed out, a
-// TLS or SASL handshake that failed), so that it costs no attempt.
-func (s *Sender) connect() error {
-	s.mu.RLock()
-	need := s.owned && !s.closed && (s.producer == nil || s.stale.Load())
-	s.mu.RUnlock()
-	if !need {
+// that saw an outage, and waits for it as long as ctx allows. While the
+// brokers are away the new producer cannot connect: a stale one is kept
+// for the next try, and the error says the broker is unavailable, whatever
+// sarama's reason (refused, timed out, a TLS or SASL handshake that
+// failed), so that it costs no attempt. sarama cannot be cancelled, so the
+// connection runs in a goroutine of the Sender's: a Send whose ctx ends
+// returns, and the connection serves the next one.
+func (s *Sender) connect(ctx context.Context) error {
+	s.mu.Lock()
+	if !s.owned || s.closed || s.producer != nil && !s.stale.Load() {
+		s.mu.Unlock()
 		return nil
 	}
+	d := s.dial
+	if d == nil {
+		d = &dialing{done: make(chan struct{})}
+		s.dial = d
+		s.dials.Add(1)
+		go s.dialProducer(d)
+	}
+	s.mu.Unlock()
+	select {
+	case <-d.done:
+		return d.err
+	case <-ctx.Done():
+		return fmt.Errorf("%w: outbox/kafka: connecting to %v: %w", outbox.ErrBrokerUnavailable, s.brokers, ctx.Err())
+	}
+}
+
+// dialProducer connects a producer for d and puts it in place.
+func (s *Sender) dialProducer(d *dialing) {
+	defer s.dials.Done()
+	p, err := sarama.NewSyncProducer(s.brokers, s.cfg)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed || s.producer != nil && !s.stale.Load() {
-		return nil
+	defer close(d.done)
+	s.dial = nil
+	switch {
+	case err != nil:
+		d.err = fmt.Errorf("%w: outbox/kafka: connecting to %v: %w", outbox.ErrBrokerUnavailable, s.brokers, err)
+	case s.closed:
+		_ = p.Close()
+		d.err = fmt.Errorf("%w: outbox/kafka: sender is closed", outbox.ErrBrokerUnavailable)
+	default:
+		if s.producer != nil {
+			_ = s.producer.Close()
+		}
+		s.producer = p
+		s.stale.Store(false)
 	}
-	p, err := sarama.NewSyncProducer(s.brokers, s.cfg)
-	if err != nil {
-		return fmt.Errorf("%w: outbox/kafka: connecting to %v: %w", outbox.ErrBrokerUnavailable, s.brokers, err)
-	}
-	if s.producer != nil {
-		_ = s.producer.Close()
-	}
-	s.producer = p
-	s.stale.Store(false)
-	return nil
 }
 
 func (s *Sender) send(ctx context.Context, msgs []*outbox.OutboxMessage) error {

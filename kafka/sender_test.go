@@ -1,6 +1,7 @@
 package kafka_test
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -243,5 +244,59 @@ func TestSendHoldsBackAKeyBehindAMessageTooLargeForTheProducer(t *testing.T) {
 	}
 	if n := len(outboxtest.ReadAll(t, addrs, "t", 2, 300*time.Millisecond)); n != 2 {
 		t.Fatalf("topic holds %d, want a1 and b1", n)
+	}
+}
+
+// A Send connecting to brokers that do not answer returns when its
+// context ends, as an outage; the connection goes on in the Sender, and
+// Close waits for it, within sarama's timeouts, before it returns.
+func TestAConnectingSendHonoursItsContext(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var held []net.Conn
+	accepted := make(chan struct{})
+	go func() { // accepts and never answers
+		defer close(accepted)
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			held = append(held, c)
+		}
+	}()
+	defer func() {
+		l.Close()
+		<-accepted
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	cfg := kafka.NewConfig()
+	cfg.Net.ReadTimeout, cfg.Metadata.Retry.Max = 2*time.Second, 0
+	s, err := kafka.NewSender([]string{l.Addr().String()}, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err = s.Send(ctx, []*outbox.OutboxMessage{msg("t", "k", "v", nil)})
+	if !errors.Is(err, outbox.ErrBrokerUnavailable) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a Send whose context ended while connecting returned %v", err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("the Send took %v, its context %v", d, 200*time.Millisecond)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("Close returned %v after the Send began; sarama's timeouts bound it", d)
+	}
+	if err := s.Send(t.Context(), []*outbox.OutboxMessage{msg("t", "k", "v", nil)}); !errors.Is(err, outbox.ErrBrokerUnavailable) {
+		t.Fatalf("Send after Close = %v", err)
 	}
 }
