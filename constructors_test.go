@@ -83,6 +83,17 @@ func TestConstructorsRefuseWhatCannotWork(t *testing.T) {
 		{"WithStore(nil *GormStore)", newPub(db, ok, outbox.WithStore(nilStore)), "nil store"},
 		{"WithStore(another db's)", newPub(db, ok, outbox.WithStore(otherStore)), "another *gorm.DB"},
 		{"WithStore without db", newPub(nil, ok, outbox.WithStore(otherStore)), ""},
+		{"NewPublisher(PrepareStmt session)", newPub(db.Session(&gorm.Session{PrepareStmt: true}), ok), ""},
+		{"WithStore(its own) on a PrepareStmt session", func() error {
+			own, err := outbox.StoreOf(db)
+			if err != nil {
+				return err
+			}
+			_, err = outbox.NewPublisher(db.Session(&gorm.Session{PrepareStmt: true}), ok, outbox.WithStore(own))
+			return err
+		}, ""},
+		{"zero Publisher Start", func() error { return (&outbox.Publisher{}).Start(ctx) }, "NewPublisher"},
+		{"zero Publisher PublishOnce", func() error { _, err := (&outbox.Publisher{}).PublishOnce(ctx); return err }, "NewPublisher"},
 		{"WithBatchSize(0)", newPub(db, ok, outbox.WithBatchSize(0)), "batch size"},
 		{"WithBatchSize(-1)", newPub(db, ok, outbox.WithBatchSize(-1)), "batch size"},
 		{"WithWorkers(0)", newPub(db, ok, outbox.WithWorkers(0)), "workers"},

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -139,6 +140,44 @@ func TestPublisherWithAStoreOfTheApplication(t *testing.T) {
 					t.Fatalf("%d of %d rows left: a Store without Cleanup was cleaned", left, n)
 				}
 			})
+		}
+	})
+}
+
+// auditedStore embeds the plugin's store and claims through its own Claim.
+type auditedStore struct {
+	*outbox.GormStore
+	claims atomic.Int32
+}
+
+func (s *auditedStore) Claim(ctx context.Context, opts outbox.ClaimOptions) (string, []*outbox.OutboxMessage, error) {
+	s.claims.Add(1)
+	return s.GormStore.Claim(ctx, opts)
+}
+
+// A store that embeds *GormStore and has a Claim of its own is claimed
+// through that Claim, by lease, even on PostgreSQL, where the plugin's own
+// store holds its claims: the publisher never goes around the methods it
+// was given.
+func TestPublisherClaimsThroughAnEmbeddingStoresOwnClaim(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		plugin, err := outbox.StoreOf(db)
+		if err != nil {
+			t.Fatal(err)
+		}
+		store := &auditedStore{GormStore: plugin}
+		enqueueN(t, db, "audited", 5)
+		sender := &orderedSender{sent: map[string][]string{}}
+		pub, err := outbox.NewPublisher(db, sender, outbox.WithStore(store))
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := pub.PublishOnce(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Published != 5 || store.claims.Load() != 1 {
+			t.Fatalf("published %d through %d calls of the store's Claim, want 5 through 1", res.Published, store.claims.Load())
 		}
 	})
 }

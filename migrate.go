@@ -43,7 +43,9 @@ func (s *GormStore) migrateAlone(ctx context.Context, migrate func(db *gorm.DB) 
 // migrateAlonePostgres runs the migration in one transaction that first takes
 // an advisory lock, which its end releases: PostgreSQL's DDL is
 // transactional, so a failed migration leaves nothing half made, and a
-// transaction's lock also holds behind PgBouncer's transaction pooling.
+// transaction's lock also holds behind PgBouncer's transaction pooling. It
+// reads committed data whatever default_transaction_isolation says: a
+// snapshot taken before the lock would miss the table its holder made.
 func (s *GormStore) migrateAlonePostgres(db *gorm.DB, wait time.Duration, migrate func(db *gorm.DB) error) error {
 	return db.Transaction(func(tx *gorm.DB) error {
 		var schema, lockTimeout string
@@ -66,7 +68,7 @@ func (s *GormStore) migrateAlonePostgres(db *gorm.DB, wait time.Duration, migrat
 			return fmt.Errorf("outbox: migrating table %s: setting lock_timeout: %w", s.cfg.table, err)
 		}
 		return migrate(tx.Session(&gorm.Session{NewDB: true}))
-	})
+	}, &sql.TxOptions{Isolation: sql.LevelReadCommitted}) // each statement sees what the lock's last holder committed
 }
 
 // migrateAloneMySQL holds a named lock on one connection around the

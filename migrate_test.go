@@ -49,6 +49,12 @@ func TestConcurrentMigration(t *testing.T) {
 			db, dsn := outboxtest.PostgresSchema(t, nil)
 			return "postgres", dsn, func() *gorm.DB { return db }
 		}},
+		// A snapshot taken before the lock would not see the table the
+		// lock's last holder made.
+		{"postgres-repeatable-read", func(t *testing.T) (string, string, func() *gorm.DB) {
+			db, dsn := outboxtest.PostgresSchema(t, nil)
+			return "postgres", dsn + " default_transaction_isolation='repeatable read'", func() *gorm.DB { return db }
+		}},
 		{"mariadb", func(t *testing.T) (string, string, func() *gorm.DB) {
 			db, dsn := outboxtest.MariaDBDatabase(t, nil)
 			return "mysql", dsn, func() *gorm.DB { return db }

@@ -195,7 +195,7 @@ func NewPublisher(db *gorm.DB, sender Sender, opts ...PublisherOption) (*Publish
 		}
 		store = s
 	}
-	if s, ok := store.(interface{ servesPool(*gorm.DB) bool }); ok && db != nil && !s.servesPool(db) {
+	if s, ok := store.(interface{ servesPool(*gorm.DB) bool }); ok && cfg.storeSet && db != nil && !s.servesPool(db) {
 		return nil, fmt.Errorf("outbox: WithStore was given the store of another *gorm.DB than the publisher's")
 	}
 	p := &Publisher{store: store, sender: sender, cfg: cfg, wake: make(chan struct{}, cfg.workers),
@@ -305,6 +305,9 @@ func (p *Publisher) begin(ctx context.Context) (context.Context, error) {
 	if ctx == nil {
 		return nil, errors.New("outbox: the publisher's context is nil")
 	}
+	if p.sender == nil || p.store == nil {
+		return nil, errors.New("outbox: the Publisher was not made by NewPublisher")
+	}
 	// A server too old for the publisher is refused now; one that cannot be
 	// reached is checked again before the first claim (see checkServer).
 	if err := p.checkServerOnce(ctx); errors.Is(err, errUnsupportedServer) {
@@ -315,6 +318,7 @@ func (p *Publisher) begin(ctx context.Context) (context.Context, error) {
 	if p.running {
 		return nil, ErrPublisherRunning
 	}
+	p.failed = nil
 	loopCtx, stop := context.WithCancel(ctx)
 	// The batch in flight runs on a context that a stop does not cancel, so
 	// that what was sent is also recorded; only Stop's deadline aborts it.
@@ -374,15 +378,24 @@ func (p *Publisher) loop(ctx context.Context) {
 	abortCtx := ctx.Value(abortKey{}).(context.Context)
 	log := p.cfg.logger
 	log.Info("outbox publisher started", "workers", p.cfg.workers, "batch_size", p.cfg.batchSize, "poll_interval", p.cfg.pollInterval)
-	defer p.endOutage()
-	if err := p.checkServer(ctx); errors.Is(err, errUnsupportedServer) {
+	// What the run set up is undone before Stop returns: a publisher
+	// started again at once must not lose its wake-ups to this run's end.
+	var undo []func()
+	finish := func(failed error) {
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i]()
+		}
+		p.endOutage()
 		p.mu.Lock()
 		p.abort()
 		p.stop()
-		p.running, p.failed = false, err
+		p.running, p.failed = false, failed
 		close(p.done)
 		p.mu.Unlock()
+	}
+	if err := p.checkServer(ctx); errors.Is(err, errUnsupportedServer) {
 		log.Error("outbox publisher stopped: the database server cannot run it", "error", err)
+		finish(err)
 		return
 	}
 	if s, ok := p.store.(statser); ok {
@@ -390,11 +403,11 @@ func (p *Publisher) loop(ctx context.Context) {
 		if err != nil {
 			log.Warn("outbox: cannot register the backlog gauges", "error", err)
 		} else {
-			defer func() { _ = reg.Unregister() }()
+			undo = append(undo, func() { _ = reg.Unregister() })
 		}
 	}
 	if s, ok := p.store.(wakeSource); ok {
-		defer s.subscribe(p)()
+		undo = append(undo, s.subscribe(p))
 	}
 	var wg sync.WaitGroup
 	if s, ok := p.store.(cleaner); ok && p.cfg.retention != nil {
@@ -426,13 +439,8 @@ func (p *Publisher) loop(ctx context.Context) {
 		}()
 	}
 	wg.Wait()
-	p.mu.Lock()
-	p.abort()
-	p.stop()
-	p.running = false
-	close(p.done)
-	p.mu.Unlock()
 	log.Info("outbox publisher stopped")
+	finish(nil)
 }
 
 // checkServerOnce checks the database server's version once, within a
@@ -474,7 +482,7 @@ func (p *Publisher) checkServer(ctx context.Context) error {
 		case ctx.Err() != nil:
 			return ctx.Err()
 		}
-		p.noteOutage(err)
+		p.noteOutage(&outage{"database", err})
 		pause = min(max(2*pause, p.cfg.pollInterval), p.cfg.maxPause)
 		p.wait(ctx, jitter(pause), false)
 	}
@@ -601,9 +609,14 @@ func (p *Publisher) noteOutage(err error) {
 	defer p.outageMu.Unlock()
 	cause := ""
 	if err != nil {
-		cause = "database"
-		if errors.Is(err, ErrBrokerUnavailable) {
+		var o *outage
+		switch {
+		case errors.As(err, &o):
+			cause = o.cause
+		case errors.Is(err, ErrBrokerUnavailable):
 			cause = "broker"
+		default:
+			cause = "database"
 		}
 	}
 	if cause == p.outage {
@@ -618,10 +631,20 @@ func (p *Publisher) noteOutage(err error) {
 	p.outage = cause
 	if cause != "" {
 		p.tel.notePaused(cause, 1)
-		p.cfg.logger.Warn("outbox publisher paused: the "+cause+" is unreachable; messages wait in the table and no attempt is counted",
+		p.cfg.logger.Warn("outbox publisher paused: the "+cause+" is unreachable or failing; messages wait in the table and no attempt is counted",
 			"error", err, "max_pause", p.cfg.maxPause)
 	}
 }
+
+// outage is an error of the relay, with the side it came from: "broker"
+// or "database".
+type outage struct {
+	cause string
+	err   error
+}
+
+func (o *outage) Error() string { return o.err.Error() }
+func (o *outage) Unwrap() error { return o.err }
 
 // pausedBy reports whether an outage of cause is in progress.
 func (p *Publisher) pausedBy(cause string) bool {
@@ -659,6 +682,9 @@ func (p *Publisher) PublishOnce(ctx context.Context) (BatchResult, error) {
 	if ctx == nil {
 		return BatchResult{}, errors.New("outbox: PublishOnce's context is nil")
 	}
+	if p.sender == nil || p.store == nil {
+		return BatchResult{}, errors.New("outbox: the Publisher was not made by NewPublisher")
+	}
 	return p.publishBatch(ctx, ctx)
 }
 
@@ -674,7 +700,7 @@ func PublishFromOutbox(ctx context.Context, store Store, sender Sender, limit in
 	if limit <= 0 {
 		return fmt.Errorf("outbox: PublishFromOutbox's limit must be positive, got %d", limit)
 	}
-	p, err := NewPublisher(nil, sender, WithStore(store), WithBatchSize(max(limit, 1)))
+	p, err := NewPublisher(nil, sender, WithStore(store), WithBatchSize(limit))
 	if err != nil {
 		return err
 	}
@@ -689,7 +715,7 @@ func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error)
 	opts := ClaimOptions{Limit: p.cfg.batchSize, Lease: p.cfg.lease, SkipFailedKeys: p.cfg.keyPolicy == KeySkip}
 	batch, err := claimBatch(p.store, ctx, work, opts)
 	if err != nil {
-		return res, err
+		return res, &outage{"database", err}
 	}
 	defer batch.end() // whatever happens below, the claim ends
 	msgs := batch.messages()
@@ -741,11 +767,11 @@ func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error)
 	}
 	res.Published, res.Failed, res.Released = len(published), len(failures), len(released)
 	if err := batch.record(work, published, failures, released); err != nil {
-		return res, err
+		return res, &outage{"database", err}
 	}
 	if unavailable != nil {
 		// The broker is down: tell the loop to pause rather than spin.
-		return res, fmt.Errorf("%d messages handed back: %w", len(released), unavailable)
+		return res, &outage{"broker", fmt.Errorf("%d messages handed back: %w", len(released), unavailable)}
 	}
 	return res, nil
 }

@@ -22,11 +22,16 @@ import (
 //     error) method;
 //   - the wake-up of enqueuing transactions of this process (Transaction, the
 //     hooks), PostgreSQL's LISTEN, the held claim, the server check and the
-//     pool watch: the plugin's store only.
+//     pool watch: the plugin's store only. A store that embeds *GormStore
+//     gets all of them but the held claim: it claims through its own Claim
+//     and results.
 
 // batchClaimer claims in its own way; a store without it claims by lease.
+// outer is the store the publisher was given: a store that embeds the
+// plugin's (and so has this method) but has its own Claim and results
+// must be claimed through them, by lease.
 type batchClaimer interface {
-	claimBatch(ctx, work context.Context, opts ClaimOptions) (claimedBatch, error)
+	claimBatch(outer Store, ctx, work context.Context, opts ClaimOptions) (claimedBatch, error)
 }
 
 // claimedBatch is a claim's messages and how their results are recorded.
@@ -87,8 +92,14 @@ type instrumented interface {
 // claimBatch claims through the store's own claimBatch, or by lease.
 func claimBatch(store Store, ctx, work context.Context, opts ClaimOptions) (claimedBatch, error) {
 	if c, ok := store.(batchClaimer); ok {
-		return c.claimBatch(ctx, work, opts)
+		return c.claimBatch(store, ctx, work, opts)
 	}
+	return leaseClaim(store, ctx, opts)
+}
+
+// leaseClaim claims through store's Claim, and records through its
+// MarkPublished, MarkFailed and Release.
+func leaseClaim(store Store, ctx context.Context, opts ClaimOptions) (claimedBatch, error) {
 	token, msgs, err := store.Claim(ctx, opts)
 	if err != nil {
 		return nil, err

@@ -3,6 +3,7 @@ package outbox_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -245,5 +246,31 @@ func TestNilSenderIsRefused(t *testing.T) {
 	}
 	if err := sender.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// When Stop returns, the publisher is out of the paused gauge, even if it
+// stopped in the middle of an outage.
+func TestStopDuringAnOutageLeavesThePausedGaugeAtZero(t *testing.T) {
+	reader := sdkmetric.NewManualReader()
+	db := setup(t, outboxtest.SQLite(t, nil), outbox.WithMeterProvider(sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))))
+	enqueueN(t, db, "down", 3)
+	away := outbox.SenderFunc(func(context.Context, []*outbox.OutboxMessage) error {
+		return fmt.Errorf("dial: %w", outbox.ErrBrokerUnavailable)
+	})
+	pub, err := outbox.NewPublisher(db, away, outbox.WithPollInterval(5*time.Millisecond), outbox.WithMaxPause(20*time.Millisecond),
+		outbox.WithLogger(discardLogger()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := pub.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the paused gauge", func() bool { return metricsByName(t, reader)["outbox.publisher.paused{broker}"] == 1 })
+	if err := pub.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if n := metricsByName(t, reader)["outbox.publisher.paused{broker}"]; n != 0 {
+		t.Fatalf("paused gauge %v after Stop returned, want 0", n)
 	}
 }

@@ -177,7 +177,10 @@ var (
 
 // claimBatch holds its claim across the send where the database allows
 // (heldClaim), and takes a lease (Claim) elsewhere.
-func (s *GormStore) claimBatch(ctx, work context.Context, opts ClaimOptions) (claimedBatch, error) {
+func (s *GormStore) claimBatch(outer Store, ctx, work context.Context, opts ClaimOptions) (claimedBatch, error) {
+	if outer != Store(s) {
+		return leaseClaim(outer, ctx, opts)
+	}
 	if s.dialect.holdClaims {
 		c, err := s.claimHeld(ctx, work, opts)
 		if err != nil {
@@ -206,7 +209,16 @@ func (s *GormStore) sqlDB() (*sql2.DB, error) { return s.db.DB() }
 func (s *GormStore) telemetry() *telemetry { return s.cfg.telemetry }
 
 // servesPool reports whether the store works on db's connection pool.
-func (s *GormStore) servesPool(db *gorm.DB) bool { return s.db.Config.ConnPool == db.Config.ConnPool }
+// servesPool reports whether the store works on db's connections: the same
+// *sql.DB, whatever session (PrepareStmt's included) db is.
+func (s *GormStore) servesPool(db *gorm.DB) bool {
+	mine, err1 := s.db.DB()
+	theirs, err2 := db.DB()
+	if err1 != nil || err2 != nil {
+		return s.db.Config.ConnPool == db.Config.ConnPool
+	}
+	return mine == theirs
+}
 
 // TableName is the outbox table this store reads and writes.
 func (s *GormStore) TableName() string { return s.cfg.table }
