@@ -134,6 +134,19 @@ func TestConstructorsRefuseWhatCannotWork(t *testing.T) {
 		{"DDL(postgres, \"\")", func() error { _, err := outbox.DDL("postgres", ""); return err }, "table name"},
 		{"EncoderFunc(nil).Encode", func() error { _, err := outbox.EncoderFunc(nil).Encode(1); return err }, "nil"},
 
+		{"NewStore(&gorm.DB{})", func() error { _, err := outbox.NewStore(&gorm.DB{}); return err }, "*gorm.DB"},
+		{"NewPostgresOutboxStore(&gorm.DB{})", func() error { _, err := outbox.NewPostgresOutboxStore(&gorm.DB{}); return err }, "*gorm.DB"},
+		{"StoreOf(&gorm.DB{})", func() error { _, err := outbox.StoreOf(&gorm.DB{}); return err }, "*gorm.DB"},
+		{"Enqueue(&gorm.DB{})", func() error { return outbox.Enqueue(&gorm.DB{}, outbox.Message{Topic: "t"}) }, "*gorm.DB"},
+		{"NewPublisher(&gorm.DB{})", newPub(&gorm.DB{}, ok), "*gorm.DB"},
+		{"Transaction(&gorm.DB{})", func() error { return outbox.Transaction(&gorm.DB{}, func(*gorm.DB) error { return nil }) }, "*gorm.DB"},
+		{"Save(nil message)", func() error {
+			return db.Transaction(func(tx *gorm.DB) error { return otherStore.Save(ctx, tx, nil) })
+		}, "nil"},
+		{"SenderFunc(nil).Send", func() error { return outbox.SenderFunc(nil).Send(ctx, nil) }, "nil"},
+		{"(*Headers)(nil).Scan", func() error { return (*outbox.Headers)(nil).Scan("{}") }, "nil"},
+		{"(*OutboxPlugin)(nil).Initialize", func() error { return (*outbox.OutboxPlugin)(nil).Initialize(db) }, "nil"},
+		{"Plugin().Initialize(&gorm.DB{})", func() error { return outbox.Plugin().Initialize(&gorm.DB{}) }, "*gorm.DB"},
 		{"kafka.NewSender(nil)", func() error { _, err := kafka.NewSender(nil, nil); return err }, "broker"},
 		{"kafka.NewSender([\"\"])", func() error { _, err := kafka.NewSender([]string{""}, nil); return err }, "empty"},
 		{"kafka.NewSenderWithProducer(nil)", func() error { _, err := kafka.NewSenderWithProducer(nil, nil); return err }, "nil"},

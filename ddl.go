@@ -55,8 +55,7 @@ var outboxIndexes = []struct {
 // (Store.Claim) and a retry's, so that it is written beside the row (a HOT
 // update) instead of on another page with a new entry in every index. The
 // publisher's held claims stamp nothing, but with pages filled to 100 their
-// drains write more WAL a message and are no faster (outbox-bench -only
-// drain, run against both).
+// drains write more WAL a message and are no faster.
 const fillfactor = 50
 
 // indexName is the name of one of the table's indexes.

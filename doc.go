@@ -32,6 +32,6 @@
 // Models can also record events (embed hooks.Events) for the plugin to
 // write before GORM commits. Delivery is at-least-once with a stable
 // message id header, in order per key, with retries, backoff and a dead
-// state; PostgreSQL, MariaDB/MySQL and SQLite are supported. The README
-// states each guarantee and its limits.
+// state; PostgreSQL, MariaDB/MySQL and SQLite are supported. The
+// repository's docs/guarantees.md states each guarantee and its limits.
 package outbox

@@ -1,6 +1,7 @@
 package outbox_test
 
 import (
+	"context"
 	"log/slog"
 	"strings"
 	"testing"
@@ -51,7 +52,7 @@ func TestEachPostgresDriverGetsItsFeatures(t *testing.T) {
 			if err := pub.Start(t.Context()); err != nil {
 				t.Fatal(err)
 			}
-			t.Cleanup(func() { _ = pub.Stop(t.Context()) })
+			t.Cleanup(func() { _ = pub.Stop(context.Background()) })
 
 			listening := func() bool {
 				var n int64

@@ -31,7 +31,7 @@ func (s *GormStore) enqueue(ctx context.Context, tx *gorm.DB, msgs []Message) er
 	if len(msgs) == 0 {
 		return nil
 	}
-	if tx == nil {
+	if tx == nil || tx.Config == nil || tx.Statement == nil {
 		return errors.New("outbox: enqueue needs the caller's *gorm.DB transaction, got nil")
 	}
 	if !s.cfg.allowNoTx && !inTransaction(tx) {

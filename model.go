@@ -85,6 +85,9 @@ func (h Headers) Value() (driver.Value, error) {
 
 // Scan implements sql.Scanner.
 func (h *Headers) Scan(src any) error {
+	if h == nil {
+		return errors.New("outbox: Scan into a nil *Headers")
+	}
 	var b []byte
 	switch v := src.(type) {
 	case nil:

@@ -36,6 +36,12 @@ func (p *OutboxPlugin) Name() string { return pluginName }
 
 // Initialize implements gorm.Plugin.
 func (p *OutboxPlugin) Initialize(db *gorm.DB) error {
+	if p == nil {
+		return fmt.Errorf("outbox: the plugin is nil; use outbox.Plugin()")
+	}
+	if db == nil || db.Config == nil {
+		return fmt.Errorf("outbox: the plugin needs an opened *gorm.DB")
+	}
 	if p.err != nil {
 		return p.err
 	}
@@ -61,8 +67,8 @@ func (p *OutboxPlugin) Initialize(db *gorm.DB) error {
 // pluginOf finds the registered plugin through any session or transaction of
 // the *gorm.DB it was registered on: they share its Config.
 func pluginOf(db *gorm.DB) (*OutboxPlugin, error) {
-	if db == nil {
-		return nil, fmt.Errorf("outbox: *gorm.DB is nil")
+	if db == nil || db.Config == nil {
+		return nil, fmt.Errorf("outbox: *gorm.DB is nil or not opened")
 	}
 	if p, ok := db.Config.Plugins[pluginName].(*OutboxPlugin); ok && p.store != nil {
 		return p, nil

@@ -11,8 +11,8 @@ var poolCheckInterval = time.Minute
 // watchPool warns, once, when the publisher's connection pool closes
 // connections for lack of idle room (database/sql keeps 2 idle by default)
 // and so opens them again for the next caller: each worker takes a
-// connection for every claim, and in outbox-bench that churn was most of
-// the commit-to-Kafka latency tail.
+// connection for every claim, and opening one costs the claim a round trip
+// or several, which shows in the commit-to-Kafka latency.
 func (p *Publisher) watchPool(ctx context.Context, store pooled) {
 	sqlDB, err := store.sqlDB()
 	if err != nil {

@@ -17,9 +17,9 @@ import (
 // On a server database: SQLite's workers write in turns, one connection at
 // a time.
 func TestPublisherWarnsOfAPoolThatChurns(t *testing.T) {
-	// A check counts the connections closed since the last one; opening
-	// one took ~30 ms on a machine here, so a churning pool of 4 workers
-	// closed 1-2 per 50 ms (under the 4 that warn) and ~16 per 500 ms.
+	// A check counts the connections closed since the last one: the
+	// interval must be long enough for a churning pool of 4 workers to close
+	// more than 4 connections, however slowly connections open.
 	const interval = 500 * time.Millisecond
 	defer outbox.SetPoolCheckInterval(interval)()
 	eachDBWith(t, func(f features) bool { return f.processes }, func(t *testing.T, db *gorm.DB) {

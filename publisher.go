@@ -262,7 +262,7 @@ func isNil(v any) bool {
 		return true
 	}
 	switch rv := reflect.ValueOf(v); rv.Kind() {
-	case reflect.Pointer, reflect.Func, reflect.Map, reflect.Chan, reflect.Slice, reflect.Interface:
+	case reflect.Pointer, reflect.Func, reflect.Map, reflect.Chan, reflect.Slice:
 		return rv.IsNil()
 	}
 	return false

@@ -30,7 +30,12 @@ type Sender interface {
 type SenderFunc func(ctx context.Context, msgs []*OutboxMessage) error
 
 // Send implements Sender.
-func (f SenderFunc) Send(ctx context.Context, msgs []*OutboxMessage) error { return f(ctx, msgs) }
+func (f SenderFunc) Send(ctx context.Context, msgs []*OutboxMessage) error {
+	if f == nil {
+		return fmt.Errorf("%w: the SenderFunc is nil", ErrBrokerUnavailable)
+	}
+	return f(ctx, msgs)
+}
 
 // ErrBrokerUnavailable marks a failure of the broker as a whole (unreachable,
 // no leader, timed out) rather than a refusal of one message. It costs the

@@ -102,7 +102,7 @@ func NewStore(db *gorm.DB, opts ...PluginOption) (*GormStore, error) {
 // NewPostgresOutboxStore returns the store for a PostgreSQL db, and an error
 // for any other database.
 func NewPostgresOutboxStore(db *gorm.DB, opts ...PluginOption) (*PostgresOutboxStore, error) {
-	if db == nil || db.Dialector == nil {
+	if db == nil || db.Config == nil || db.Dialector == nil {
 		return nil, errors.New("outbox: NewPostgresOutboxStore needs an opened *gorm.DB, got nil")
 	}
 	if name := db.Dialector.Name(); name != "postgres" {
@@ -112,7 +112,7 @@ func NewPostgresOutboxStore(db *gorm.DB, opts ...PluginOption) (*PostgresOutboxS
 }
 
 func newStore(db *gorm.DB, cfg config) (*GormStore, error) {
-	if db == nil || db.Dialector == nil {
+	if db == nil || db.Config == nil || db.Dialector == nil {
 		return nil, errors.New("outbox: the store needs an opened *gorm.DB, got nil")
 	}
 	d, err := dialectOf(db)
@@ -292,8 +292,13 @@ func (s *GormStore) Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessag
 	if len(msgs) == 0 {
 		return nil
 	}
-	if tx == nil {
+	if tx == nil || tx.Config == nil || tx.Statement == nil {
 		return fmt.Errorf("outbox: Save needs the caller's *gorm.DB transaction, got nil")
+	}
+	for i, m := range msgs {
+		if m == nil {
+			return fmt.Errorf("outbox: message %d of %d given to Save is nil", i+1, len(msgs))
+		}
 	}
 	if !s.cfg.allowNoTx && !inTransaction(tx) {
 		return ErrNoTransaction

@@ -75,8 +75,8 @@ const enqueuedKey = "outbox:enqueued"
 // ms), which finds the events if the transaction has committed by then,
 // and on PostgreSQL its NOTIFY wakes the publishers of every process.
 func Transaction(db *gorm.DB, fn func(tx *gorm.DB) error, opts ...*sql.TxOptions) error {
-	if db == nil {
-		return errors.New("outbox: Transaction needs a *gorm.DB, got nil")
+	if db == nil || db.Config == nil {
+		return errors.New("outbox: Transaction needs an opened *gorm.DB, got nil")
 	}
 	if fn == nil {
 		return errors.New("outbox: Transaction needs a function to run, got nil")

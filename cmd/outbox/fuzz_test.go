@@ -84,7 +84,7 @@ func FuzzRun(f *testing.F) {
 			}
 		}
 		// watch runs until interrupted: the deadline is its interruption.
-		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
 		defer cancel()
 		var stdout, stderr bytes.Buffer
 		code := run(ctx, args, strings.NewReader("n\n"), &stdout, &stderr)
