@@ -56,9 +56,8 @@ type inFlight struct {
 	spareAt   time.Time
 }
 
-// maxWalkBatches bounds the batches one walk picks: 800 rows in flight at
-// the default batch size (4,000 at the benchmark's 500), read without
-// their payloads.
+// maxWalkBatches bounds the batches one walk picks: 4,000 rows in flight
+// at the default batch size, read without their payloads.
 const maxWalkBatches = 8
 
 // spareFresh is how long a spare batch waits for its claim before it is
