@@ -37,7 +37,15 @@ func TestMain(m *testing.M) {
 	if os.Getenv("OUTBOX_REL_ROLE") == "publisher" {
 		os.Exit(publisherProcess())
 	}
-	os.Exit(m.Run())
+	started := time.Now()
+	code := m.Run()
+	if code == 0 && *markdown != "" {
+		if err := writeMarkdown(*markdown, started); err != nil {
+			fmt.Fprintln(os.Stderr, "writing", *markdown+":", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
 }
 
 func envInt(name string, def int) int {
@@ -197,6 +205,7 @@ func TestReliability(t *testing.T) {
 // the output of passing packages.
 func report(line string) {
 	fmt.Println(line)
+	remember(line)
 	if path := os.Getenv("OUTBOX_RELIABILITY_REPORT"); path != "" {
 		if f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644); err == nil {
 			fmt.Fprintln(f, line)
