@@ -61,7 +61,11 @@ func writeMarkdown(path string, started time.Time) error {
 		}
 		fmt.Fprintf(&b, "| outbox | %s |\n", rev)
 	}
-	fmt.Fprintf(&b, "| scenarios | %d |\n", len(lines))
+	names := map[string]bool{}
+	for _, l := range lines {
+		names[scenarioOf(l)] = true
+	}
+	fmt.Fprintf(&b, "| scenarios | %d |\n", len(names))
 	fmt.Fprintf(&b, "| broker | kfake, over TCP, behind a fault-injecting proxy |\n\n")
 
 	cols := []string{"committed", "delivered", "lost", "duplicates", "order_violations", "dead", "resumed_after_broker_returned"}
