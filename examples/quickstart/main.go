@@ -171,7 +171,10 @@ func run(dsn, brokerList string) error {
 	if err := pub.Stop(ctx); err != nil {
 		return err
 	}
-	store, _ := outbox.StoreOf(db)
+	store, err := outbox.StoreOf(db)
+	if err != nil {
+		return err
+	}
 	counts, err := store.Count(ctx)
 	if err != nil {
 		return err
