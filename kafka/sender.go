@@ -183,6 +183,14 @@ type dialing struct {
 // connection runs in a goroutine of the Sender's: a Send whose ctx ends
 // returns, and the connection serves the next one.
 func (s *Sender) connect(ctx context.Context) error {
+	// The common case under a read lock: the write lock would wait for
+	// every other worker's send in flight, and serialize them.
+	s.mu.RLock()
+	connected := !s.owned || s.closed || s.producer != nil && !s.stale.Load()
+	s.mu.RUnlock()
+	if connected {
+		return nil
+	}
 	s.mu.Lock()
 	if !s.owned || s.closed || s.producer != nil && !s.stale.Load() {
 		s.mu.Unlock()
