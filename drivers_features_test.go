@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	pgstore "github.com/gorm-outbox/outbox/internal/postgres"
+
 	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox"
@@ -30,7 +32,7 @@ func TestEachPostgresDriverGetsItsFeatures(t *testing.T) {
 	} {
 		t.Run(strings.ReplaceAll(c.name, "/", "-"), func(t *testing.T) {
 			db := setup(t, c.open(t, nil))
-			pgxPath, err := outbox.TakesPgxPath(t.Context(), db)
+			pgxPath, err := pgstore.TakesPgxPath(t.Context(), db)
 			if err != nil {
 				t.Fatal(err)
 			}

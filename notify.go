@@ -2,14 +2,8 @@ package outbox
 
 import (
 	"context"
-	"database/sql/driver"
 	"errors"
-	"fmt"
-	"strings"
-	"sync/atomic"
 	"time"
-
-	"github.com/jackc/pgx/v5"
 )
 
 // WithNotifyInterval sets how often, at most, this process's enqueuing
@@ -23,49 +17,6 @@ import (
 // from this process's in-process wake-up and from polling.
 func WithNotifyInterval(d time.Duration) PluginOption {
 	return func(c *config) { c.notifyInterval = d }
-}
-
-// notifier sends the debounced NOTIFY of one table's enqueues.
-type notifier struct {
-	// returning, appended to a one-row INSERT, sends the NOTIFY in the
-	// same statement: a statement of its own would cost the transaction a
-	// round trip. A multi-row INSERT would return a row for each message,
-	// so a batch runs statement after its INSERTs instead.
-	returning, statement string
-	interval             time.Duration
-	last                 atomic.Int64 // unix nanoseconds of the last NOTIFY sent
-}
-
-// channelSQL is the SQL expression of a table's NOTIFY channel, computed by
-// the server so that every process agrees: a hash of the schema-qualified
-// table, so that the outboxes of two schemas do not wake each other's
-// publishers and the name stays within PostgreSQL's 63 bytes. The table
-// name is a validated identifier, safe in a literal.
-func channelSQL(table string) string {
-	if strings.Contains(table, ".") {
-		return "'outbox_' || left(md5('" + table + "'), 16)"
-	}
-	return "'outbox_' || left(md5(current_schema() || '." + table + "'), 16)"
-}
-
-func newNotifier(d dialect, table string, interval time.Duration) *notifier {
-	if !d.listens || interval <= 0 {
-		return nil
-	}
-	call := "pg_notify(" + channelSQL(table) + ", '')"
-	return &notifier{returning: " RETURNING " + call, statement: d.waitPrefix + "SELECT " + call, interval: interval}
-}
-
-// due reports whether the enqueue about to be written sends a NOTIFY: not
-// if one was sent less than the interval ago. PostgreSQL delivers it when
-// the enqueuing transaction commits, and not at all if it rolls back.
-func (n *notifier) due() bool {
-	if n == nil {
-		return false
-	}
-	now := time.Now().UnixNano()
-	last := n.last.Load()
-	return now-last >= int64(n.interval) && n.last.CompareAndSwap(last, now)
 }
 
 // listen keeps store LISTENing and wakes p on each notification, until
@@ -95,49 +46,4 @@ func (p *Publisher) listen(ctx context.Context, store notifyListener) {
 		}
 		timer.Stop()
 	}
-}
-
-// pgxConn is what pgx's database/sql driver connection offers; naming it
-// here keeps the pgx driver package (and its init) out of this package.
-type pgxConn interface{ Conn() *pgx.Conn }
-
-// listens reports whether the database has notifications to LISTEN for.
-func (s *GormStore) listens() bool { return s.dialect.listens }
-
-// listenOnce holds one connection of the store's pool LISTENing on the
-// table's channel, calls ready once it listens and wake on each
-// notification, until ctx ends or the connection fails.
-func (s *GormStore) listenOnce(ctx context.Context, ready, wake func()) error {
-	sqlDB, err := s.db.DB()
-	if err != nil {
-		return err
-	}
-	conn, err := sqlDB.Conn(ctx)
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	return conn.Raw(func(dc any) error {
-		pc, ok := dc.(pgxConn)
-		if !ok {
-			return fmt.Errorf("%w, got %T", errNotListening, dc)
-		}
-		c := pc.Conn()
-		var channel string
-		if err := c.QueryRow(ctx, "SELECT "+channelSQL(s.cfg.table)).Scan(&channel); err != nil {
-			return errors.Join(err, driver.ErrBadConn)
-		}
-		if _, err := c.Exec(ctx, "LISTEN "+pgx.Identifier{channel}.Sanitize()); err != nil {
-			return errors.Join(err, driver.ErrBadConn)
-		}
-		ready()
-		for {
-			if _, err := c.WaitForNotification(ctx); err != nil {
-				// The connection still LISTENs, or is broken: never hand it
-				// back to the pool.
-				return errors.Join(err, driver.ErrBadConn)
-			}
-			wake()
-		}
-	})
 }

@@ -5,6 +5,7 @@ import (
 	"regexp"
 	"time"
 
+	"github.com/gorm-outbox/outbox/internal/sqlstore"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
 )
@@ -116,7 +117,7 @@ func validateTableName(name string) error {
 	}
 	// PostgreSQL cuts names at 63 bytes, and two index names cut to the
 	// same one would leave the table without the second index.
-	if longest := indexName(name, "published"); len(longest) > maxIdentifier {
+	if longest := sqlstore.IndexName(name, "published"); len(longest) > maxIdentifier {
 		return fmt.Errorf("outbox: table name %q is %d characters long; at most %d, so that its index names (such as %s) fit in %d",
 			name, len(name), len(name)-(len(longest)-maxIdentifier), longest, maxIdentifier)
 	}

@@ -176,7 +176,7 @@ func NewPublisher(db *gorm.DB, sender Sender, opts ...PublisherOption) (*Publish
 	}
 	cfg.retry = cfg.retry.withDefaults()
 	if cfg.retention != nil {
-		p := cfg.retention.withDefaults()
+		p := retentionDefaults(*cfg.retention)
 		cfg.retention = &p
 	}
 	if cfg.logger == nil {
@@ -717,15 +717,15 @@ func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error)
 	if err != nil {
 		return res, &outage{"database", err}
 	}
-	defer batch.end() // whatever happens below, the claim ends
-	msgs := batch.messages()
+	defer batch.End() // whatever happens below, the claim ends
+	msgs := batch.Messages()
 	res.Claimed = len(msgs)
 	if len(msgs) == 0 {
 		return res, nil
 	}
 	if ctx.Err() != nil { // stopping: hand the claim back unsent
 		res.Released = len(msgs)
-		return res, batch.giveBack(work)
+		return res, batch.GiveBack(work)
 	}
 	started := time.Now()
 	sendCtx, span := p.tel.startSend(work, p.system, msgs)
@@ -766,7 +766,7 @@ func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error)
 		}
 	}
 	res.Published, res.Failed, res.Released = len(published), len(failures), len(released)
-	if err := batch.record(work, published, failures, released); err != nil {
+	if err := batch.Record(work, published, failures, released); err != nil {
 		return res, &outage{"database", err}
 	}
 	if unavailable != nil {
@@ -854,12 +854,4 @@ func perMessage(err error, msgs []*OutboxMessage) []error {
 		errs[i] = se.Failed[m.ID]
 	}
 	return errs
-}
-
-func ids(msgs []*OutboxMessage) []uuid.UUID {
-	out := make([]uuid.UUID, len(msgs))
-	for i, m := range msgs {
-		out[i] = m.ID
-	}
-	return out
 }

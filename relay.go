@@ -3,9 +3,9 @@ package outbox
 import (
 	"context"
 	"database/sql"
-	"errors"
 
-	"github.com/google/uuid"
+	"github.com/gorm-outbox/outbox/internal/core"
+	"github.com/gorm-outbox/outbox/internal/sqlstore"
 )
 
 // What a publisher uses of its store: the Store interface, and the optional
@@ -35,16 +35,7 @@ type batchClaimer interface {
 }
 
 // claimedBatch is a claim's messages and how their results are recorded.
-type claimedBatch interface {
-	messages() []*OutboxMessage
-	// record records the results; the messages in released, and any not
-	// named at all, are handed back due with no attempt counted.
-	record(work context.Context, published []uuid.UUID, failures []Failure, released []uuid.UUID) error
-	// giveBack hands every message back unsent.
-	giveBack(work context.Context) error
-	// end frees what the claim holds once nothing more is recorded.
-	end()
-}
+type claimedBatch = sqlstore.Batch
 
 // statser gives the backlog gauges their figures.
 type statser interface {
@@ -71,7 +62,11 @@ type notifyListener interface {
 }
 
 // errNotListening says the store cannot listen for notifications at all.
-var errNotListening = errors.New("outbox: LISTEN needs the pgx driver")
+var errNotListening = core.ErrNotListening
+
+// errUnsupportedServer marks a server the publisher cannot use, which no
+// wait mends.
+var errUnsupportedServer = core.ErrUnsupportedServer
 
 // serverChecker refuses a database server the publisher cannot use
 // (errUnsupportedServer) or says it cannot be reached now.
@@ -104,28 +99,5 @@ func leaseClaim(store Store, ctx context.Context, opts ClaimOptions) (claimedBat
 	if err != nil {
 		return nil, err
 	}
-	return &leaseBatch{store: store, token: token, msgs: msgs}, nil
+	return &sqlstore.LeaseBatch{Store: store, Token: token, Msgs: msgs}, nil
 }
-
-// leaseBatch is a claim stamped with a token and a lease (Store.Claim).
-type leaseBatch struct {
-	store Store
-	token string
-	msgs  []*OutboxMessage
-}
-
-func (b *leaseBatch) messages() []*OutboxMessage { return b.msgs }
-
-func (b *leaseBatch) record(work context.Context, published []uuid.UUID, failures []Failure, released []uuid.UUID) error {
-	return errors.Join(
-		b.store.MarkPublished(work, b.token, published),
-		b.store.MarkFailed(work, b.token, failures),
-		b.store.Release(work, b.token, released),
-	)
-}
-
-func (b *leaseBatch) giveBack(work context.Context) error {
-	return b.store.Release(work, b.token, ids(b.msgs))
-}
-
-func (b *leaseBatch) end() {}

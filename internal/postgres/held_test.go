@@ -1,4 +1,4 @@
-package outbox_test
+package postgres_test
 
 import (
 	"maps"
@@ -11,10 +11,9 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox"
+	"github.com/gorm-outbox/outbox/internal/postgres"
 	"github.com/gorm-outbox/outbox/outboxtest"
 )
-
-func heldClaims(f features) bool { return f.heldClaims }
 
 // Two stores of one table are two publisher processes: each knows only its
 // own claims, so what keeps a key's order between them is the database's
@@ -25,18 +24,10 @@ func TestHeldClaimKeepsItsKeysFromOtherPublishers(t *testing.T) {
 }
 
 func testHeldClaimKeys(t *testing.T, deleteOnPublish bool) {
-	var opts []outbox.PluginOption
-	if deleteOnPublish {
-		opts = append(opts, outbox.WithDeleteOnPublish())
-	}
-	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
+	eachBackend(t, func(t *testing.T, db *gorm.DB) {
 		ctx := t.Context()
-		a, _ := outbox.StoreOf(db)
-		b, err := outbox.NewStore(db, opts...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		err = db.Transaction(func(tx *gorm.DB) error {
+		a, b := newStore(db, deleteOnPublish), newStore(db, deleteOnPublish)
+		err := db.Transaction(func(tx *gorm.DB) error {
 			return outbox.Enqueue(tx,
 				outbox.Message{Topic: "t", Key: "a", Payload: "1"},
 				outbox.Message{Topic: "t", Key: "a", Payload: "2"},
@@ -46,14 +37,14 @@ func testHeldClaimKeys(t *testing.T, deleteOnPublish bool) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		held, finishA, abandonA, err := outbox.ClaimHeld(ctx, a, outbox.ClaimOptions{Limit: 1, Lease: time.Minute})
+		held, finishA, abandonA, err := postgres.ClaimHeld(ctx, a, outbox.ClaimOptions{Limit: 1, Lease: time.Minute})
 		if err != nil || keysOf(held) != "a:1" {
 			t.Fatalf("first claim: %q, %v", keysOf(held), err)
 		}
 		defer abandonA()
 		// a:1 is locked, not stamped: another process reads it as
 		// due, and must still hold a:2 back.
-		got, finishB, _, err := outbox.ClaimHeld(ctx, b, outbox.ClaimOptions{Limit: 10, Lease: time.Minute})
+		got, finishB, _, err := postgres.ClaimHeld(ctx, b, outbox.ClaimOptions{Limit: 10, Lease: time.Minute})
 		if err != nil || keysOf(got) != "b:1 :x" {
 			t.Fatalf("other process's held claim: %q, %v", keysOf(got), err)
 		}
@@ -64,7 +55,7 @@ func testHeldClaimKeys(t *testing.T, deleteOnPublish bool) {
 		if _, leased, err := b.Claim(ctx, outbox.ClaimOptions{Limit: 10, Lease: time.Minute}); err != nil || len(leased) != 0 {
 			t.Fatalf("leased claim beside a held one: %q, %v", keysOf(leased), err)
 		}
-		if again, _, _, err := outbox.ClaimHeld(ctx, a, outbox.ClaimOptions{Limit: 10, Lease: time.Minute}); err != nil || len(again) != 0 {
+		if again, _, _, err := postgres.ClaimHeld(ctx, a, outbox.ClaimOptions{Limit: 10, Lease: time.Minute}); err != nil || len(again) != 0 {
 			t.Fatalf("same process, second claim: %q, %v", keysOf(again), err)
 		}
 		// a:1 fails: its retry holds the key, unless KeySkip.
@@ -72,10 +63,10 @@ func testHeldClaimKeys(t *testing.T, deleteOnPublish bool) {
 		if err := finishA(nil, []outbox.Failure{retry}); err != nil {
 			t.Fatal(err)
 		}
-		if got, _, _, err := outbox.ClaimHeld(ctx, b, outbox.ClaimOptions{Limit: 10, Lease: time.Minute}); err != nil || len(got) != 0 {
+		if got, _, _, err := postgres.ClaimHeld(ctx, b, outbox.ClaimOptions{Limit: 10, Lease: time.Minute}); err != nil || len(got) != 0 {
 			t.Fatalf("claimed behind a retry: %q, %v", keysOf(got), err)
 		}
-		got, _, abandon, err := outbox.ClaimHeld(ctx, b, outbox.ClaimOptions{Limit: 10, Lease: time.Minute, SkipFailedKeys: true})
+		got, _, abandon, err := postgres.ClaimHeld(ctx, b, outbox.ClaimOptions{Limit: 10, Lease: time.Minute, SkipFailedKeys: true})
 		if err != nil || keysOf(got) != "a:2" {
 			t.Fatalf("KeySkip: %q, %v", keysOf(got), err)
 		}
@@ -92,27 +83,23 @@ func testHeldClaimKeys(t *testing.T, deleteOnPublish bool) {
 		if n := count(t, db, outbox.DefaultTableName, "state = ?", outbox.StatePublished); n != published {
 			t.Fatalf("%d published, want %d", n, published)
 		}
-	}, opts...)
+	})
 }
 
 // A publisher that stops answering mid-send frees its rows after the lease:
 // PostgreSQL ends its idle transaction, and its results, written too late,
 // are refused rather than recorded over another claim's.
 func TestHeldClaimEndsAfterTheLease(t *testing.T) {
-	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
+	eachBackend(t, func(t *testing.T, db *gorm.DB) {
 		ctx := t.Context()
-		a, _ := outbox.StoreOf(db)
-		b, err := outbox.NewStore(db)
-		if err != nil {
-			t.Fatal(err)
-		}
+		a, b := newStore(db, false), newStore(db, false)
 		if err := db.Transaction(func(tx *gorm.DB) error {
 			return outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: "k", Payload: "1"})
 		}); err != nil {
 			t.Fatal(err)
 		}
 		lease := 300 * time.Millisecond
-		held, finish, abandon, err := outbox.ClaimHeld(ctx, a, outbox.ClaimOptions{Limit: 1, Lease: lease})
+		held, finish, abandon, err := postgres.ClaimHeld(ctx, a, outbox.ClaimOptions{Limit: 1, Lease: lease})
 		if err != nil || len(held) != 1 {
 			t.Fatalf("claim: %d, %v", len(held), err)
 		}
@@ -122,7 +109,7 @@ func TestHeldClaimEndsAfterTheLease(t *testing.T) {
 		for len(got) == 0 && time.Now().Before(deadline) {
 			time.Sleep(lease / 3)
 			var finishB func([]uuid.UUID, []outbox.Failure) error
-			got, finishB, _, err = outbox.ClaimHeld(ctx, b, outbox.ClaimOptions{Limit: 1, Lease: time.Minute})
+			got, finishB, _, err = postgres.ClaimHeld(ctx, b, outbox.ClaimOptions{Limit: 1, Lease: time.Minute})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -150,9 +137,9 @@ func TestHeldClaimEndsAfterTheLease(t *testing.T) {
 // the statistics say, and commits as the server says (synchronous_commit
 // is not its to change); no setting outlives it on the pooled connection.
 func TestHeldClaimSettingsAreItsOwn(t *testing.T) {
-	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
+	eachBackend(t, func(t *testing.T, db *gorm.DB) {
 		ctx := t.Context()
-		store, _ := outbox.StoreOf(db)
+		store := newStore(db, false)
 		if err := db.Transaction(func(tx *gorm.DB) error {
 			return outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: "k", Payload: "1"})
 		}); err != nil {
@@ -166,7 +153,7 @@ func TestHeldClaimSettingsAreItsOwn(t *testing.T) {
 		opts := outbox.ClaimOptions{Limit: 1, Lease: 90 * time.Second}
 		for name, want := range map[string]string{"idle_in_transaction_session_timeout": "90s",
 			"plan_cache_mode": "force_custom_plan", "enable_seqscan": "off", "enable_bitmapscan": "off"} {
-			n, got, err := outbox.HeldClaimSetting(ctx, store, opts, name)
+			n, got, err := postgres.HeldClaimSetting(ctx, store, opts, name)
 			if err != nil || n != 1 || got != want {
 				t.Fatalf("%s in a claim of %d: %q, %v; want %q", name, n, got, err, want)
 			}
@@ -179,7 +166,7 @@ func TestHeldClaimSettingsAreItsOwn(t *testing.T) {
 		if err := db.Raw("SELECT current_setting('synchronous_commit')").Scan(&server).Error; err != nil {
 			t.Fatal(err)
 		}
-		if n, got, err := outbox.HeldClaimSetting(ctx, store, opts, "synchronous_commit"); err != nil || n != 1 || got != server {
+		if n, got, err := postgres.HeldClaimSetting(ctx, store, opts, "synchronous_commit"); err != nil || n != 1 || got != server {
 			t.Fatalf("synchronous_commit in a claim of %d: %q, %v; want the server's %q", n, got, err, server)
 		}
 	})
@@ -190,9 +177,9 @@ func TestHeldClaimSettingsAreItsOwn(t *testing.T) {
 // five times to a generic plan, which for "id = ANY($1)" can be a scan of
 // the whole table (chosen while it was nearly empty).
 func TestLeaseResultsAreNeverGenericPlans(t *testing.T) {
-	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
+	eachBackend(t, func(t *testing.T, db *gorm.DB) {
 		ctx := t.Context()
-		store, _ := outbox.StoreOf(db)
+		store := newStore(db, false)
 		sqlDB, err := db.DB()
 		if err != nil {
 			t.Fatal(err)
@@ -246,9 +233,9 @@ func TestLeaseResultsAreNeverGenericPlans(t *testing.T) {
 // (its new version is elsewhere), is not locked: its key is busy, the
 // rest of the batch goes on.
 func TestHeldClaimLocksOnlyTheRowsPickedAtTheirAddresses(t *testing.T) {
-	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
+	eachBackend(t, func(t *testing.T, db *gorm.DB) {
 		ctx := t.Context()
-		s, _ := outbox.StoreOf(db)
+		s := newStore(db, false)
 		rows := enqueueLabelled(t, db, "a:1 a:2 b:1 c:1") // c:1 is not among the picked rows
 		msgs := []*outbox.OutboxMessage{&rows[0], &rows[1], &rows[2]}
 		addresses := func() map[uuid.UUID]string {
@@ -267,7 +254,7 @@ func TestHeldClaimLocksOnlyTheRowsPickedAtTheirAddresses(t *testing.T) {
 		}
 		lock := func(refs map[uuid.UUID]string) string {
 			t.Helper()
-			locked, err := outbox.LockPicked(ctx, s, msgs, refs)
+			locked, err := postgres.LockPicked(ctx, s, msgs, refs)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -306,10 +293,10 @@ func TestHeldClaimLocksOnlyTheRowsPickedAtTheirAddresses(t *testing.T) {
 // database/sql (lib/pq) alike. Their keys are not marked busy here, so a
 // walk that read them would pick them.
 func TestWalkLeavesOutTheRowsInFlight(t *testing.T) {
-	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
+	eachBackend(t, func(t *testing.T, db *gorm.DB) {
 		rows := enqueueLabelled(t, db, "a:1 b:1 c:1 d:1")
-		s, _ := outbox.StoreOf(db)
-		picked, err := outbox.WalkPicks(t.Context(), s, []uuid.UUID{rows[0].ID, rows[2].ID})
+		s := newStore(db, false)
+		picked, err := postgres.WalkPicks(t.Context(), s, []uuid.UUID{rows[0].ID, rows[2].ID})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -353,14 +340,11 @@ func labelsOf(rows []outbox.OutboxMessage, ids []uuid.UUID) string {
 // per claim do not depend on the machine's speed, which changes the
 // drain's rates by a third from one minute to the next:
 //
-//	go test -run x -bench HeldClaim -benchtime 200x -benchmem .
+//	go test -run x -bench HeldClaim -benchtime 200x -benchmem ./internal/postgres
 func BenchmarkHeldClaim(b *testing.B) {
 	const batch = 500
 	db := setup(b, outboxtest.Postgres(b, nil), outbox.WithDeleteOnPublish())
-	s, err := outbox.StoreOf(db)
-	if err != nil {
-		b.Fatal(err)
-	}
+	s := newStore(db, true)
 	ctx := b.Context()
 	payload := []byte(strings.Repeat("x", 200))
 	for done := 0; done < b.N*batch; done += 5000 {
@@ -381,7 +365,7 @@ func BenchmarkHeldClaim(b *testing.B) {
 	b.ReportAllocs()
 	b.ResetTimer()
 	for range b.N {
-		msgs, finish, _, err := outbox.ClaimHeld(ctx, s, opts)
+		msgs, finish, _, err := postgres.ClaimHeld(ctx, s, opts)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -407,8 +391,8 @@ func BenchmarkHeldClaim(b *testing.B) {
 // every pending row through a bitmap and sort them, for each claim, a
 // cost that grows with the backlog the publisher is draining.
 func TestHeldClaimWalksThePendingIndexWhateverTheStatistics(t *testing.T) {
-	eachDBWith(t, heldClaims, func(t *testing.T, db *gorm.DB) {
-		s, _ := outbox.StoreOf(db)
+	eachBackend(t, func(t *testing.T, db *gorm.DB) {
+		s := newStore(db, false)
 		enqueue := func(n int) {
 			t.Helper()
 			if err := db.Transaction(func(tx *gorm.DB) error {
@@ -425,7 +409,7 @@ func TestHeldClaimWalksThePendingIndexWhateverTheStatistics(t *testing.T) {
 			t.Fatal(err)
 		}
 		enqueue(5000) // a backlog the statistics do not know of
-		walk, args, setup := outbox.HeldWalkSQL(s, 600)
+		walk, args, setup := postgres.HeldWalkSQL(s, 600)
 		plan := func(withSetup bool) (read string) {
 			t.Helper()
 			if err := db.Transaction(func(tx *gorm.DB) error {

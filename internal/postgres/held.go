@@ -1,4 +1,4 @@
-package outbox
+package postgres
 
 import (
 	"context"
@@ -14,6 +14,9 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
 	"gorm.io/gorm"
+
+	"github.com/gorm-outbox/outbox/internal/core"
+	"github.com/gorm-outbox/outbox/internal/sqlstore"
 )
 
 // heldClaim is how the publisher claims on PostgreSQL: the rows it picks
@@ -26,11 +29,11 @@ import (
 // one that stops answering frees them after the lease, when PostgreSQL
 // ends its idle transaction (idle_in_transaction_session_timeout).
 type heldClaim struct {
-	store *GormStore
-	conn  *sql.Conn // the pool connection tx runs on; nil if the pool is not a *sql.DB
-	tx    *gorm.DB
-	msgs  []*OutboxMessage // with the addresses where the lock found them
-	done  bool
+	d    *dialect
+	conn *sql.Conn // the pool connection tx runs on; nil if the pool is not a *sql.DB
+	tx   *gorm.DB
+	msgs []sqlstore.Picked // with the addresses where the lock found them
+	done bool
 }
 
 // inFlight is the set of rows this process's held claims have locked, with
@@ -51,8 +54,8 @@ type inFlight struct {
 	// claims to take instead of walking. A spare may have changed since
 	// the walk read it: the lock checks each row again.
 	claims    atomic.Int32 // held claims open, from their start to their end
-	spares    [][]*OutboxMessage
-	spareOpts ClaimOptions
+	spares    [][]sqlstore.Picked
+	spareOpts core.ClaimOptions
 	spareAt   time.Time
 }
 
@@ -81,7 +84,7 @@ func (f *inFlight) snapshot() (ids []uuid.UUID, keys map[string]bool) {
 }
 
 // add puts msgs in flight.
-func (f *inFlight) add(msgs []*OutboxMessage) {
+func (f *inFlight) add(msgs []sqlstore.Picked) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.ids == nil {
@@ -92,7 +95,7 @@ func (f *inFlight) add(msgs []*OutboxMessage) {
 	}
 }
 
-func (f *inFlight) remove(msgs []*OutboxMessage) {
+func (f *inFlight) remove(msgs []sqlstore.Picked) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, m := range msgs {
@@ -100,41 +103,50 @@ func (f *inFlight) remove(msgs []*OutboxMessage) {
 	}
 }
 
+// ClaimBatch is the publisher's claim on PostgreSQL: held across the send.
+func (d *dialect) ClaimBatch(ctx, work context.Context, opts core.ClaimOptions) (sqlstore.Batch, error) {
+	c, err := d.claimHeld(ctx, work, opts)
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
 // claimHeld picks and locks due messages like Claim, and returns them with
 // the transaction that holds them. ctx ends the picking; work is the
 // transaction's context, whose end rolls it back (the rows are free again).
 // A claim of no message holds nothing.
-func (s *GormStore) claimHeld(ctx, work context.Context, opts ClaimOptions) (*heldClaim, error) {
+func (d *dialect) claimHeld(ctx, work context.Context, opts core.ClaimOptions) (*heldClaim, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	c := &heldClaim{store: s}
-	s.flying.claims.Add(1)
+	c := &heldClaim{d: d}
+	d.flying.claims.Add(1)
 	err := func() error {
 		if err := c.begin(work); err != nil {
 			return err
 		}
-		now := time.Now().UTC().Truncate(time.Millisecond).Add(time.Millisecond)
-		read := s.gormWalk(c.tx, now, false)
+		now := sqlstore.Now()
+		read := d.store.GormWalk(c.tx, now, false)
 		if c.conn != nil {
-			read = s.pgxWalk(work, c.conn, read, now)
+			read = d.pgxWalk(work, c.conn, read, now)
 		}
-		read = s.plannedWalk(c.tx, read)
+		read = d.plannedWalk(c.tx, read)
 		var err error
-		if c.msgs, err = s.pickHeld(read, now, opts); err != nil {
+		if c.msgs, err = d.pickHeld(read, now, opts); err != nil {
 			return err
 		}
 		// Outside the walk's turn: the picked rows are in flight already,
 		// so the other workers' walks leave them out. The lock reads what
 		// the walk left out of the rows (see walkKeys): walks take turns,
 		// locks do not.
-		locked, err := s.lockPicked(c.tx, c.conn, now, c.msgs, opts.Lease, true)
+		locked, err := d.lockPicked(c.tx, c.conn, now, c.msgs, opts.Lease, true)
 		if err != nil {
 			return err
 		}
 		if len(locked) < len(c.msgs) {
-			s.flying.remove(c.msgs)
-			s.flying.add(locked)
+			d.flying.remove(c.msgs)
+			d.flying.add(locked)
 		}
 		c.msgs = locked
 		return nil
@@ -142,7 +154,7 @@ func (s *GormStore) claimHeld(ctx, work context.Context, opts ClaimOptions) (*he
 	if err != nil || len(c.msgs) == 0 {
 		c.abandon()
 		if err != nil {
-			return nil, fmt.Errorf("outbox: claiming messages from %s: %w", s.cfg.table, err)
+			return nil, fmt.Errorf("outbox: claiming messages from %s: %w", d.table, err)
 		}
 	}
 	return c, nil
@@ -151,8 +163,8 @@ func (s *GormStore) claimHeld(ctx, work context.Context, opts ClaimOptions) (*he
 // begin opens the claim's transaction on a connection of its own, so that
 // the walk can read through pgx itself (see pgxWalk).
 func (c *heldClaim) begin(work context.Context) error {
-	db := c.store.db.Session(&gorm.Session{NewDB: true, Context: work})
-	if sqlDB, err := c.store.db.DB(); err == nil {
+	db := c.d.store.DB().Session(&gorm.Session{NewDB: true, Context: work})
+	if sqlDB, err := c.d.store.DB().DB(); err == nil {
 		if c.conn, err = sqlDB.Conn(work); err != nil {
 			return err
 		}
@@ -168,21 +180,21 @@ func (c *heldClaim) begin(work context.Context) error {
 // converted twice (to a driver.Value, then to its destination: a uuid
 // formatted and parsed again), and the walk, which takes turns, would be
 // longer for it. These reads do not pass through GORM's logger and callbacks.
-func (s *GormStore) pgxWalk(ctx context.Context, conn *sql.Conn, fallback walkReader, now time.Time) walkReader {
-	return func(window int, query string, args []any) ([]queued, error) {
-		out := make([]queued, 0, min(window, 4096))
+func (d *dialect) pgxWalk(ctx context.Context, conn *sql.Conn, fallback sqlstore.WalkReader, now time.Time) sqlstore.WalkReader {
+	return func(window int, query string, args []any) ([]sqlstore.Queued, error) {
+		out := make([]sqlstore.Queued, 0, min(window, 4096))
 		ok, err := pgxQuery(ctx, conn, false, query, append(args, window), func(rows pgx.Rows) error {
 			var (
-				w     walkRow
+				w     sqlstore.WalkRow
 				id    pgtype.UUID
 				token pgtype.Text
 			)
-			if err := rows.Scan(&id, &w.key, &w.next, &token, &w.attempts, &w.created, &w.ref); err != nil {
+			if err := rows.Scan(&id, &w.Key, &w.Next, &token, &w.Attempts, &w.Created, &w.Ref); err != nil {
 				return err
 			}
-			w.id = id.Bytes
-			w.token = optional(token.String, token.Valid)
-			r, err := w.queued(now, false)
+			w.ID = id.Bytes
+			w.Token = sqlstore.Optional(token.String, token.Valid)
+			r, err := w.Queued(now, false)
 			if err != nil {
 				return err
 			}
@@ -198,14 +210,14 @@ func (s *GormStore) pgxWalk(ctx context.Context, conn *sql.Conn, fallback walkRe
 
 // plannedWalk returns read, which runs the dialect's walkSetup in tx
 // before its first read: only a claim that walks pays for it.
-func (s *GormStore) plannedWalk(tx *gorm.DB, read walkReader) walkReader {
-	if s.dialect.walkSetup == "" {
+func (d *dialect) plannedWalk(tx *gorm.DB, read sqlstore.WalkReader) sqlstore.WalkReader {
+	if walkSetup == "" {
 		return read
 	}
 	set := false
-	return func(window int, query string, args []any) ([]queued, error) {
+	return func(window int, query string, args []any) ([]sqlstore.Queued, error) {
 		if !set {
-			if err := tx.Exec(s.dialect.walkSetup).Error; err != nil {
+			if err := tx.Exec(walkSetup).Error; err != nil {
 				return nil, err
 			}
 			set = true
@@ -273,8 +285,8 @@ func dollarParams(query string) string {
 
 // pickHeld walks in this process's turn and puts what it picked in flight.
 // A claim that finds a spare batch for it takes that instead of walking.
-func (s *GormStore) pickHeld(read walkReader, now time.Time, opts ClaimOptions) ([]*OutboxMessage, error) {
-	f := &s.flying
+func (d *dialect) pickHeld(read sqlstore.WalkReader, now time.Time, opts core.ClaimOptions) ([]sqlstore.Picked, error) {
+	f := &d.flying
 	f.pick.Lock()
 	defer f.pick.Unlock()
 	if spare := f.takeSpare(opts); spare != nil {
@@ -283,7 +295,7 @@ func (s *GormStore) pickHeld(read walkReader, now time.Time, opts ClaimOptions) 
 	walk := opts
 	walk.Limit *= min(max(2*int(f.claims.Load())-1, 1), maxWalkBatches)
 	inFlight, keys := f.snapshot()
-	picked, err := s.pick(read, false, now, walk, inFlight, keys)
+	picked, err := d.store.Pick(read, false, now, walk, inFlight, keys)
 	if err != nil {
 		return nil, err
 	}
@@ -303,7 +315,7 @@ func (s *GormStore) pickHeld(read walkReader, now time.Time, opts ClaimOptions) 
 // takeSpare returns the next spare batch if they were picked for claims
 // like opts and are fresh; otherwise it drops them (their rows leave the
 // rows in flight, still due). Called in the walk's turn.
-func (f *inFlight) takeSpare(opts ClaimOptions) []*OutboxMessage {
+func (f *inFlight) takeSpare(opts core.ClaimOptions) []sqlstore.Picked {
 	if len(f.spares) == 0 {
 		return nil
 	}
@@ -323,14 +335,14 @@ func (f *inFlight) takeSpare(opts ClaimOptions) []*OutboxMessage {
 // A key's messages must not be sent by two claims at once, so a key's
 // messages go in the batch of its first; those that do not fit stay due,
 // behind their key's batch.
-func splitPicked(picked []*OutboxMessage, limit int) [][]*OutboxMessage {
+func splitPicked(picked []sqlstore.Picked, limit int) [][]sqlstore.Picked {
 	if len(picked) <= limit {
 		if len(picked) == 0 {
 			return nil
 		}
-		return [][]*OutboxMessage{picked}
+		return [][]sqlstore.Picked{picked}
 	}
-	var batches [][]*OutboxMessage
+	var batches [][]sqlstore.Picked
 	batchOf := make(map[string]int, len(picked))
 	for _, m := range picked {
 		last := len(batches) - 1
@@ -339,7 +351,7 @@ func splitPicked(picked []*OutboxMessage, limit int) [][]*OutboxMessage {
 		case m.Key != "" && seen && (b != last || len(batches[last]) == limit):
 			continue // its key's batch is out of reach, or full
 		case last < 0 || len(batches[last]) == limit:
-			batches = append(batches, make([]*OutboxMessage, 0, limit))
+			batches = append(batches, make([]sqlstore.Picked, 0, limit))
 			last++
 		}
 		batches[last] = append(batches[last], m)
@@ -350,26 +362,32 @@ func splitPicked(picked []*OutboxMessage, limit int) [][]*OutboxMessage {
 	return batches
 }
 
-func (c *heldClaim) messages() []*OutboxMessage { return c.msgs }
+func (c *heldClaim) Messages() []*core.OutboxMessage {
+	out := make([]*core.OutboxMessage, len(c.msgs))
+	for i, m := range c.msgs {
+		out[i] = m.OutboxMessage
+	}
+	return out
+}
 
-// record records the results in the claim's transaction and commits it;
+// Record records the results in the claim's transaction and commits it;
 // the released messages, left as they were, are due again.
-func (c *heldClaim) record(_ context.Context, published []uuid.UUID, failures []Failure, _ []uuid.UUID) error {
+func (c *heldClaim) Record(_ context.Context, published []uuid.UUID, failures []core.Failure, _ []uuid.UUID) error {
 	return c.finish(published, failures)
 }
 
-// giveBack rolls the claim back: every message is due again.
-func (c *heldClaim) giveBack(context.Context) error {
+// GiveBack rolls the claim back: every message is due again.
+func (c *heldClaim) GiveBack(context.Context) error {
 	c.abandon()
 	return nil
 }
 
-// end rolls back what finish has not committed.
-func (c *heldClaim) end() { c.abandon() }
+// End rolls back what finish has not committed.
+func (c *heldClaim) End() { c.abandon() }
 
 // finish records the sends' results in the claim's transaction and
 // commits it; the messages not among them are left as they were, due.
-func (c *heldClaim) finish(published []uuid.UUID, failures []Failure) error {
+func (c *heldClaim) finish(published []uuid.UUID, failures []core.Failure) error {
 	if c == nil || c.done {
 		return nil
 	}
@@ -379,16 +397,16 @@ func (c *heldClaim) finish(published []uuid.UUID, failures []Failure) error {
 	}
 	defer c.release()
 	c.done = true
-	err := c.store.markPublished(c.tx, nil, published, c.msgs)
+	err := c.markPublished(published)
 	if err == nil {
-		err = c.store.markFailed(c.tx, nil, failures)
+		err = c.d.store.MarkFailedOn(c.tx, nil, failures)
 	}
 	if err != nil {
 		c.tx.Rollback()
 		return err
 	}
 	if err := c.tx.Commit().Error; err != nil {
-		return fmt.Errorf("outbox: committing the results of %d messages in %s: %w", len(c.msgs), c.store.cfg.table, err)
+		return fmt.Errorf("outbox: committing the results of %d messages in %s: %w", len(c.msgs), c.d.table, err)
 	}
 	return nil
 }
@@ -409,11 +427,33 @@ func (c *heldClaim) abandon() {
 // release hands the claim's connection back to the pool once its
 // transaction has ended, and its messages leave the rows in flight.
 func (c *heldClaim) release() {
-	c.store.flying.claims.Add(-1)
+	c.d.flying.claims.Add(-1)
 	if c.conn != nil {
 		c.conn.Close()
 	}
-	c.store.flying.remove(c.msgs)
+	c.d.flying.remove(c.msgs)
+}
+
+// markPublished writes the result of the published rows, which the
+// claim's transaction has locked at their addresses.
+func (c *heldClaim) markPublished(published []uuid.UUID) error {
+	if len(published) == 0 {
+		return nil
+	}
+	if arg, ok := refsArg(published, c.msgs); ok {
+		return c.d.store.MarkPublishedWhere(c.tx, len(published), refsMatch(""), arg)
+	}
+	in, arg := c.d.InIDs(c.d.store.Quote("id"), published)
+	return c.d.store.MarkPublishedWhere(c.tx, len(published), in, arg)
+}
+
+// pickedIDs are the ids of picked, in order.
+func pickedIDs(picked []sqlstore.Picked) []uuid.UUID {
+	out := make([]uuid.UUID, len(picked))
+	for i, m := range picked {
+		out[i] = m.ID
+	}
+	return out
 }
 
 // refColumn reads the address of a row of alias ("o." or ""); refsMatch is
@@ -436,7 +476,7 @@ func refsMatch(alias string) string {
 // (three or four). The walk
 // reads each row's address (OutboxMessage.ref); the lock checks that each
 // address still holds the id picked there.
-func refsArg(ids []uuid.UUID, msgs []*OutboxMessage) (arg string, ok bool) {
+func refsArg(ids []uuid.UUID, msgs []sqlstore.Picked) (arg string, ok bool) {
 	if len(msgs) == 0 {
 		return "", false
 	}
@@ -448,14 +488,14 @@ func refsArg(ids []uuid.UUID, msgs []*OutboxMessage) (arg string, ok bool) {
 		for j < len(msgs) && msgs[j].ID != id {
 			j++
 		}
-		if j == len(msgs) || msgs[j].ref == "" {
+		if j == len(msgs) || msgs[j].Ref == "" {
 			return "", false
 		}
 		if i > 0 {
 			b.WriteByte(',')
 		}
 		b.WriteByte('"') // "(page,item)": the comma must be quoted
-		b.WriteString(msgs[j].ref)
+		b.WriteString(msgs[j].Ref)
 		b.WriteByte('"')
 		j++
 	}
@@ -500,25 +540,25 @@ type lockedRow struct {
 // until the commit is on disk, which without the wait is up to the WAL
 // writer's next round: every walk would step over the rows deleted in
 // that time.
-func (s *GormStore) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picked []*OutboxMessage, lease time.Duration, read bool) ([]*OutboxMessage, error) {
+func (d *dialect) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picked []sqlstore.Picked, lease time.Duration, read bool) ([]sqlstore.Picked, error) {
 	if len(picked) == 0 {
 		return nil, nil
 	}
-	q := s.quote
-	from, args := s.table()+" AS o", []any{}
+	q := d.store.Quote
+	from, args := d.store.QuotedTable()+" AS o", []any{}
 	if lease > 0 {
 		from += ", (SELECT set_config('idle_in_transaction_session_timeout', ?, true)," +
 			" set_config('plan_cache_mode', 'force_custom_plan', true)) AS settings"
 		args = append(args, strconv.FormatInt(max(lease.Milliseconds(), 1), 10))
 	}
-	ids := ids(picked)
+	ids := pickedIDs(picked)
 	var match string
 	var matchArg any
 	byAddress := false
 	if arg, ok := refsArg(ids, picked); ok {
 		match, matchArg, byAddress = refsMatch("o."), arg, true
 	} else {
-		match, matchArg = "o."+q("id")+" "+s.dialect.inIDs, s.idsArg(ids)
+		match, matchArg = d.InIDs("o."+q("id"), ids)
 	}
 	cols := "o." + q("id") + ", " + refColumn("o.")
 	if read {
@@ -535,19 +575,19 @@ func (s *GormStore) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picke
 	nLocked := 0
 	var row lockedRow
 	dest := func(id any) []any {
-		d := []any{id, &row.ref}
+		out := []any{id, &row.ref}
 		if read {
-			d = append(d, &row.topic, &row.payload, &row.headers, &row.lastError, &row.attempts)
+			out = append(out, &row.topic, &row.payload, &row.headers, &row.lastError, &row.attempts)
 		}
-		return d
+		return out
 	}
 	lockedOne := func(id uuid.UUID) error {
 		i, ok := index[id]
-		if !ok || byAddress && picked[i].ref != row.ref {
+		if !ok || byAddress && picked[i].Ref != row.ref {
 			return nil // by address: not the row picked there
 		}
 		m := picked[i]
-		locked[i], m.ref = true, row.ref
+		locked[i], m.Ref = true, row.ref
 		nLocked++
 		if read {
 			m.Topic, m.Payload, m.LastError, m.Attempts = row.topic, row.payload, row.lastError, row.attempts
@@ -594,7 +634,7 @@ func (s *GormStore) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picke
 		return picked, nil
 	}
 	busy := map[string]bool{}
-	out := make([]*OutboxMessage, 0, len(picked)) // not in place: the caller still needs picked
+	out := make([]sqlstore.Picked, 0, len(picked)) // not in place: the caller still needs picked
 	for i, m := range picked {
 		switch {
 		case !locked[i]:
@@ -606,4 +646,20 @@ func (s *GormStore) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picke
 		}
 	}
 	return out, nil
+}
+
+// TakesPgxPath reports whether the held claim's reads through pgx itself
+// (its walk and lock) reach pgx on db's connections, or fall back to GORM:
+// how a deployment can tell which path its driver gets.
+func TakesPgxPath(ctx context.Context, db *gorm.DB) (bool, error) {
+	sqlDB, err := db.DB()
+	if err != nil {
+		return false, err
+	}
+	conn, err := sqlDB.Conn(ctx)
+	if err != nil {
+		return false, err
+	}
+	defer conn.Close()
+	return pgxQuery(ctx, conn, false, "SELECT 1", nil, func(pgx.Rows) error { return nil })
 }

@@ -1,4 +1,4 @@
-package outbox
+package postgres
 
 import (
 	"strings"
@@ -6,17 +6,20 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+
+	"github.com/gorm-outbox/outbox/internal/core"
+	"github.com/gorm-outbox/outbox/internal/sqlstore"
 )
 
-func keyed(keys string) []*OutboxMessage {
-	var out []*OutboxMessage
+func keyed(keys string) []sqlstore.Picked {
+	var out []sqlstore.Picked
 	for _, k := range strings.Split(keys, " ") {
-		out = append(out, &OutboxMessage{ID: uuid.New(), Key: strings.Trim(k, "_")})
+		out = append(out, sqlstore.Picked{OutboxMessage: &core.OutboxMessage{ID: uuid.New(), Key: strings.Trim(k, "_")}})
 	}
 	return out
 }
 
-func keysIn(msgs []*OutboxMessage) string {
+func keysIn(msgs []sqlstore.Picked) string {
 	var ks []string
 	for _, m := range msgs {
 		ks = append(ks, m.Key)
@@ -53,21 +56,21 @@ func TestSplitPickedKeepsAKeyInOneBatch(t *testing.T) {
 // The spare batch goes only to a claim like the one it was picked for, and
 // only while fresh; otherwise its rows leave the rows in flight.
 func TestTakeSpare(t *testing.T) {
-	opts := ClaimOptions{Limit: 2, Lease: time.Minute}
+	opts := core.ClaimOptions{Limit: 2, Lease: time.Minute}
 	for _, c := range []struct {
 		name  string
-		opts  ClaimOptions
+		opts  core.ClaimOptions
 		age   time.Duration
 		taken bool
 	}{
 		{"same options, fresh", opts, 0, true},
-		{"other options", ClaimOptions{Limit: 2, Lease: time.Minute, SkipFailedKeys: true}, 0, false},
+		{"other options", core.ClaimOptions{Limit: 2, Lease: time.Minute, SkipFailedKeys: true}, 0, false},
 		{"stale", opts, 2 * spareFresh, false},
 	} {
 		var f inFlight
 		spare := keyed("a b")
 		f.add(spare)
-		f.spares, f.spareOpts, f.spareAt = [][]*OutboxMessage{spare}, opts, time.Now().Add(-c.age)
+		f.spares, f.spareOpts, f.spareAt = [][]sqlstore.Picked{spare}, opts, time.Now().Add(-c.age)
 		got := f.takeSpare(c.opts)
 		ids, _ := f.snapshot()
 		if (got != nil) != c.taken || len(f.spares) != 0 {
@@ -82,12 +85,12 @@ func TestTakeSpare(t *testing.T) {
 // A walk's spare batches go to the next claims in the walk's order, and
 // leave the rows in flight only when dropped.
 func TestTakeSpareInOrder(t *testing.T) {
-	opts := ClaimOptions{Limit: 2, Lease: time.Minute}
+	opts := core.ClaimOptions{Limit: 2, Lease: time.Minute}
 	var f inFlight
 	first, second := keyed("a b"), keyed("c d")
 	f.add(first)
 	f.add(second)
-	f.spares, f.spareOpts, f.spareAt = [][]*OutboxMessage{first, second}, opts, time.Now()
+	f.spares, f.spareOpts, f.spareAt = [][]sqlstore.Picked{first, second}, opts, time.Now()
 	if got := f.takeSpare(opts); keysIn(got) != "a b" {
 		t.Fatalf("first take: %q, want a b", keysIn(got))
 	}

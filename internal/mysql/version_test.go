@@ -1,10 +1,8 @@
-package outbox_test
+package mysql
 
 import (
 	"strings"
 	"testing"
-
-	"github.com/gorm-outbox/outbox"
 )
 
 func TestServerVersionsWithoutSkipLockedAreRefused(t *testing.T) {
@@ -17,7 +15,7 @@ func TestServerVersionsWithoutSkipLockedAreRefused(t *testing.T) {
 		"8.0.36":                     "",
 		"9.1.0":                      "",
 	} {
-		err := outbox.CheckSkipLocked(v)
+		err := CheckVersion(v)
 		if want == "" && err != nil || want != "" && (err == nil || !strings.Contains(err.Error(), want)) {
 			t.Errorf("%s: %v, want %q", v, err, want)
 		}

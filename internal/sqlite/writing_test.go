@@ -1,4 +1,4 @@
-package outbox
+package sqlite
 
 import (
 	"context"
@@ -7,28 +7,27 @@ import (
 	"testing"
 	"time"
 
-	"github.com/glebarez/sqlite"
+	gsqlite "github.com/glebarez/sqlite"
 	"github.com/google/uuid"
 	"gorm.io/gorm"
 	"gorm.io/gorm/logger"
+
+	"github.com/gorm-outbox/outbox/internal/sqlstore"
 )
 
 // On SQLite the store's writes take turns in the process; one waiting for
 // its turn must give up when its context ends, as a stopping publisher's
 // does.
 func TestWriteTurnHonoursTheContext(t *testing.T) {
-	db, err := gorm.Open(sqlite.Open(filepath.Join(t.TempDir(), "turn.db")), &gorm.Config{Logger: logger.Discard})
+	db, err := gorm.Open(gsqlite.Open(filepath.Join(t.TempDir(), "turn.db")), &gorm.Config{Logger: logger.Discard})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := db.Use(Plugin()); err != nil {
+	store := Open(db, sqlstore.Config{Table: "outbox_messages"})
+	if err := store.Migrate(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	store, err := StoreOf(db)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done, err := store.writing(t.Context()) // another write's turn
+	done, err := store.Dialect().(*dialect).writing(t.Context()) // another write's turn
 	if err != nil {
 		t.Fatal(err)
 	}

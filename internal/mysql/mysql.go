@@ -1,0 +1,220 @@
+// Package mysql is the outbox store's MySQL and MariaDB part: InnoDB's
+// locking read, named locks, READ COMMITTED where REPEATABLE READ would wait
+// or read the past, and the server version that has SKIP LOCKED.
+package mysql
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"hash/fnv"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"gorm.io/gorm"
+
+	"github.com/gorm-outbox/outbox/internal/core"
+	"github.com/gorm-outbox/outbox/internal/sqlstore"
+)
+
+// Schema is the table on MySQL and MariaDB. They have no partial indexes:
+// the state, first, narrows the pending index to pending rows, the key,
+// last, lets a walk that skips busy keys test them in the index (index
+// condition pushdown) instead of reading each row, and one (state,
+// created_at) index serves retention and monitoring. MySQL has no CREATE
+// INDEX IF NOT EXISTS, so the DDL declares them in the table.
+var Schema = sqlstore.Schema{
+	Quote: '`',
+	Types: map[string]string{"id": "uuid", "topic": "varchar(249)", "message_key": "varchar(255)", "payload": "longblob",
+		"headers": "text", "state": "varchar(16)", "attempts": "bigint", "last_error": "text",
+		"next_attempt_at": "datetime(3)", "claim_token": "varchar(36)", "created_at": "datetime(3)", "published_at": "datetime(3)"},
+	Indexes: []sqlstore.Index{
+		{Suffix: "pending", Columns: "state, id, message_key"},
+		{Suffix: "state", Columns: "state, created_at"},
+	},
+	InlineIndexes: true,
+}
+
+// DDL returns the statements that create table on MySQL or MariaDB.
+func DDL(table string) []string { return Schema.DDL(table) }
+
+// Open returns the store of cfg.Table on a MySQL or MariaDB db.
+func Open(db *gorm.DB, cfg sqlstore.Config) *sqlstore.Store {
+	return sqlstore.New(db, cfg, &dialect{table: cfg.Table})
+}
+
+// The claim picks its rows with a plain read. A locking read would either
+// wait for every open enqueuing transaction (FOR UPDATE blocks on their
+// uncommitted rows) or, with SKIP LOCKED, skip rows InnoDB locked for other
+// reasons, among them a key's oldest message, and take the next one.
+// Claims are serialized by a named lock and only a claim stamps a due row,
+// so the plain read is safe.
+type dialect struct{ table string }
+
+// readCommitted are the options of the claim's transaction and of the one
+// that records results. The claim's: REPEATABLE READ would read the busy
+// keys from an older snapshot. The results': REPEATABLE READ makes InnoDB
+// lock the record after each id an UPDATE looks up; when that is a row an
+// open transaction has just inserted, the UPDATE waits for that
+// transaction's end, and a long one outlasts the lease, so the batch is
+// sent twice.
+var readCommitted = &sql.TxOptions{Isolation: sql.LevelReadCommitted}
+
+func (d *dialect) InIDs(col string, ids []uuid.UUID) (string, any) { return col + " IN ?", ids }
+func (d *dialect) NotInIDs(col string, ids []uuid.UUID) (string, any) {
+	return col + " NOT IN ?", ids
+}
+func (d *dialect) NotInKeys(col string, keys map[string]bool) (string, any) {
+	out := make([]string, 0, len(keys))
+	for k := range keys {
+		out = append(out, k)
+	}
+	return col + " NOT IN ?", out
+}
+func (d *dialect) IDArg(id uuid.UUID) any      { return id }
+func (d *dialect) Placeholder(int) string      { return "?" }
+func (d *dialect) InsertPrefix() string        { return "" }
+func (d *dialect) AddressColumn() string       { return "" }
+func (d *dialect) Notifier() sqlstore.Notifier { return nil }
+
+// PendingHint: MariaDB's optimizer reads "state = 'pending' ORDER BY id
+// LIMIT n" along the primary key, through every published row, instead of
+// along the pending index, so a claim slows down with every row retention
+// keeps; a hint that names no index of ours cannot fail on a table created
+// by hand.
+func (d *dialect) PendingHint() string { return " IGNORE INDEX (PRIMARY)" }
+
+func (d *dialect) LockPicked(_ *gorm.DB, _ time.Time, picked []sqlstore.Picked) ([]sqlstore.Picked, error) {
+	return picked, nil
+}
+
+// DeleteOld deletes with LIMIT: MySQL cannot read the table it deletes
+// from in a subquery.
+func (d *dialect) DeleteOld(table, _, where string) string {
+	return "DELETE FROM " + table + " WHERE " + where + " LIMIT ?"
+}
+
+// Serialized takes the table's named lock on one connection before the
+// transaction and releases it after the commit, so that the next holder
+// sees what this one committed: a named lock belongs to a connection, not
+// to a transaction. A claim waits for it up to 30 s; a cleanup does not
+// wait.
+func (d *dialect) Serialized(ctx context.Context, db *gorm.DB, turn sqlstore.Turn, key int64, fn func(tx *gorm.DB) error) error {
+	wait := 30
+	if turn == sqlstore.CleanupTurn {
+		wait = 0
+	}
+	return db.Connection(func(conn *gorm.DB) error {
+		name := lockName(conn, key)
+		var got sql.NullInt64
+		if err := conn.Raw("SELECT GET_LOCK(?, ?)", name, wait).Scan(&got).Error; err != nil {
+			return err
+		}
+		if got.Valid && got.Int64 == 0 {
+			return core.ErrLockBusy
+		}
+		// Released even when ctx has ended: a pooled connection that kept
+		// the lock would stall every other claim for GET_LOCK's timeout.
+		defer conn.WithContext(context.WithoutCancel(ctx)).Exec("SELECT RELEASE_LOCK(?)", name)
+		return conn.Transaction(fn, readCommitted)
+	})
+}
+
+// lockName is a named lock's name: named locks are server-wide, so it
+// carries the database's name as well as the table's.
+func lockName(db *gorm.DB, key int64) string {
+	return fmt.Sprintf("outbox:%s:%x", db.Migrator().CurrentDatabase(), key)
+}
+
+// Recording always runs in a READ COMMITTED transaction (see readCommitted).
+func (d *dialect) Recording(_ context.Context, db *gorm.DB, _ bool, fn func(db *gorm.DB) error) error {
+	return db.Transaction(fn, readCommitted)
+}
+
+// Migrate holds a named lock on one connection around the migration:
+// MySQL's DDL commits as it goes, so a transaction cannot hold the turn,
+// and a named lock belongs to its connection.
+func (d *dialect) Migrate(ctx context.Context, db *gorm.DB) error {
+	wait := sqlstore.MigrationWait(ctx)
+	return db.Connection(func(conn *gorm.DB) error {
+		table := d.table
+		if !strings.Contains(table, ".") {
+			table = conn.Migrator().CurrentDatabase() + "." + table
+		}
+		name := migrationLockName(table)
+		var got sql.NullInt64
+		if err := conn.Raw("SELECT GET_LOCK(?, ?)", name, wait.Seconds()).Row().Scan(&got); err != nil {
+			return sqlstore.MigrationLockError(d.table, wait, err)
+		}
+		if !got.Valid || got.Int64 != 1 {
+			return sqlstore.MigrationLockError(d.table, wait, fmt.Errorf("GET_LOCK(%q) timed out", name))
+		}
+		defer func() {
+			// Released even when ctx has ended: a lock left on a pooled
+			// connection would stall every later migration, so a
+			// connection that cannot release it is closed instead.
+			if err := conn.WithContext(context.WithoutCancel(ctx)).Exec("SELECT RELEASE_LOCK(?)", name).Error; err != nil {
+				sqlstore.DiscardConn(conn)
+			}
+		}()
+		return Schema.MigrateTable(conn.Session(&gorm.Session{NewDB: true}), d.table, "")
+	})
+}
+
+// migrationLockName is the named lock of a database-qualified table's
+// migration. Named locks are server-wide, and MySQL refuses names longer
+// than 64 characters: a longer one is hashed.
+func migrationLockName(table string) string {
+	name := "outbox-migrate:" + table
+	if len(name) > 64 {
+		h := fnv.New64a()
+		h.Write([]byte(table))
+		name = fmt.Sprintf("outbox-migrate:%x", h.Sum64())
+	}
+	return name
+}
+
+// CheckServer refuses servers without FOR UPDATE SKIP LOCKED, which
+// several publishers need to divide the work: MySQL before 8.0.1, MariaDB
+// before 10.6.
+func (d *dialect) CheckServer(_ context.Context, db *gorm.DB) error {
+	var v string
+	if err := db.Raw("SELECT VERSION()").Scan(&v).Error; err != nil {
+		return fmt.Errorf("outbox: reading the server version: %w", err)
+	}
+	return CheckVersion(v)
+}
+
+var versionNumber = regexp.MustCompile(`^(\d+)\.(\d+)\.?(\d*)`)
+
+// CheckVersion refuses a server version without SKIP LOCKED
+// (core.ErrUnsupportedServer).
+func CheckVersion(v string) error {
+	if err := skipLocked(v); err != nil {
+		return fmt.Errorf("%w: %w", core.ErrUnsupportedServer, err)
+	}
+	return nil
+}
+
+func skipLocked(v string) error {
+	m := versionNumber.FindStringSubmatch(v)
+	if m == nil {
+		return fmt.Errorf("cannot read the server version %q", v)
+	}
+	major, _ := strconv.Atoi(m[1])
+	minor, _ := strconv.Atoi(m[2])
+	patch, _ := strconv.Atoi(m[3])
+	if strings.Contains(strings.ToLower(v), "mariadb") {
+		if major < 10 || major == 10 && minor < 6 {
+			return fmt.Errorf("MariaDB %s has no FOR UPDATE SKIP LOCKED; the publisher needs MariaDB 10.6 or later", v)
+		}
+		return nil
+	}
+	if major < 8 || major == 8 && minor == 0 && patch < 1 {
+		return fmt.Errorf("MySQL %s has no FOR UPDATE SKIP LOCKED; the publisher needs MySQL 8.0.1 or later", v)
+	}
+	return nil
+}

@@ -1,0 +1,97 @@
+package sqlstore
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+	"gorm.io/gorm"
+
+	"github.com/gorm-outbox/outbox/internal/core"
+)
+
+// MarkPublished records a successful send of messages still held by
+// token: they become published, or are deleted (Config.DeletePublished).
+func (s *Store) MarkPublished(ctx context.Context, token string, ids []uuid.UUID) error {
+	ctx = orBackground(ctx)
+	if len(ids) == 0 {
+		return nil
+	}
+	return s.dialect.Recording(ctx, s.db.WithContext(ctx), false, func(db *gorm.DB) error {
+		in, arg := s.dialect.InIDs(s.Quote("id"), ids)
+		return s.MarkPublishedWhere(db, len(ids), in+" AND "+s.Quote("claim_token")+" = ?", arg, token)
+	})
+}
+
+// MarkPublishedWhere writes the result of the n published rows that where
+// matches, on db.
+func (s *Store) MarkPublishedWhere(db *gorm.DB, n int, where string, args ...any) error {
+	var err error
+	if s.cfg.DeletePublished {
+		err = db.Exec("DELETE FROM "+s.QuotedTable()+" WHERE "+where, args...).Error
+	} else {
+		err = db.Table(s.cfg.Table).Where(where, args...).
+			Updates(map[string]any{"state": core.StatePublished, "published_at": time.Now().UTC(), "claim_token": nil}).Error
+	}
+	if err != nil {
+		return fmt.Errorf("outbox: marking %d messages published in %s: %w", n, s.cfg.Table, err)
+	}
+	return nil
+}
+
+// MarkFailed records failed sends of messages still held by token.
+// Failures are rare, so each is its own UPDATE, all in one transaction.
+func (s *Store) MarkFailed(ctx context.Context, token string, failures []core.Failure) error {
+	ctx = orBackground(ctx)
+	if len(failures) == 0 {
+		return nil
+	}
+	return s.dialect.Recording(ctx, s.db.WithContext(ctx), true, func(tx *gorm.DB) error {
+		return s.MarkFailedOn(tx, &token, failures)
+	})
+}
+
+// MarkFailedOn writes failures on tx; token, if not nil, is the claim
+// that must still hold each row.
+func (s *Store) MarkFailedOn(tx *gorm.DB, token *string, failures []core.Failure) error {
+	held, args := "", []any(nil)
+	if token != nil {
+		held, args = " AND "+s.Quote("claim_token")+" = ?", []any{*token}
+	}
+	for _, f := range failures {
+		state := core.StatePending
+		if f.Dead {
+			state = core.StateDead
+		}
+		err := tx.Table(s.cfg.Table).Where(s.Quote("id")+" = ?"+held, append([]any{f.ID}, args...)...).
+			Updates(map[string]any{
+				"state":           state,
+				"attempts":        gorm.Expr(s.Quote("attempts") + " + 1"),
+				"last_error":      f.Err,
+				"next_attempt_at": f.NextAttemptAt.UTC(),
+				"claim_token":     nil,
+			}).Error
+		if err != nil {
+			return fmt.Errorf("outbox: recording %d failed sends in %s: %w", len(failures), s.cfg.Table, err)
+		}
+	}
+	return nil
+}
+
+// Release hands messages held by token back, due now, with no attempt counted.
+func (s *Store) Release(ctx context.Context, token string, ids []uuid.UUID) error {
+	ctx = orBackground(ctx)
+	if len(ids) == 0 {
+		return nil
+	}
+	err := s.dialect.Recording(ctx, s.db.WithContext(ctx), false, func(db *gorm.DB) error {
+		in, arg := s.dialect.InIDs(s.Quote("id"), ids)
+		return db.Table(s.cfg.Table).Where(in+" AND "+s.Quote("claim_token")+" = ?", arg, token).
+			Updates(map[string]any{"next_attempt_at": time.Now().UTC(), "claim_token": nil}).Error
+	})
+	if err != nil {
+		return fmt.Errorf("outbox: releasing %d claimed messages in %s: %w", len(ids), s.cfg.Table, err)
+	}
+	return nil
+}
