@@ -16,33 +16,34 @@ func dialectOf(s *sqlstore.Store) *dialect { return s.Dialect().(*dialect) }
 // ClaimHeld is the publisher's claim (heldClaim): msgs stay locked until
 // finish records their results and commits, or abandon hands them back.
 func ClaimHeld(ctx context.Context, s *sqlstore.Store, opts core.ClaimOptions) (msgs []*core.OutboxMessage, finish func(published []uuid.UUID, failures []core.Failure) error, abandon func(), err error) {
-	c, err := dialectOf(s).claimHeld(ctx, ctx, opts)
+	c, err := dialectOf(s).held.Claim(ctx, ctx, opts)
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	return c.Messages(), c.finish, c.abandon, nil
+	return c.Messages(), c.Finish, c.Abandon, nil
 }
 
 // HeldClaimSetting claims like the publisher, returns what the claim's
 // transaction reads of a setting, and commits the claimed messages as
 // failed (due again at once).
 func HeldClaimSetting(ctx context.Context, s *sqlstore.Store, opts core.ClaimOptions, name string) (claimed int, value string, err error) {
-	c, err := dialectOf(s).claimHeld(ctx, ctx, opts)
+	c, err := dialectOf(s).held.Claim(ctx, ctx, opts)
 	if err != nil {
 		return 0, "", err
 	}
-	defer c.abandon()
-	if len(c.msgs) == 0 {
+	defer c.Abandon()
+	msgs := c.Messages()
+	if len(msgs) == 0 {
 		return 0, "", nil
 	}
-	if err := c.tx.Raw("SELECT current_setting(?)", name).Scan(&value).Error; err != nil {
+	if err := c.Tx().Raw("SELECT current_setting(?)", name).Scan(&value).Error; err != nil {
 		return 0, "", err
 	}
 	var failures []core.Failure
-	for _, m := range c.msgs {
+	for _, m := range msgs {
 		failures = append(failures, core.Failure{ID: m.ID, Err: "setting read", NextAttemptAt: time.Now()})
 	}
-	return len(c.msgs), value, c.finish(nil, failures)
+	return len(msgs), value, c.Finish(nil, failures)
 }
 
 // LockPicked locks msgs as a held claim does after its walk, with refs as
@@ -56,7 +57,7 @@ func LockPicked(ctx context.Context, s *sqlstore.Store, msgs []*core.OutboxMessa
 		picked[i] = sqlstore.Picked{OutboxMessage: m, Ref: refs[m.ID]}
 	}
 	locked, err := dialectOf(s).lockPicked(tx, nil, time.Now().Add(time.Second), picked, time.Minute, false)
-	return pickedIDs(locked), err
+	return sqlstore.PickedIDs(locked), err
 }
 
 // WalkPicks walks as a held claim does, with inFlight as the rows this
@@ -79,7 +80,7 @@ func WalkPicks(ctx context.Context, s *sqlstore.Store, inFlight []uuid.UUID) ([]
 	now := time.Now().Add(time.Second)
 	read := dialectOf(s).pgxWalk(ctx, conn, s.GormWalk(tx, now, false), now)
 	picked, err := s.Pick(read, false, now, core.ClaimOptions{Limit: 100, Lease: time.Minute}, inFlight, nil)
-	return pickedIDs(picked), err
+	return sqlstore.PickedIDs(picked), err
 }
 
 // HeldWalkSQL is the SQL of a held claim's first walk read of limit rows,

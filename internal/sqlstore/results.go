@@ -24,6 +24,9 @@ func (s *Store) MarkPublished(ctx context.Context, token string, ids []uuid.UUID
 	})
 }
 
+// DeletesPublished says whether published rows are deleted rather than kept.
+func (s *Store) DeletesPublished() bool { return s.cfg.DeletePublished }
+
 // MarkPublishedWhere writes the result of the n published rows that where
 // matches, on db.
 func (s *Store) MarkPublishedWhere(db *gorm.DB, n int, where string, args ...any) error {

@@ -139,7 +139,7 @@ func (s *Store) Migrate(ctx context.Context) error {
 	return s.dialect.Migrate(ctx, s.db.WithContext(ctx))
 }
 
-// Store is the subset of the store's methods a lease claim records through.
+// leaseStore is what a lease claim records its results through.
 type leaseStore interface {
 	MarkPublished(ctx context.Context, token string, ids []uuid.UUID) error
 	MarkFailed(ctx context.Context, token string, failures []core.Failure) error

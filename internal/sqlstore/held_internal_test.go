@@ -1,4 +1,4 @@
-package postgres
+package sqlstore
 
 import (
 	"strings"
@@ -8,18 +8,17 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/gorm-outbox/outbox/internal/core"
-	"github.com/gorm-outbox/outbox/internal/sqlstore"
 )
 
-func keyed(keys string) []sqlstore.Picked {
-	var out []sqlstore.Picked
+func keyed(keys string) []Picked {
+	var out []Picked
 	for _, k := range strings.Split(keys, " ") {
-		out = append(out, sqlstore.Picked{OutboxMessage: &core.OutboxMessage{ID: uuid.New(), Key: strings.Trim(k, "_")}})
+		out = append(out, Picked{OutboxMessage: &core.OutboxMessage{ID: uuid.New(), Key: strings.Trim(k, "_")}})
 	}
 	return out
 }
 
-func keysIn(msgs []sqlstore.Picked) string {
+func keysIn(msgs []Picked) string {
 	var ks []string
 	for _, m := range msgs {
 		ks = append(ks, m.Key)
@@ -70,7 +69,7 @@ func TestTakeSpare(t *testing.T) {
 		var f inFlight
 		spare := keyed("a b")
 		f.add(spare)
-		f.spares, f.spareOpts, f.spareAt = [][]sqlstore.Picked{spare}, opts, time.Now().Add(-c.age)
+		f.spares, f.spareOpts, f.spareAt = [][]Picked{spare}, opts, time.Now().Add(-c.age)
 		got := f.takeSpare(c.opts)
 		ids, _ := f.snapshot()
 		if (got != nil) != c.taken || len(f.spares) != 0 {
@@ -90,7 +89,7 @@ func TestTakeSpareInOrder(t *testing.T) {
 	first, second := keyed("a b"), keyed("c d")
 	f.add(first)
 	f.add(second)
-	f.spares, f.spareOpts, f.spareAt = [][]sqlstore.Picked{first, second}, opts, time.Now()
+	f.spares, f.spareOpts, f.spareAt = [][]Picked{first, second}, opts, time.Now()
 	if got := f.takeSpare(opts); keysIn(got) != "a b" {
 		t.Fatalf("first take: %q, want a b", keysIn(got))
 	}

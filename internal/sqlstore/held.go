@@ -1,0 +1,399 @@
+package sqlstore
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/google/uuid"
+	"gorm.io/gorm"
+
+	"github.com/gorm-outbox/outbox/internal/core"
+)
+
+// Holder is a database whose publisher claims hold their rows locked in
+// a transaction across the send (HeldClaims).
+type Holder interface {
+	// HeldTxOptions are the options of the claim's transaction.
+	HeldTxOptions() *sql.TxOptions
+	// HeldWalk is the walk's reader in the claim's transaction tx, which
+	// runs on conn (nil if the pool is not a *sql.DB): a walk of keys.
+	HeldWalk(ctx context.Context, tx *gorm.DB, conn *sql.Conn, now time.Time) WalkReader
+	// LockHeld locks the picked rows in tx and returns those the claim may
+	// send, read whole. A row it cannot lock is in another claim, or has
+	// changed since the walk: its key is busy, and the later picked rows
+	// of that key are left out too (still locked, unsent, until the
+	// claim ends). It also makes the database end the transaction if it
+	// stays idle for longer than lease (a publisher that stopped).
+	LockHeld(tx *gorm.DB, conn *sql.Conn, now time.Time, picked []Picked, lease time.Duration) ([]Picked, error)
+	// WritePublished writes the result of the published rows among the
+	// claim's held rows, in its transaction tx (see Store.MarkPublishedWhere).
+	WritePublished(tx *gorm.DB, published []uuid.UUID, held []Picked) error
+	// AfterHeld runs on conn once the claim's transaction has ended, before
+	// the connection goes back to the pool; an error discards it.
+	AfterHeld(conn *sql.Conn) error
+}
+
+// HeldClaims are the publisher's claims of a Holder database: the rows a
+// claim picks stay locked (FOR UPDATE) in a transaction that stays open
+// across the send and records the results before it commits. Against a
+// lease (Claim), a claim writes each row once instead of twice (no stamp
+// before the send), and needs no lock serializing the claims: another
+// publisher's locked rows are in flight, and their keys busy, for as long
+// as they are locked. A publisher that dies frees its rows at once, when
+// its connection drops; one that stops answering frees them after the
+// lease, when the database ends its idle transaction.
+type HeldClaims struct {
+	store  *Store
+	holder Holder
+	flying inFlight // rows locked by this process's held claims
+}
+
+// NewHeldClaims returns the held claims of store's table through holder.
+func NewHeldClaims(store *Store, holder Holder) *HeldClaims {
+	return &HeldClaims{store: store, holder: holder}
+}
+
+// HeldClaim is one held claim: a Batch whose results are written in its
+// own transaction.
+type HeldClaim struct {
+	h    *HeldClaims
+	conn *sql.Conn // the pool connection tx runs on; nil if the pool is not a *sql.DB
+	tx   *gorm.DB
+	msgs []Picked // with the addresses where the lock found them
+	done bool
+}
+
+// inFlight is the set of rows this process's held claims have locked, with
+// their keys. They are not stamped, so a walk would read them as due rows
+// at the front of the queue, with their payloads, only to skip them: the
+// walk leaves them out in SQL instead, and starts with their keys busy.
+type inFlight struct {
+	mu   sync.Mutex
+	pick sync.Mutex // one walk at a time in this process: no two pick the same rows
+	ids  map[uuid.UUID]string
+
+	// A walk's fixed cost (a read that starts at the queue's front, past
+	// the rows in flight and the index entries of rows deleted too recently
+	// for the database to drop them) is most of it, and walks
+	// take turns: so while other claims are open (other workers sending,
+	// soon back for more), a walk picks the next two batches of each, up
+	// to maxWalkBatches, and leaves them here, in flight, for the next
+	// claims to take instead of walking. A spare may have changed since
+	// the walk read it: the lock checks each row again.
+	claims    atomic.Int32 // held claims open, from their start to their end
+	spares    [][]Picked
+	spareOpts core.ClaimOptions
+	spareAt   time.Time
+}
+
+// maxWalkBatches bounds the batches one walk picks: 4,000 rows in flight
+// at the default batch size, read without their payloads.
+const maxWalkBatches = 8
+
+// spareFresh is how long a spare batch waits for its claim before it is
+// dropped: it is meant for a claim already waiting, and what a walk read
+// should not be sent much later.
+const spareFresh = 50 * time.Millisecond
+
+// snapshot returns the rows in flight and their keys. A row that lands
+// after it is not in it; one that leaves after it is skipped once more.
+func (f *inFlight) snapshot() (ids []uuid.UUID, keys map[string]bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	keys = make(map[string]bool, len(f.ids))
+	for id, key := range f.ids {
+		ids = append(ids, id)
+		if key != "" {
+			keys[key] = true
+		}
+	}
+	return ids, keys
+}
+
+// add puts msgs in flight.
+func (f *inFlight) add(msgs []Picked) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.ids == nil {
+		f.ids = map[uuid.UUID]string{}
+	}
+	for _, m := range msgs {
+		f.ids[m.ID] = m.Key
+	}
+}
+
+func (f *inFlight) remove(msgs []Picked) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, m := range msgs {
+		delete(f.ids, m.ID)
+	}
+}
+
+// Claim picks and locks due messages like Claim, and returns them with
+// the transaction that holds them. ctx ends the picking; work is the
+// transaction's context, whose end rolls it back (the rows are free again).
+// A claim of no message holds nothing.
+func (h *HeldClaims) Claim(ctx, work context.Context, opts core.ClaimOptions) (*HeldClaim, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	c := &HeldClaim{h: h}
+	h.flying.claims.Add(1)
+	err := func() error {
+		if err := c.begin(work); err != nil {
+			return err
+		}
+		now := Now()
+		read := h.holder.HeldWalk(work, c.tx, c.conn, now)
+		var err error
+		if c.msgs, err = h.pick(read, now, opts); err != nil {
+			return err
+		}
+		// Outside the walk's turn: the picked rows are in flight already,
+		// so the other workers' walks leave them out. The lock reads what
+		// the walk left out of the rows (see walkKeys): walks take turns,
+		// locks do not.
+		locked, err := h.holder.LockHeld(c.tx, c.conn, now, c.msgs, opts.Lease)
+		if err != nil {
+			return err
+		}
+		if len(locked) < len(c.msgs) {
+			h.flying.remove(c.msgs)
+			h.flying.add(locked)
+		}
+		c.msgs = locked
+		return nil
+	}()
+	if err != nil || len(c.msgs) == 0 {
+		c.abandon()
+		if err != nil {
+			return nil, fmt.Errorf("outbox: claiming messages from %s: %w", h.store.Table(), err)
+		}
+	}
+	return c, nil
+}
+
+// begin opens the claim's transaction on a connection of its own, so that
+// the database's part can reach its driver (PostgreSQL reads through pgx
+// itself) and set up the connection (MySQL's timeout).
+func (c *HeldClaim) begin(work context.Context) error {
+	db := c.h.store.DB().Session(&gorm.Session{NewDB: true, Context: work})
+	if sqlDB, err := c.h.store.DB().DB(); err == nil {
+		if c.conn, err = sqlDB.Conn(work); err != nil {
+			return err
+		}
+		db.Statement.ConnPool = c.conn
+	}
+	c.tx = db.Begin(c.h.holder.HeldTxOptions())
+	return c.tx.Error
+}
+
+// pick walks in this process's turn and puts what it picked in flight.
+// A claim that finds a spare batch for it takes that instead of walking.
+func (h *HeldClaims) pick(read WalkReader, now time.Time, opts core.ClaimOptions) ([]Picked, error) {
+	f := &h.flying
+	f.pick.Lock()
+	defer f.pick.Unlock()
+	if spare := f.takeSpare(opts); spare != nil {
+		return spare, nil
+	}
+	walk := opts
+	walk.Limit *= min(max(2*int(f.claims.Load())-1, 1), maxWalkBatches)
+	inFlight, keys := f.snapshot()
+	picked, err := h.store.Pick(read, false, now, walk, inFlight, keys)
+	if err != nil {
+		return nil, err
+	}
+	batches := splitPicked(picked, opts.Limit)
+	for _, b := range batches {
+		f.add(b)
+	}
+	if len(batches) == 0 {
+		return nil, nil
+	}
+	if len(batches) > 1 {
+		f.spares, f.spareOpts, f.spareAt = batches[1:], opts, time.Now()
+	}
+	return batches[0], nil
+}
+
+// takeSpare returns the next spare batch if they were picked for claims
+// like opts and are fresh; otherwise it drops them (their rows leave the
+// rows in flight, still due). Called in the walk's turn.
+func (f *inFlight) takeSpare(opts core.ClaimOptions) []Picked {
+	if len(f.spares) == 0 {
+		return nil
+	}
+	if f.spareOpts != opts || time.Since(f.spareAt) > spareFresh {
+		for _, b := range f.spares {
+			f.remove(b)
+		}
+		f.spares = nil
+		return nil
+	}
+	spare := f.spares[0]
+	f.spares = f.spares[1:]
+	return spare
+}
+
+// splitPicked splits a walk's picks, in id order, into batches of limit.
+// A key's messages must not be sent by two claims at once, so a key's
+// messages go in the batch of its first; those that do not fit stay due,
+// behind their key's batch.
+func splitPicked(picked []Picked, limit int) [][]Picked {
+	if len(picked) <= limit {
+		if len(picked) == 0 {
+			return nil
+		}
+		return [][]Picked{picked}
+	}
+	var batches [][]Picked
+	batchOf := make(map[string]int, len(picked))
+	for _, m := range picked {
+		last := len(batches) - 1
+		b, seen := batchOf[m.Key]
+		switch {
+		case m.Key != "" && seen && (b != last || len(batches[last]) == limit):
+			continue // its key's batch is out of reach, or full
+		case last < 0 || len(batches[last]) == limit:
+			batches = append(batches, make([]Picked, 0, limit))
+			last++
+		}
+		batches[last] = append(batches[last], m)
+		if m.Key != "" {
+			batchOf[m.Key] = last
+		}
+	}
+	return batches
+}
+
+func (c *HeldClaim) Messages() []*core.OutboxMessage {
+	out := make([]*core.OutboxMessage, len(c.msgs))
+	for i, m := range c.msgs {
+		out[i] = m.OutboxMessage
+	}
+	return out
+}
+
+// Record records the results in the claim's transaction and commits it;
+// the released messages, left as they were, are due again.
+func (c *HeldClaim) Record(_ context.Context, published []uuid.UUID, failures []core.Failure, _ []uuid.UUID) error {
+	return c.finish(published, failures)
+}
+
+// GiveBack rolls the claim back: every message is due again.
+func (c *HeldClaim) GiveBack(context.Context) error {
+	c.abandon()
+	return nil
+}
+
+// End rolls back what finish has not committed.
+func (c *HeldClaim) End() { c.abandon() }
+
+// finish records the sends' results in the claim's transaction and
+// commits it; the messages not among them are left as they were, due.
+func (c *HeldClaim) finish(published []uuid.UUID, failures []core.Failure) error {
+	if c == nil || c.done {
+		return nil
+	}
+	if len(published) == 0 && len(failures) == 0 {
+		c.abandon()
+		return nil
+	}
+	defer c.release()
+	c.done = true
+	err := c.markPublished(published)
+	if err == nil {
+		err = c.h.store.MarkFailedOn(c.tx, nil, failures)
+	}
+	if err != nil {
+		c.tx.Rollback()
+		return err
+	}
+	if err := c.tx.Commit().Error; err != nil {
+		return fmt.Errorf("outbox: committing the results of %d messages in %s: %w", len(c.msgs), c.h.store.Table(), err)
+	}
+	return nil
+}
+
+// abandon rolls the claim's transaction back if it is still open: its
+// messages are due again, no attempt counted.
+func (c *HeldClaim) abandon() {
+	if c == nil || c.done {
+		return
+	}
+	c.done = true
+	if c.tx != nil && c.tx.Error == nil {
+		c.tx.Rollback()
+	}
+	c.release()
+}
+
+// release hands the claim's connection back to the pool once its
+// transaction has ended, and its messages leave the rows in flight.
+func (c *HeldClaim) release() {
+	c.h.flying.claims.Add(-1)
+	if c.conn != nil {
+		if err := c.h.holder.AfterHeld(c.conn); err != nil {
+			_ = c.conn.Raw(func(any) error { return driver.ErrBadConn })
+		}
+		c.conn.Close()
+	}
+	c.h.flying.remove(c.msgs)
+}
+
+// markPublished writes the result of the published rows, which the
+// claim's transaction has locked.
+func (c *HeldClaim) markPublished(published []uuid.UUID) error {
+	if len(published) == 0 {
+		return nil
+	}
+	return c.h.holder.WritePublished(c.tx, published, c.msgs)
+}
+
+// PickedIDs are the ids of picked, in order.
+func PickedIDs(picked []Picked) []uuid.UUID {
+	out := make([]uuid.UUID, len(picked))
+	for i, m := range picked {
+		out[i] = m.ID
+	}
+	return out
+}
+
+// Finish records the results in the claim's transaction and commits it;
+// the messages not among them are left as they were, due. Abandon rolls it
+// back. Tx is the claim's transaction. For the database packages' tests.
+func (c *HeldClaim) Finish(published []uuid.UUID, failures []core.Failure) error {
+	return c.finish(published, failures)
+}
+func (c *HeldClaim) Abandon()     { c.abandon() }
+func (c *HeldClaim) Tx() *gorm.DB { return c.tx }
+
+// KeepLocked returns the picked rows a claim may send once it has tried to
+// lock them (locked[i], n of them locked): a row it could not lock is in
+// another claim, or has changed since the walk; either way its key is
+// busy, and the later picked rows of that key are left out too.
+func KeepLocked(picked []Picked, locked []bool, n int) []Picked {
+	if n == len(picked) {
+		return picked
+	}
+	busy := map[string]bool{}
+	out := make([]Picked, 0, len(picked)) // not in place: the caller still needs picked
+	for i, m := range picked {
+		switch {
+		case !locked[i]:
+			if m.Key != "" {
+				busy[m.Key] = true
+			}
+		case m.Key == "" || !busy[m.Key]:
+			out = append(out, m)
+		}
+	}
+	return out
+}
