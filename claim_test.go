@@ -118,6 +118,112 @@ func TestRecordingDoesNotWaitForAnOpenEnqueuingTransaction(t *testing.T) {
 	})
 }
 
+// A row that another transaction has locked, for whatever reason, may be
+// in a claim: a claim leaves it, and the rest of its key, for later. A
+// claim that took the key's next message instead (as SKIP LOCKED over the
+// queue does on InnoDB, which locks the rows a statement merely scans)
+// would send it first; one that waited for the lock would stall its
+// publisher. Both the publisher's claim and Store.Claim are held to it.
+func TestClaimsLeaveAKeyWhoseOldestRowIsLocked(t *testing.T) {
+	eachDBWith(t, func(f features) bool { return f.processes }, func(t *testing.T, db *gorm.DB) {
+		store, _ := outbox.StoreOf(db)
+		err := db.Transaction(func(tx *gorm.DB) error {
+			return outbox.Enqueue(tx,
+				outbox.Message{Topic: "t", Key: "a", Payload: "1"},
+				outbox.Message{Topic: "t", Key: "a", Payload: "2"},
+				outbox.Message{Topic: "t", Key: "b", Payload: "1"})
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		oldest := messages(t, db)[0]
+		locked, release := make(chan error, 1), make(chan struct{})
+		go func() {
+			locked <- db.Transaction(func(tx *gorm.DB) error {
+				var id []byte
+				if err := tx.Raw("SELECT id FROM "+outbox.DefaultTableName+" WHERE id = ? FOR UPDATE", oldest.ID).Row().Scan(&id); err != nil {
+					return err
+				}
+				locked <- nil
+				<-release
+				return nil
+			})
+		}()
+		if err := <-locked; err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		defer cancel()
+		msgs, _, end, err := outbox.ClaimBatch(ctx, store, outbox.ClaimOptions{Limit: 10, Lease: time.Minute})
+		if err != nil {
+			close(release)
+			t.Fatalf("publisher's claim beside a locked row: %v", err)
+		}
+		got := keysOf(msgs)
+		end()
+		_, leased, err := store.Claim(ctx, outbox.ClaimOptions{Limit: 10, Lease: time.Minute})
+		close(release)
+		if err != nil {
+			t.Fatalf("Store.Claim beside a locked row: %v", err)
+		}
+		if got != "b:1" {
+			t.Errorf("publisher's claim took %q with a:1 locked, want b:1", got)
+		}
+		if got := keysOf(leased); got != "b:1" {
+			t.Errorf("Store.Claim took %q with a:1 locked, want b:1", got)
+		}
+		if err := <-locked; err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+// The publisher's claim records its results while a transaction that has
+// enqueued stays open (see TestRecordingDoesNotWaitForAnOpenEnqueuingTransaction).
+func TestPublisherClaimDoesNotWaitForAnOpenEnqueuingTransaction(t *testing.T) {
+	eachDBWith(t, func(f features) bool { return f.processes }, func(t *testing.T, db *gorm.DB) {
+		store, _ := outbox.StoreOf(db)
+		enqueueN(t, db, "t", 25)
+		open, release := make(chan struct{}), make(chan struct{})
+		done := make(chan error, 1)
+		go func() {
+			done <- db.Transaction(func(tx *gorm.DB) error {
+				if err := outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: "open", Payload: "x"}); err != nil {
+					return err
+				}
+				close(open)
+				<-release
+				return nil
+			})
+		}()
+		<-open
+		enqueueN(t, db, "t", 100)
+		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		defer cancel()
+		msgs, record, end, err := outbox.ClaimBatch(ctx, store, outbox.ClaimOptions{Limit: 50, Lease: time.Minute})
+		if err != nil || len(msgs) != 50 {
+			close(release)
+			t.Fatalf("claim: %d messages, %v; want 50", len(msgs), err)
+		}
+		defer end()
+		ids := make([]uuid.UUID, len(msgs))
+		for i, m := range msgs {
+			ids[i] = m.ID
+		}
+		err = record(ids, nil)
+		close(release)
+		if err != nil {
+			t.Fatalf("recording the batch waited for the open transaction: %v", err)
+		}
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		if n := count(t, db, outbox.DefaultTableName, "state = ?", outbox.StatePublished); n != 50 {
+			t.Fatalf("%d published, want 50", n)
+		}
+	})
+}
+
 // A message committed a moment ago is due at once: the claim's clock, kept
 // in milliseconds, must not leave it for the next poll.
 func TestClaimTakesAMessageCommittedAMomentAgo(t *testing.T) {

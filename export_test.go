@@ -6,6 +6,7 @@ import (
 
 	"gorm.io/gorm"
 
+	"github.com/google/uuid"
 	"github.com/gorm-outbox/outbox/internal/pgmark"
 	"github.com/gorm-outbox/outbox/internal/sqlstore"
 )
@@ -65,3 +66,17 @@ func SetPoolCheckInterval(d time.Duration) (restore func()) {
 
 // WaitMark starts a statement that pgxpipeline holds until the next one.
 const WaitMark = pgmark.WaitMark
+
+// ClaimBatch claims as s's publishers do (held across the send where the
+// database holds its claims); record writes the results and ends the
+// claim, end gives back what was not recorded.
+func ClaimBatch(ctx context.Context, s *GormStore, opts ClaimOptions) (msgs []*OutboxMessage, record func(published []uuid.UUID, failures []Failure) error, end func(), err error) {
+	b, err := s.claimBatch(s, ctx, ctx, opts)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	record = func(published []uuid.UUID, failures []Failure) error {
+		return b.Record(ctx, published, failures, nil)
+	}
+	return b.Messages(), record, b.End, nil
+}

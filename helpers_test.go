@@ -18,8 +18,6 @@ type features struct {
 	processes bool
 	// partialIndexes: the pending indexes hold only pending rows.
 	partialIndexes bool
-	// heldClaims: the publisher's claims hold a transaction across the send.
-	heldClaims bool
 }
 
 // databases are the backends every shared case runs on.
@@ -28,13 +26,13 @@ var databases = []struct {
 	open     func(testing.TB, *gorm.Config) *gorm.DB
 	features features
 }{
-	{"postgres", outboxtest.Postgres, features{processes: true, partialIndexes: true, heldClaims: true}},
+	{"postgres", outboxtest.Postgres, features{processes: true, partialIndexes: true}},
 	// As behind PgBouncer in transaction pooling: arguments go as text.
-	{"postgres-simple-protocol", outboxtest.PostgresSimpleProtocol, features{processes: true, partialIndexes: true, heldClaims: true}},
+	{"postgres-simple-protocol", outboxtest.PostgresSimpleProtocol, features{processes: true, partialIndexes: true}},
 	// The enqueue's INSERT sent with the transaction's next statement.
-	{"postgres-pipelined", postgresPipelined, features{processes: true, partialIndexes: true, heldClaims: true}},
+	{"postgres-pipelined", postgresPipelined, features{processes: true, partialIndexes: true}},
 	// Through lib/pq: what the store does through pgx itself falls back to GORM.
-	{"postgres-libpq", postgresLibPQ, features{processes: true, partialIndexes: true, heldClaims: true}},
+	{"postgres-libpq", postgresLibPQ, features{processes: true, partialIndexes: true}},
 	{"sqlite", outboxtest.SQLite, features{partialIndexes: true}},
 	{"mariadb", outboxtest.MariaDB, features{processes: true}},
 }

@@ -11,7 +11,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"time"
+	"sync/atomic"
 
 	"github.com/google/uuid"
 	"gorm.io/gorm"
@@ -43,16 +43,26 @@ func DDL(table string) []string { return Schema.DDL(table) }
 
 // Open returns the store of cfg.Table on a MySQL or MariaDB db.
 func Open(db *gorm.DB, cfg sqlstore.Config) *sqlstore.Store {
-	return sqlstore.New(db, cfg, &dialect{table: cfg.Table})
+	d := &dialect{table: cfg.Table}
+	d.store = sqlstore.New(db, cfg, d)
+	d.held = sqlstore.NewHeldClaims(d.store, d)
+	return d.store
 }
 
-// The claim picks its rows with a plain read. A locking read would either
-// wait for every open enqueuing transaction (FOR UPDATE blocks on their
-// uncommitted rows) or, with SKIP LOCKED, skip rows InnoDB locked for other
-// reasons, among them a key's oldest message, and take the next one.
-// Claims are serialized by a named lock and only a claim stamps a due row,
-// so the plain read is safe.
-type dialect struct{ table string }
+// Claims pick their rows with a plain read, and lock by primary key only
+// what they picked (see ClaimBatch). A locking read of the queue would
+// either wait for every open enqueuing transaction (FOR UPDATE blocks on
+// their uncommitted rows) or, with SKIP LOCKED, skip rows InnoDB locked
+// for other reasons, among them a key's oldest message, and take the next
+// one.
+type dialect struct {
+	table string
+	store *sqlstore.Store
+	held  *sqlstore.HeldClaims
+	// database is the connection's database, which names the named locks
+	// (lockName); read once.
+	database atomic.Pointer[string]
+}
 
 // readCommitted are the options of the claim's transaction and of the one
 // that records results. The claim's: REPEATABLE READ would read the busy
@@ -87,10 +97,6 @@ func (d *dialect) Notifier() sqlstore.Notifier { return nil }
 // by hand.
 func (d *dialect) PendingHint() string { return " IGNORE INDEX (PRIMARY)" }
 
-func (d *dialect) LockPicked(_ *gorm.DB, _ time.Time, picked []sqlstore.Picked) ([]sqlstore.Picked, error) {
-	return picked, nil
-}
-
 // DeleteOld deletes with LIMIT: MySQL cannot read the table it deletes
 // from in a subquery.
 func (d *dialect) DeleteOld(table, _, where string) string {
@@ -108,7 +114,7 @@ func (d *dialect) Serialized(ctx context.Context, db *gorm.DB, turn sqlstore.Tur
 		wait = 0
 	}
 	return db.Connection(func(conn *gorm.DB) error {
-		name := lockName(conn, key)
+		name := d.lockName(conn, key)
 		var got sql.NullInt64
 		if err := conn.Raw("SELECT GET_LOCK(?, ?)", name, wait).Scan(&got).Error; err != nil {
 			return err
@@ -124,9 +130,18 @@ func (d *dialect) Serialized(ctx context.Context, db *gorm.DB, turn sqlstore.Tur
 }
 
 // lockName is a named lock's name: named locks are server-wide, so it
-// carries the database's name as well as the table's.
-func lockName(db *gorm.DB, key int64) string {
-	return fmt.Sprintf("outbox:%s:%x", db.Migrator().CurrentDatabase(), key)
+// carries the database's name as well as the table's. GORM reads the
+// database's name with two queries: it is read once.
+func (d *dialect) lockName(db *gorm.DB, key int64) string {
+	name := d.database.Load()
+	if name == nil {
+		current := db.Migrator().CurrentDatabase()
+		name = &current
+		if current != "" { // "" when the read failed: read again next time
+			d.database.Store(name)
+		}
+	}
+	return fmt.Sprintf("outbox:%s:%x", *name, key)
 }
 
 // Recording always runs in a READ COMMITTED transaction (see readCommitted).

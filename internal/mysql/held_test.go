@@ -1,0 +1,109 @@
+package mysql_test
+
+import (
+	"testing"
+	"time"
+
+	"gorm.io/gorm"
+
+	"github.com/gorm-outbox/outbox"
+	"github.com/gorm-outbox/outbox/internal/mysql"
+	"github.com/gorm-outbox/outbox/internal/sqlstore"
+	"github.com/gorm-outbox/outbox/outboxtest"
+)
+
+// setup is a MariaDB database of the test's own with the plugin registered
+// and n messages enqueued, one key each.
+func setup(t *testing.T, n int) *gorm.DB {
+	t.Helper()
+	db := outboxtest.MariaDB(t, nil)
+	if err := db.Use(outbox.Plugin()); err != nil {
+		t.Fatal(err)
+	}
+	err := db.Transaction(func(tx *gorm.DB) error {
+		for i := range n {
+			if err := outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: string(rune('a' + i)), Payload: "x"}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return db
+}
+
+// newStore is a store of the outbox table, as another publisher process
+// would have.
+func newStore(db *gorm.DB) *sqlstore.Store {
+	return mysql.Open(db, sqlstore.Config{Table: outbox.DefaultTableName})
+}
+
+// A held claim shortens its connection's wait_timeout to the lease, so
+// that the server ends the claim of a publisher that stops answering; the
+// connection goes back to the pool with the server's own value.
+func TestHeldClaimPutsTheConnectionsTimeoutBack(t *testing.T) {
+	db := setup(t, 3)
+	sqlDB, err := db.DB()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sqlDB.SetMaxOpenConns(1) // the claim's connection is the one read below
+	var global int
+	if err := db.Raw("SELECT @@GLOBAL.wait_timeout").Scan(&global).Error; err != nil {
+		t.Fatal(err)
+	}
+	c, err := mysql.ClaimHeld(t.Context(), newStore(db), outbox.ClaimOptions{Limit: 10, Lease: 7 * time.Second})
+	if err != nil || len(c.Messages()) != 3 {
+		t.Fatalf("claim: %v", err)
+	}
+	var during int
+	if err := c.Tx().Raw("SELECT @@SESSION.wait_timeout").Scan(&during).Error; err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Finish(nil, []outbox.Failure{{ID: c.Messages()[0].ID, Err: "x", NextAttemptAt: time.Now()}}); err != nil {
+		t.Fatal(err)
+	}
+	var after int
+	if err := db.Raw("SELECT @@SESSION.wait_timeout").Scan(&after).Error; err != nil {
+		t.Fatal(err)
+	}
+	if during != 7 || after != global {
+		t.Fatalf("wait_timeout during the claim %d (want 7), after it %d (want the server's %d)", during, after, global)
+	}
+}
+
+// A publisher that stops answering (here: a claim never finished) holds
+// its rows for the lease, then the server closes its connection and
+// another publisher takes them.
+func TestAnAbandonedHeldClaimEndsAfterTheLease(t *testing.T) {
+	db := setup(t, 2)
+	held, err := mysql.ClaimHeld(t.Context(), newStore(db), outbox.ClaimOptions{Limit: 10, Lease: time.Second})
+	if err != nil || len(held.Messages()) != 2 {
+		t.Fatalf("claim: %v", err)
+	}
+	other := newStore(db)
+	c, err := mysql.ClaimHeld(t.Context(), other, outbox.ClaimOptions{Limit: 10, Lease: time.Minute})
+	if err != nil || len(c.Messages()) != 0 {
+		t.Fatalf("another publisher's claim while the rows are held: %d messages, %v; want none", len(c.Messages()), err)
+	}
+	c.Abandon()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		c, err := mysql.ClaimHeld(t.Context(), other, outbox.ClaimOptions{Limit: 10, Lease: time.Minute})
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := len(c.Messages())
+		c.Abandon()
+		if n == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the abandoned claim's rows were still held 15 s after its lease of 1 s")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	held.Abandon() // its connection is gone: nothing to roll back
+}
