@@ -256,6 +256,7 @@ func (s *Store) Pick(read WalkReader, whole bool, now time.Time, opts core.Claim
 	}
 	var picked []Picked
 	var after *uuid.UUID
+	var skip map[uuid.UUID]bool // rows in flight that the SQL does not leave out
 	walked := 0
 	defer func() { s.lastWalk.Store(int64(walked)) }()
 	for window := s.claimWindow(opts.Limit); ; window *= 2 {
@@ -266,10 +267,16 @@ func (s *Store) Pick(read WalkReader, whole bool, now time.Time, opts core.Claim
 				args = append(args, now)
 			}
 		}
-		if len(inFlight) > 0 {
-			notIn, arg := s.dialect.NotInIDs(q("id"), inFlight)
-			query += " AND " + notIn
-			args = append(args, arg)
+		if len(inFlight) > 0 && skip == nil {
+			if notIn, arg := s.dialect.NotInIDs(q("id"), inFlight); notIn != "" {
+				query += " AND " + notIn
+				args = append(args, arg)
+			} else {
+				skip = make(map[uuid.UUID]bool, len(inFlight))
+				for _, id := range inFlight {
+					skip[id] = true
+				}
+			}
 		}
 		if after != nil {
 			query += " AND " + q("id") + " > ?"
@@ -289,6 +296,9 @@ func (s *Store) Pick(read WalkReader, whole bool, now time.Time, opts core.Claim
 		}
 		for _, r := range rows {
 			walked++
+			if skip[r.ID] {
+				continue // in flight: its key is busy already
+			}
 			if r.Msg.OutboxMessage != nil {
 				if r.Key == "" || !busy[r.Key] {
 					picked = append(picked, r.Msg)

@@ -21,7 +21,8 @@ import (
 // database package may also implement BatchClaimer and Listener.
 type Dialect interface {
 	// InIDs matches col against ids passed as one argument; NotInIDs
-	// excludes them; NotInKeys excludes a set of message keys.
+	// excludes them, or returns "" where the walk is better to read them
+	// and skip them itself; NotInKeys excludes a set of message keys.
 	InIDs(col string, ids []uuid.UUID) (sql string, arg any)
 	NotInIDs(col string, ids []uuid.UUID) (sql string, arg any)
 	NotInKeys(col string, keys map[string]bool) (sql string, arg any)
