@@ -19,14 +19,19 @@
 //
 //  4. scaling (-scaling): drain throughput at 10k, 100k and 1M pending,
 //     and with 10M published rows retained, each beside the database
-//     ceiling's drain of the same depth.
+//     ceiling's drain of the same depth;
+//
+//  5. mariadb: the drain on MariaDB beside the simplest correct relay and
+//     MariaDB alone (the relay's loop without the send), published rows
+//     deleted and kept, and the drain of 1M pending beside 10k.
 //
 //     go run ./cmd/outbox-bench                    # parts 1-3, 4 to 5 minutes
 //     go run ./cmd/outbox-bench -scaling           # part 4 alone, 2.5 to 15 minutes
 //     go run ./cmd/outbox-bench -scaling -depths 10000,100000 -published 200000
 //     go run ./cmd/outbox-bench -only drain -n 1000000
 //     go run ./cmd/outbox-bench -only drain -quick  # the ceilings and one publisher line, to compare changes
-//     go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling -markdown docs/performance.md
+//     go run ./cmd/outbox-bench -only mariadb                 # part 5 alone, about 5 minutes
+//     go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling,mariadb -markdown docs/performance.md
 //     cmd/outbox-bench/pgbench/run.sh              # part 3's SQL through pgbench, without Go
 //
 // It prints its conditions first. Every part works in a schema of its own,
@@ -70,6 +75,9 @@ type settings struct {
 	quick         bool
 	depths        []int // the scaling part's backlogs, the first its base
 	published     int   // published rows kept in the scaling part's last step
+	mariadbDSN    string
+	mariadbN      int   // the MariaDB part's backlog
+	mariadbDepths []int // the MariaDB part's scaling backlogs, the first its base
 }
 
 func main() {
@@ -87,10 +95,13 @@ func main() {
 	flag.IntVar(&s.rounds, "rounds", 3, "rounds of the drain and latency parts, interleaved (the drain prints medians, the latency percentiles over every round)")
 	flag.BoolVar(&s.quick, "quick", false, "drain part: only the two ceilings and the publisher with -workers workers and WithDeleteOnPublish (for comparing changes back to back)")
 	flag.IntVar(&s.writers, "writers", 8, "concurrent writers (latency and enqueue parts)")
-	only := flag.String("only", "drain,latency,enqueue", "parts to run: drain, latency, enqueue, scaling")
+	only := flag.String("only", "drain,latency,enqueue", "parts to run: drain, latency, enqueue, scaling, mariadb")
 	scaling := flag.Bool("scaling", false, "run the backlog-scaling part (10k, 100k, 1M pending; 10M published)")
 	depths := flag.String("depths", "10000,100000,1000000", "scaling part: pending backlogs drained; the first is the base of the ratios, the second is drained again behind -published rows")
 	flag.IntVar(&s.published, "published", 10_000_000, "published rows retained in the last scaling step")
+	flag.StringVar(&s.mariadbDSN, "mariadb-dsn", envOr("OUTBOX_BENCH_MARIADB_DSN", "root@tcp(127.0.0.1:3306)/test?parseTime=true"), "MariaDB DSN (the part works in a database of its own, created and dropped on this server)")
+	flag.IntVar(&s.mariadbN, "mariadb-n", 50_000, "mariadb part: messages in the drained backlog")
+	mariadbDepths := flag.String("mariadb-depths", "10000,1000000", "mariadb part: pending backlogs the publisher drains for the scaling figures; the first is the base of the ratios")
 	ddl := flag.Bool("ddl", false, "print the outbox table's PostgreSQL DDL and exit (for pgbench/run.sh)")
 	markdown := flag.String("markdown", "", "also write the figures, with this run's command and conditions, to this markdown file (docs/performance.md)")
 	flag.Parse()
@@ -118,6 +129,7 @@ func main() {
 	}
 	s.rates = positives("rate", *rates)
 	s.depths = positives("depth", *depths)
+	s.mariadbDepths = positives("mariadb-depth", *mariadbDepths)
 	parts := map[string]bool{}
 	for _, p := range strings.Split(*only, ",") {
 		parts[strings.TrimSpace(p)] = true
@@ -205,6 +217,11 @@ func runParts(ctx context.Context, admin *gorm.DB, s settings, parts map[string]
 	if parts["scaling"] {
 		if err := scalingPart(ctx, admin, s); err != nil {
 			return fmt.Errorf("scaling: %w", err)
+		}
+	}
+	if parts["mariadb"] {
+		if err := mariadbPart(ctx, s); err != nil {
+			return fmt.Errorf("mariadb: %w", err)
 		}
 	}
 	return nil

@@ -52,7 +52,7 @@ func TestBenchmarkRunsEveryPart(t *testing.T) {
 	// it, this run's command without its DSN, the conditions, a row per
 	// figure, and a warning that a run with small sizes is not the benchmark.
 	expect(readFile(t, markdown),
-		"# Performance\n", "Regenerate it with:", "go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling -markdown docs/performance.md",
+		"# Performance\n", "Regenerate it with:", "go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling,mariadb -markdown docs/performance.md",
 		"go run ./cmd/outbox-bench -n 3000 -quick -rounds 1 -seconds 2 -rates 200,1500 -enqueue-rounds 1 -markdown "+markdown+"\n",
 		"**Not the full benchmark:** this run set -enqueue-rounds 1, -n 3000, -quick true, -rates 200,1500, -rounds 1, -seconds 2.",
 		"| date | ", "| cores | ", "| Go | go1.", "| PostgreSQL | ", "| machine speed | sha256 ", "| settings | backlog 3000, batch 500",
@@ -64,6 +64,18 @@ func TestBenchmarkRunsEveryPart(t *testing.T) {
 		"| enqueue | one transaction of 500 events | ")
 	if out := readFile(t, markdown); strings.Contains(out, outboxtest.PostgresDSN()) || strings.Contains(out, "-dsn host") {
 		t.Errorf("the markdown names the DSN:\n%s", out)
+	}
+
+	_, mariadbDSN := outboxtest.MariaDBDatabase(t, nil)
+	expect(run("-only", "mariadb", "-mariadb-dsn", mariadbDSN, "-mariadb-n", "2000", "-rounds", "1", "-mariadb-depths", "1000,2000", "-markdown", markdown),
+		"5. MariaDB ", "innodb_buffer_pool_size", "MariaDB alone, delete, 4 workers:", "simplest relay, keep, 4 workers:",
+		"publisher, delete, 2 workers:", "publisher, keep, 4 workers:", "× the simplest relay (target: at least 0.7×)", "× MariaDB alone (target: at least 0.6×)",
+		"1000 pending:", "(the base, median of 5); MariaDB alone:", "% of the 1k rate; target: at least 80%", "% of its 1k rate")
+	expect(readFile(t, markdown),
+		"| MariaDB drain, 2k pending | server | ", "| MariaDB drain, 2k pending | publisher, delete, 4 workers, ratios | ",
+		"| MariaDB scaling | 1k pending (the base) | ", "| MariaDB scaling | 2k pending | ")
+	if out := readFile(t, markdown); strings.Contains(out, mariadbDSN) {
+		t.Errorf("the markdown names the MariaDB DSN:\n%s", out)
 	}
 
 	expect(run("-scaling", "-depths", "2000,4000", "-published", "3000", "-markdown", markdown),

@@ -10,7 +10,7 @@ import (
 
 // fullCommand regenerates docs/performance.md with every part at its
 // default sizes: the command the file names for it, whatever run wrote it.
-const fullCommand = "go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling -markdown docs/performance.md"
+const fullCommand = "go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling,mariadb -markdown docs/performance.md"
 
 // figure is one result of the run, as -markdown writes it: the part that
 // measured it, its name, its value and what it is, in one line.
@@ -37,17 +37,18 @@ type conditions struct {
 }
 
 // commandLine is the command that ran this benchmark, as it would be typed
-// from the repository's root; the DSN is left out, as it may hold a password.
+// from the repository's root; the DSNs are left out, as they may hold a
+// password.
 func commandLine(args []string) string {
 	out := []string{"go", "run", "./cmd/outbox-bench"}
 	for i := 0; i < len(args); i++ {
 		a := args[i]
 		name := strings.TrimLeft(a, "-")
 		switch {
-		case name == "dsn":
+		case name == "dsn" || name == "mariadb-dsn":
 			i++ // and its value
 			continue
-		case strings.HasPrefix(name, "dsn="):
+		case strings.HasPrefix(name, "dsn=") || strings.HasPrefix(name, "mariadb-dsn="):
 			continue
 		}
 		out = append(out, a)
@@ -55,13 +56,13 @@ func commandLine(args []string) string {
 	return strings.Join(out, " ")
 }
 
-// setFlags lists the flags given on the command line other than -dsn and
-// -markdown, with their values: a run with any of them is not the full
+// setFlags lists the flags given on the command line other than the DSNs
+// and -markdown, with their values: a run with any of them is not the full
 // benchmark, and its file says so.
 func setFlags() []string {
 	var out []string
 	flag.Visit(func(f *flag.Flag) {
-		if f.Name != "dsn" && f.Name != "markdown" {
+		if f.Name != "dsn" && f.Name != "mariadb-dsn" && f.Name != "markdown" {
 			out = append(out, fmt.Sprintf("-%s %s", f.Name, f.Value))
 		}
 	})
@@ -78,7 +79,8 @@ func writeMarkdown(path string, c conditions, command string, changed []string, 
 	p("This file is written by the benchmark, `cmd/outbox-bench`; do not edit it by hand. Regenerate it with:\n\n")
 	p("```sh\n%s\n```\n\n", fullCommand)
 	p("It needs a PostgreSQL server (`-dsn`, or `OUTBOX_BENCH_DSN`; by default the tests' server at\n")
-	p("`127.0.0.1:5432`) and takes several minutes on two cores; the broker is kfake, in the benchmark's\n")
+	p("`127.0.0.1:5432`) and, for its MariaDB part, a MariaDB server (`-mariadb-dsn`, or\n")
+	p("`OUTBOX_BENCH_MARIADB_DSN`; by default `127.0.0.1:3306`), and takes several minutes on two cores; the broker is kfake, in the benchmark's\n")
 	p("process, over TCP. The figures describe this library's overhead and behaviour beside references\n")
 	p("measured in the same run on the same machine, not a production Kafka cluster: compare ratios\n")
 	p("within a run, not rates across machines.\n\n")
@@ -108,12 +110,15 @@ func writeMarkdown(path string, c conditions, command string, changed []string, 
 	p("and each publisher pool drains 10,000 messages, so that no round pays for a cold start. The drain and\n")
 	p("latency parts run each measurement once a round, the rounds interleaved (`-rounds`); the enqueue part\n")
 	p("runs short rounds of each variant, every other round in reverse order (`-enqueue-rounds`). A drain\n")
-	p("ends when every message is acknowledged and the stopped publisher has recorded every result.\n\n")
+	p("ends when every message is acknowledged and the stopped publisher has recorded every result. The\n")
+	p("MariaDB part works in a database of its own; every measurement drains once before the rounds, not\n")
+	p("counted, and every drain starts from a new table.\n\n")
 	p("## Other measurements\n\n")
 	p("| command | what it measures |\n|---|---|\n")
 	p("| `go run ./cmd/outbox-bench -only drain -quick` | the two ceilings and one publisher line: to compare two versions of the code back to back |\n")
+	p("| `go run ./cmd/outbox-bench -only mariadb` | the MariaDB part alone |\n")
 	p("| `go test -run x -bench CommitToAck -benchtime 100x .` | commit to Kafka acknowledgement, one message at a time, on each database, with and without a wake-up |\n")
-	p("| `go test -run x -bench HeldClaim -benchtime 200x -benchmem .` | one held claim of 500 messages and its delete on PostgreSQL, with its allocations |\n")
+	p("| `go test -run x -bench HeldClaim -benchtime 200x -benchmem ./internal/postgres` | one held claim of 500 messages and its delete on PostgreSQL, with its allocations |\n")
 	p("| `go test -run x -bench TelemetryWithoutProvider .` | what the metrics cost without a meter provider |\n")
 	p("| `cmd/outbox-bench/pgbench/run.sh 5` | the enqueue part's transactions as plain SQL through pgbench, without Go |\n")
 	return os.WriteFile(path, []byte(b.String()), 0o644)

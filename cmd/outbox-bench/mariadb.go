@@ -1,0 +1,317 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/IBM/sarama"
+	mysqldriver "github.com/go-sql-driver/mysql"
+	"github.com/google/uuid"
+	"gorm.io/driver/mysql"
+	"gorm.io/gorm"
+	"gorm.io/gorm/logger"
+
+	"github.com/gorm-outbox/outbox"
+	"github.com/gorm-outbox/outbox/kafka"
+)
+
+// mariadbPart measures the publisher's drain on MariaDB beside two
+// references taken in the same run, for each mode (published rows deleted,
+// or kept): the simplest correct relay (one transaction per batch: lock the
+// oldest pending rows FOR UPDATE SKIP LOCKED, send them, delete them or
+// mark them published, commit) and MariaDB alone (the same loop without
+// the send). Then the backlog's scaling: s.mariadbDepths drained by the
+// publisher, each ratio to the first.
+func mariadbPart(ctx context.Context, s settings) error {
+	admin, err := gorm.Open(mysql.Open(s.mariadbDSN), &gorm.Config{Logger: logger.Discard})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if sqlDB, err := admin.DB(); err == nil {
+			sqlDB.Close()
+		}
+	}()
+	var version string
+	if err := admin.Raw("SELECT VERSION()").Scan(&version).Error; err != nil {
+		return err
+	}
+	n := s.mariadbN
+	var bufferPool int64
+	if err := admin.Raw("SELECT @@innodb_buffer_pool_size").Scan(&bufferPool).Error; err != nil {
+		return err
+	}
+	fmt.Printf("\n5. MariaDB %s (innodb_buffer_pool_size %d MiB): drain of %d pending messages, batch %d, %d rounds, interleaved (medians)\n",
+		version, bufferPool>>20, n, s.batch, s.rounds)
+	part := fmt.Sprintf("MariaDB drain, %s pending", count(n))
+	record(part, "server", "the MariaDB server the part ran on", "%s, innodb_buffer_pool_size %d MiB", version, bufferPool>>20)
+	name := "bench_" + strings.ReplaceAll(uuid.NewString(), "-", "")[:12]
+	if err := admin.Exec("CREATE DATABASE " + name).Error; err != nil {
+		return err
+	}
+	defer admin.Exec("DROP DATABASE " + name)
+	cfg, err := mysqldriver.ParseDSN(s.mariadbDSN)
+	if err != nil {
+		return fmt.Errorf("-mariadb-dsn: %w", err)
+	}
+	cfg.DBName, cfg.ParseTime = name, true
+	dsn := cfg.FormatDSN()
+	keep, closeKeep, err := openWith(mysql.Open(dsn))
+	if err != nil {
+		return err
+	}
+	defer closeKeep()
+	if err := keep.Use(outbox.Plugin()); err != nil {
+		return err
+	}
+	deleting, closeDeleting, err := openWith(mysql.Open(dsn))
+	if err != nil {
+		return err
+	}
+	defer closeDeleting()
+	if err := deleting.Use(outbox.Plugin(outbox.WithoutMigration(), outbox.WithDeleteOnPublish())); err != nil {
+		return err
+	}
+	cluster, err := newBroker("bench")
+	if err != nil {
+		return err
+	}
+	defer cluster.Close()
+	addrs := cluster.ListenAddrs()
+	payload := []byte(strings.Repeat("x", s.payloadBytes))
+	if _, err := produceOnly(addrs, s.batch, s.workers, retentionMessages(s.payloadBytes), s.keys, payload); err != nil {
+		return fmt.Errorf("warming up: %w", err)
+	}
+
+	type measure struct {
+		name, what string
+		mode       string // "delete" or "keep"
+		publisher  bool
+		run        func() (float64, error)
+	}
+	drained := func(run func() (float64, error)) func() (float64, error) {
+		return func() (float64, error) {
+			if err := fillMariaDB(keep, n, s.keys, payload); err != nil {
+				return 0, err
+			}
+			rate, err := run()
+			if err != nil {
+				return 0, err
+			}
+			return rate, keep.Exec("TRUNCATE " + outbox.DefaultTableName).Error
+		}
+	}
+	var measures []measure
+	for _, mode := range []string{"delete", "keep"} {
+		measures = append(measures,
+			measure{fmt.Sprintf("MariaDB alone, %s, %d workers:", mode, s.workers),
+				"one READ COMMITTED transaction per batch: lock the oldest pending rows (FOR UPDATE SKIP LOCKED), " + modeWords(mode) + ", commit; nothing sent", mode, false,
+				drained(func() (float64, error) { return relayMariaDB(ctx, keep, nil, mode, s.batch, s.workers, n) })},
+			measure{fmt.Sprintf("simplest relay, %s, %d workers:", mode, s.workers),
+				"the same loop with the batch sent to the broker before the commit: no lease, no per-key order across workers", mode, false,
+				drained(func() (float64, error) { return relayMariaDB(ctx, keep, addrs, mode, s.batch, s.workers, n) })})
+	}
+	for _, workers := range []int{2, s.workers} {
+		for _, mode := range []string{"delete", "keep"} {
+			pool := keep
+			if mode == "delete" {
+				pool = deleting
+			}
+			run := s
+			run.workers = workers
+			measures = append(measures, measure{fmt.Sprintf("publisher, %s, %d workers:", mode, workers),
+				"the outbox's publisher draining the backlog to the broker, " + modeWords(mode), mode, true,
+				drained(func() (float64, error) { return publisherDrain(ctx, pool, addrs, run, n, nil) })})
+		}
+		if s.workers == 2 {
+			break
+		}
+	}
+	// Every pool's first drain, not counted: new connections and the
+	// first batches of a new table.
+	for _, m := range measures {
+		if _, err := m.run(); err != nil {
+			return fmt.Errorf("warming up %s %w", m.name, err)
+		}
+	}
+	rates := make([][]float64, len(measures))
+	for r := range s.rounds {
+		fmt.Fprintf(os.Stderr, "   MariaDB drain round %d of %d\n", r+1, s.rounds)
+		for i, m := range measures {
+			rate, err := m.run()
+			if err != nil {
+				return fmt.Errorf("%s %w", m.name, err)
+			}
+			rates[i] = append(rates[i], rate)
+		}
+	}
+	reference := func(prefix, mode string) float64 {
+		for i, m := range measures {
+			if strings.HasPrefix(m.name, prefix) && m.mode == mode {
+				return median(rates[i])
+			}
+		}
+		return 0
+	}
+	for i, m := range measures {
+		fmt.Printf("   %-42s %8.0f msg/s  (rounds %s)\n", m.name, median(rates[i]), thousands(rates[i]))
+		record(part, strings.TrimSuffix(m.name, ":"), m.what+fmt.Sprintf("; median of %d rounds", s.rounds), "%.0f msg/s", median(rates[i]))
+		if !m.publisher {
+			continue
+		}
+		relay, alone := reference("simplest relay", m.mode), reference("MariaDB alone", m.mode)
+		fmt.Printf("      %.2f× the simplest relay (target: at least 0.7×), %.2f× MariaDB alone (target: at least 0.6×)\n",
+			median(rates[i])/relay, median(rates[i])/alone)
+		record(part, strings.TrimSuffix(m.name, ":")+", ratios",
+			"the line above over the simplest relay's and MariaDB alone's medians, same mode (targets: at least 0.7× and 0.6×)",
+			"%.2f× the simplest relay, %.2f× MariaDB alone", median(rates[i])/relay, median(rates[i])/alone)
+	}
+	return mariadbScaling(ctx, deleting, keep, addrs, s, payload)
+}
+
+// mariadbScaling drains s.mariadbDepths pending messages with the
+// publisher (published rows deleted, s.workers workers), and then MariaDB
+// alone drains the same depth, so that a deep backlog's slower drain can be
+// told from the server's own; the first depth, the base, five times and
+// the medians taken.
+func mariadbScaling(ctx context.Context, deleting, keep *gorm.DB, addrs []string, s settings, payload []byte) error {
+	const baseRuns = 5
+	var base, baseAlone float64
+	baseName := count(s.mariadbDepths[0])
+	for i, depth := range s.mariadbDepths {
+		runs := 1
+		if i == 0 {
+			runs = baseRuns
+		}
+		var rates, alone []float64
+		for range runs {
+			if err := fillMariaDB(keep, depth, s.keys, payload); err != nil {
+				return err
+			}
+			var span time.Duration
+			if _, err := publisherDrain(ctx, deleting, addrs, s, depth, &span); err != nil {
+				return err
+			}
+			rates = append(rates, float64(depth)/span.Seconds())
+			if err := fillMariaDB(keep, depth, s.keys, payload); err != nil {
+				return err
+			}
+			rate, err := relayMariaDB(ctx, keep, nil, "delete", s.batch, s.workers, depth)
+			if err != nil {
+				return err
+			}
+			alone = append(alone, rate)
+			if err := keep.Exec("TRUNCATE " + outbox.DefaultTableName).Error; err != nil {
+				return err
+			}
+		}
+		rate, aloneRate := median(rates), median(alone)
+		if i == 0 {
+			base, baseAlone = rate, aloneRate
+			fmt.Printf("   publisher, delete, %d workers, %7d pending: %8.0f msg/s (the base, median of %d); MariaDB alone: %8.0f msg/s\n",
+				s.workers, depth, rate, runs, aloneRate)
+			record("MariaDB scaling", baseName+" pending (the base)",
+				fmt.Sprintf("the publisher's steady drain rate, first send to last acknowledgement, median of %d; then MariaDB alone's drain of the same depth", runs),
+				"%.0f msg/s; MariaDB alone %.0f msg/s", rate, aloneRate)
+			continue
+		}
+		fmt.Printf("   publisher, delete, %d workers, %7d pending: %8.0f msg/s (%3.0f%% of the %s rate; target: at least 80%%); MariaDB alone: %8.0f msg/s (%3.0f%% of its %s rate)\n",
+			s.workers, depth, rate, 100*rate/base, baseName, aloneRate, 100*aloneRate/baseAlone, baseName)
+		record("MariaDB scaling", count(depth)+" pending",
+			"the publisher's steady drain rate beside the base's (target: at least 80%), and MariaDB alone's beside its own base",
+			"%.0f msg/s, %.0f%% of the %s rate; MariaDB alone %.0f msg/s, %.0f%% of its %s rate", rate, 100*rate/base, baseName, aloneRate, 100*aloneRate/baseAlone, baseName)
+	}
+	return nil
+}
+
+func modeWords(mode string) string {
+	if mode == "delete" {
+		return "each row deleted once acknowledged"
+	}
+	return "published rows kept"
+}
+
+// fillMariaDB writes n pending messages with the outbox's own multi-row
+// insert.
+func fillMariaDB(db *gorm.DB, n, keys int, payload []byte) error {
+	store, err := outbox.StoreOf(db)
+	if err != nil {
+		return err
+	}
+	const chunk = 5000
+	for done := 0; done < n; done += chunk {
+		err := db.Transaction(func(tx *gorm.DB) error {
+			var msgs []*outbox.OutboxMessage
+			now := time.Now().UTC()
+			for i := done; i < min(done+chunk, n); i++ {
+				id, _ := uuid.NewV7()
+				msgs = append(msgs, &outbox.OutboxMessage{ID: id, Topic: "bench", Key: fmt.Sprint("k", i%keys), Payload: payload,
+					Headers: outbox.Headers{}, State: outbox.StatePending, NextAttemptAt: now, CreatedAt: now})
+			}
+			return store.Save(context.Background(), tx, msgs...)
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return db.Exec("ANALYZE TABLE " + outbox.DefaultTableName).Error
+}
+
+// relayMariaDB is the simplest correct relay on InnoDB: one transaction per
+// batch that locks the oldest pending rows, sends them (unless addrs is
+// nil: MariaDB alone), deletes them or marks them published, and commits.
+func relayMariaDB(ctx context.Context, db *gorm.DB, addrs []string, mode string, batch, workers, n int) (float64, error) {
+	var p sarama.SyncProducer
+	if addrs != nil {
+		var err error
+		if p, err = sarama.NewSyncProducer(addrs, kafka.NewConfig()); err != nil {
+			return 0, err
+		}
+		defer p.Close()
+	}
+	table := outbox.DefaultTableName
+	lock := "SELECT id, topic, message_key, payload, headers FROM " + table +
+		" WHERE state = 'pending' ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED"
+	relayBatch := func() (int, error) {
+		var rows []outbox.OutboxMessage
+		err := db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+			if err := tx.Raw(lock, batch).Scan(&rows).Error; err != nil || len(rows) == 0 {
+				return err
+			}
+			ids := make([]uuid.UUID, len(rows))
+			msgs := make([]*sarama.ProducerMessage, len(rows))
+			for i, r := range rows {
+				ids[i] = r.ID
+				msgs[i] = &sarama.ProducerMessage{Topic: r.Topic, Key: sarama.StringEncoder(r.Key), Value: sarama.ByteEncoder(r.Payload),
+					Headers: []sarama.RecordHeader{{Key: []byte(kafka.MessageIDHeader), Value: []byte(r.ID.String())}}}
+			}
+			if p != nil {
+				if err := p.SendMessages(msgs); err != nil {
+					return err
+				}
+			}
+			if mode == "delete" {
+				return tx.Exec("DELETE FROM "+table+" WHERE id IN ?", ids).Error
+			}
+			// The hint keeps the UPDATE on the primary key: without it, a batch
+			// that is a large share of the table is found by a full scan.
+			return tx.Exec("UPDATE "+table+" FORCE INDEX (PRIMARY) SET state = 'published', published_at = ?, claim_token = NULL WHERE id IN ?", time.Now().UTC(), ids).Error
+		}, &sql.TxOptions{Isolation: sql.LevelReadCommitted})
+		return len(rows), err
+	}
+	return drainWith(workers, n, func() (int, error) {
+		for {
+			got, err := relayBatch()
+			// InnoDB picks a deadlock's victim among the workers' batches:
+			// a relay runs that batch again.
+			if err != nil && strings.Contains(err.Error(), "Error 1213") {
+				continue
+			}
+			return got, err
+		}
+	})
+}
