@@ -195,7 +195,8 @@ func migrationLockName(table string) string {
 }
 
 // CheckServer refuses servers without FOR UPDATE SKIP LOCKED, which
-// several publishers need to divide the work: MySQL before 8.0.1, MariaDB
+// several publishers need to divide the work, or without JSON_TABLE, which
+// the claims join their ids with (see idsTable): MySQL before 8.0.4, MariaDB
 // before 10.6.
 func (d *dialect) CheckServer(_ context.Context, db *gorm.DB) error {
 	var v string
@@ -230,8 +231,8 @@ func skipLocked(v string) error {
 		}
 		return nil
 	}
-	if major < 8 || major == 8 && minor == 0 && patch < 1 {
-		return fmt.Errorf("MySQL %s has no FOR UPDATE SKIP LOCKED; the publisher needs MySQL 8.0.1 or later", v)
+	if major < 8 || major == 8 && minor == 0 && patch < 4 {
+		return fmt.Errorf("MySQL %s has no FOR UPDATE SKIP LOCKED or no JSON_TABLE; the publisher needs MySQL 8.0.4 or later", v)
 	}
 	return nil
 }
