@@ -4,13 +4,17 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 )
 
 // fullCommand regenerates docs/performance.md with every part at its
 // default sizes: the command the file names for it, whatever run wrote it.
-const fullCommand = "go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling,mariadb -markdown docs/performance.md"
+const fullCommand = "go run ./cmd/outbox-bench -only " + allParts + " -markdown docs/performance.md"
+
+// allParts are every part of the benchmark, as -only names them.
+const allParts = "drain,latency,enqueue,scaling,mariadb"
 
 // figure is one result of the run, as -markdown writes it: the part that
 // measured it, its name, its value and what it is, in one line.
@@ -52,8 +56,25 @@ func commandLine(args []string) string {
 			continue
 		}
 		out = append(out, a)
+		if (name == "markdown") && i+1 < len(args) {
+			i++
+			out = append(out, relative(args[i]))
+		}
 	}
 	return strings.Join(out, " ")
+}
+
+// relative is path from the working directory, where it is below it: the
+// command as typed in the repository, not where this machine keeps it.
+func relative(path string) string {
+	wd, err := os.Getwd()
+	if err != nil || !filepath.IsAbs(path) {
+		return path
+	}
+	if rel, err := filepath.Rel(wd, path); err == nil && !strings.HasPrefix(rel, "..") {
+		return rel
+	}
+	return path
 }
 
 // setFlags lists the flags given on the command line other than the DSNs
@@ -62,7 +83,10 @@ func commandLine(args []string) string {
 func setFlags() []string {
 	var out []string
 	flag.Visit(func(f *flag.Flag) {
-		if f.Name != "dsn" && f.Name != "mariadb-dsn" && f.Name != "markdown" {
+		switch {
+		case f.Name == "dsn" || f.Name == "mariadb-dsn" || f.Name == "markdown":
+		case f.Name == "only" && f.Value.String() == allParts: // what the full command sets
+		default:
 			out = append(out, fmt.Sprintf("-%s %s", f.Name, f.Value))
 		}
 	})
@@ -80,10 +104,10 @@ func writeMarkdown(path string, c conditions, command string, changed []string, 
 	p("```sh\n%s\n```\n\n", fullCommand)
 	p("It needs a PostgreSQL server (`-dsn`, or `OUTBOX_BENCH_DSN`; by default the tests' server at\n")
 	p("`127.0.0.1:5432`) and, for its MariaDB part, a MariaDB server (`-mariadb-dsn`, or\n")
-	p("`OUTBOX_BENCH_MARIADB_DSN`; by default `127.0.0.1:3306`), and takes several minutes on two cores; the broker is kfake, in the benchmark's\n")
-	p("process, over TCP. The figures describe this library's overhead and behaviour beside references\n")
-	p("measured in the same run on the same machine, not a production Kafka cluster: compare ratios\n")
-	p("within a run, not rates across machines.\n\n")
+	p("`OUTBOX_BENCH_MARIADB_DSN`; by default `127.0.0.1:3306`), and takes about ten minutes on two cores.\n")
+	p("The broker is kfake, in the benchmark's process, over TCP. The figures describe this library's\n")
+	p("overhead and behaviour beside references measured in the same run on the same machine, not a\n")
+	p("production Kafka cluster: compare ratios within a run, not rates across machines.\n\n")
 	p("## This run\n\n")
 	p("```sh\n%s\n```\n\n", command)
 	if len(changed) > 0 {
