@@ -28,6 +28,16 @@ import (
 // touches the picked rows only: one it skips is in a claim (or being
 // written by one).
 func (d *dialect) ClaimBatch(ctx, work context.Context, opts core.ClaimOptions) (sqlstore.Batch, error) {
+	if _, err := d.store.SQLDB(); err != nil {
+		// No connection of its own to give a timeout (a pool that is not a
+		// *sql.DB): a claim held by a publisher that stops answering would
+		// never end, so it takes a lease instead.
+		token, msgs, err := d.store.Claim(ctx, opts)
+		if err != nil {
+			return nil, err
+		}
+		return &sqlstore.LeaseBatch{Store: d.store, Token: token, Msgs: msgs}, nil
+	}
 	c, err := d.held.Claim(ctx, work, opts)
 	if err != nil {
 		return nil, err
@@ -47,22 +57,26 @@ func (d *dialect) HeldWalk(_ context.Context, tx *gorm.DB, _ *sql.Conn, now time
 // LockHeld first sets the connection's wait_timeout to the lease, so that
 // the server closes the connection, rolling the claim back, if the
 // publisher stops answering (MySQL has no timeout for an idle transaction
-// alone); AfterHeld puts the server's value back.
+// alone); it keeps the session's own value, which AfterHeld puts back.
 func (d *dialect) LockHeld(tx *gorm.DB, conn *sql.Conn, now time.Time, picked []sqlstore.Picked, lease time.Duration) ([]sqlstore.Picked, error) {
 	if len(picked) == 0 {
 		return nil, nil
 	}
 	if conn != nil {
 		secs := max(int64((lease+time.Second-1)/time.Second), 1)
-		if err := tx.Exec("SET SESSION wait_timeout = " + strconv.FormatInt(secs, 10)).Error; err != nil {
+		if err := tx.Exec("SET @outbox_wait_timeout = @@SESSION.wait_timeout, SESSION wait_timeout = " + strconv.FormatInt(secs, 10)).Error; err != nil {
 			return nil, err
 		}
 	}
 	return d.lockPicked(tx, now, picked, true)
 }
 
+// AfterHeld runs only after a LockHeld that set the timeout. It is bounded:
+// a connection that does not answer is discarded, not waited for.
 func (d *dialect) AfterHeld(conn *sql.Conn) error {
-	_, err := conn.ExecContext(context.Background(), "SET SESSION wait_timeout = @@GLOBAL.wait_timeout")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err := conn.ExecContext(ctx, "SET SESSION wait_timeout = @outbox_wait_timeout, @outbox_wait_timeout = NULL")
 	return err
 }
 

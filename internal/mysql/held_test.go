@@ -42,7 +42,8 @@ func newStore(db *gorm.DB) *sqlstore.Store {
 
 // A held claim shortens its connection's wait_timeout to the lease, so
 // that the server ends the claim of a publisher that stops answering; the
-// connection goes back to the pool with the server's own value.
+// connection goes back to the pool with the session's own value (one the
+// DSN set, here).
 func TestHeldClaimPutsTheConnectionsTimeoutBack(t *testing.T) {
 	db := setup(t, 3)
 	sqlDB, err := db.DB()
@@ -50,8 +51,8 @@ func TestHeldClaimPutsTheConnectionsTimeoutBack(t *testing.T) {
 		t.Fatal(err)
 	}
 	sqlDB.SetMaxOpenConns(1) // the claim's connection is the one read below
-	var global int
-	if err := db.Raw("SELECT @@GLOBAL.wait_timeout").Scan(&global).Error; err != nil {
+	const own = 1234
+	if err := db.Exec("SET SESSION wait_timeout = ?", own).Error; err != nil {
 		t.Fatal(err)
 	}
 	c, err := mysql.ClaimHeld(t.Context(), newStore(db), outbox.ClaimOptions{Limit: 10, Lease: 7 * time.Second})
@@ -69,8 +70,8 @@ func TestHeldClaimPutsTheConnectionsTimeoutBack(t *testing.T) {
 	if err := db.Raw("SELECT @@SESSION.wait_timeout").Scan(&after).Error; err != nil {
 		t.Fatal(err)
 	}
-	if during != 7 || after != global {
-		t.Fatalf("wait_timeout during the claim %d (want 7), after it %d (want the server's %d)", during, after, global)
+	if during != 7 || after != own {
+		t.Fatalf("wait_timeout during the claim %d (want 7), after it %d (want the session's %d)", during, after, own)
 	}
 }
 

@@ -34,7 +34,8 @@ type Holder interface {
 	// claim's held rows, in its transaction tx (see Store.MarkPublishedWhere).
 	WritePublished(tx *gorm.DB, published []uuid.UUID, held []Picked) error
 	// AfterHeld runs on conn once the claim's transaction has ended, before
-	// the connection goes back to the pool; an error discards it.
+	// the connection goes back to the pool, if LockHeld was given rows to
+	// lock; an error discards the connection.
 	AfterHeld(conn *sql.Conn) error
 }
 
@@ -61,11 +62,12 @@ func NewHeldClaims(store *Store, holder Holder) *HeldClaims {
 // HeldClaim is one held claim: a Batch whose results are written in its
 // own transaction.
 type HeldClaim struct {
-	h    *HeldClaims
-	conn *sql.Conn // the pool connection tx runs on; nil if the pool is not a *sql.DB
-	tx   *gorm.DB
-	msgs []Picked // with the addresses where the lock found them
-	done bool
+	h      *HeldClaims
+	conn   *sql.Conn // the pool connection tx runs on; nil if the pool is not a *sql.DB
+	tx     *gorm.DB
+	msgs   []Picked // with the addresses where the lock found them
+	done   bool
+	locked bool // LockHeld ran with rows to lock (see Holder.AfterHeld)
 }
 
 // inFlight is the set of rows this process's held claims have locked, with
@@ -159,6 +161,7 @@ func (h *HeldClaims) Claim(ctx, work context.Context, opts core.ClaimOptions) (*
 		// so the other workers' walks leave them out. The lock reads what
 		// the walk left out of the rows (see walkKeys): walks take turns,
 		// locks do not.
+		c.locked = len(c.msgs) > 0
 		locked, err := h.holder.LockHeld(c.tx, c.conn, now, c.msgs, opts.Lease)
 		if err != nil {
 			return err
@@ -340,7 +343,7 @@ func (c *HeldClaim) abandon() {
 func (c *HeldClaim) release() {
 	c.h.flying.claims.Add(-1)
 	if c.conn != nil {
-		if err := c.h.holder.AfterHeld(c.conn); err != nil {
+		if err := c.afterHeld(); err != nil {
 			_ = c.conn.Raw(func(any) error { return driver.ErrBadConn })
 		}
 		c.conn.Close()
@@ -396,4 +399,11 @@ func KeepLocked(picked []Picked, locked []bool, n int) []Picked {
 		}
 	}
 	return out
+}
+
+func (c *HeldClaim) afterHeld() error {
+	if !c.locked {
+		return nil
+	}
+	return c.h.holder.AfterHeld(c.conn)
 }
