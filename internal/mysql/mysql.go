@@ -198,12 +198,59 @@ func migrationLockName(table string) string {
 // several publishers need to divide the work, or without JSON_TABLE, which
 // the claims join their ids with (see idsTable): MySQL before 8.0.4, MariaDB
 // before 10.6.
+//
+// It also refuses a table whose id column is MariaDB's UUID type on a
+// MariaDB that stores UUIDv7 values byte-swapped (see swapsUUIDv7).
 func (d *dialect) CheckServer(_ context.Context, db *gorm.DB) error {
 	var v string
 	if err := db.Raw("SELECT VERSION()").Scan(&v).Error; err != nil {
 		return fmt.Errorf("outbox: reading the server version: %w", err)
 	}
-	return CheckVersion(v)
+	if err := CheckVersion(v); err != nil {
+		return err
+	}
+	if !swapsUUIDv7(v) {
+		return nil
+	}
+	isUUID, err := idIsUUID(db, d.table)
+	if err != nil {
+		return err
+	}
+	if isUUID {
+		return fmt.Errorf("%w: MariaDB %s stores UUIDv7 values byte-swapped, so that %s's ids (UUID type) do not sort in the order they were enqueued "+
+			"and each key's order would not hold; use MariaDB 10.10.6, 10.11.5 or later, or an id column of type char(36)", core.ErrUnsupportedServer, v, d.table)
+	}
+	return nil
+}
+
+// idIsUUID reports whether the id column of table (table or
+// database.table) is of MariaDB's UUID type.
+func idIsUUID(db *gorm.DB, table string) (bool, error) {
+	schema := ""
+	if i := strings.LastIndex(table, "."); i >= 0 {
+		schema, table = table[:i], table[i+1:]
+	}
+	var types []string
+	err := db.Raw("SELECT DATA_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = COALESCE(NULLIF(?, ''), DATABASE()) AND TABLE_NAME = ? AND COLUMN_NAME = 'id'",
+		schema, table).Scan(&types).Error
+	if err != nil {
+		return false, fmt.Errorf("outbox: reading the type of %s.id: %w", table, err)
+	}
+	return len(types) == 1 && strings.EqualFold(types[0], "uuid"), nil
+}
+
+// swapsUUIDv7 reports whether a MariaDB version stores UUIDs of version 6
+// and later byte-swapped, as it does UUIDv1 for its index locality: from
+// 10.7, where the UUID type came, to 10.10.5 and 10.11.4.
+func swapsUUIDv7(v string) bool {
+	m := versionNumber.FindStringSubmatch(v)
+	if m == nil || !strings.Contains(strings.ToLower(v), "mariadb") {
+		return false
+	}
+	major, _ := strconv.Atoi(m[1])
+	minor, _ := strconv.Atoi(m[2])
+	patch, _ := strconv.Atoi(m[3])
+	return major == 10 && (minor >= 7 && minor <= 9 || minor == 10 && patch < 6 || minor == 11 && patch < 5)
 }
 
 var versionNumber = regexp.MustCompile(`^(\d+)\.(\d+)\.?(\d*)`)
