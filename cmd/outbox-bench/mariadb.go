@@ -174,56 +174,74 @@ func mariadbPart(ctx context.Context, s settings) error {
 }
 
 // mariadbScaling drains s.mariadbDepths pending messages with the
-// publisher (published rows deleted, s.workers workers), and then MariaDB
-// alone drains the same depth, so that a deep backlog's slower drain can be
-// told from the server's own; the first depth, the base, five times and
-// the medians taken.
+// publisher (published rows deleted, s.workers workers), then the simplest
+// relay and MariaDB alone drain the same depth, so that a deep backlog's
+// slower drain can be told from the server's and the machine's own; the
+// first depth, the base, five times and the medians taken.
 func mariadbScaling(ctx context.Context, deleting, keep *gorm.DB, addrs []string, s settings, payload []byte) error {
 	const baseRuns = 5
-	var base, baseAlone float64
 	baseName := count(s.mariadbDepths[0])
+	type line struct {
+		name  string
+		drain func(depth int) (float64, error)
+	}
+	lines := []line{
+		{"publisher", func(depth int) (float64, error) {
+			var span time.Duration
+			if _, err := publisherDrain(ctx, deleting, addrs, s, depth, &span); err != nil {
+				return 0, err
+			}
+			return float64(depth) / span.Seconds(), nil
+		}},
+		{"simplest relay", func(depth int) (float64, error) {
+			return relayMariaDB(ctx, keep, addrs, "delete", s.batch, s.workers, depth)
+		}},
+		{"MariaDB alone", func(depth int) (float64, error) {
+			return relayMariaDB(ctx, keep, nil, "delete", s.batch, s.workers, depth)
+		}},
+	}
+	base := make([]float64, len(lines))
 	for i, depth := range s.mariadbDepths {
 		runs := 1
 		if i == 0 {
 			runs = baseRuns
 		}
-		var rates, alone []float64
+		rates := make([][]float64, len(lines))
 		for range runs {
-			if err := fillMariaDB(keep, depth, s.keys, payload); err != nil {
-				return err
-			}
-			var span time.Duration
-			if _, err := publisherDrain(ctx, deleting, addrs, s, depth, &span); err != nil {
-				return err
-			}
-			rates = append(rates, float64(depth)/span.Seconds())
-			if err := fillMariaDB(keep, depth, s.keys, payload); err != nil {
-				return err
-			}
-			rate, err := relayMariaDB(ctx, keep, nil, "delete", s.batch, s.workers, depth)
-			if err != nil {
-				return err
-			}
-			alone = append(alone, rate)
-			if err := keep.Exec("TRUNCATE " + outbox.DefaultTableName).Error; err != nil {
-				return err
+			for l, ln := range lines {
+				if err := fillMariaDB(keep, depth, s.keys, payload); err != nil {
+					return err
+				}
+				rate, err := ln.drain(depth)
+				if err != nil {
+					return fmt.Errorf("%s, %d pending: %w", ln.name, depth, err)
+				}
+				rates[l] = append(rates[l], rate)
+				if err := keep.Exec("TRUNCATE " + outbox.DefaultTableName).Error; err != nil {
+					return err
+				}
 			}
 		}
-		rate, aloneRate := median(rates), median(alone)
+		var parts []string
+		for l, ln := range lines {
+			rate := median(rates[l])
+			if i == 0 {
+				base[l] = rate
+				parts = append(parts, fmt.Sprintf("%s %.0f msg/s", ln.name, rate))
+				continue
+			}
+			parts = append(parts, fmt.Sprintf("%s %.0f msg/s, %.0f%% of its %s rate", ln.name, rate, 100*rate/base[l], baseName))
+		}
 		if i == 0 {
-			base, baseAlone = rate, aloneRate
-			fmt.Printf("   publisher, delete, %d workers, %7d pending: %8.0f msg/s (the base, median of %d); MariaDB alone: %8.0f msg/s\n",
-				s.workers, depth, rate, runs, aloneRate)
+			fmt.Printf("   delete, %d workers, %7d pending (the base, medians of %d): %s\n", s.workers, depth, runs, strings.Join(parts, "; "))
 			record("MariaDB scaling", baseName+" pending (the base)",
-				fmt.Sprintf("the publisher's steady drain rate, first send to last acknowledgement, median of %d; then MariaDB alone's drain of the same depth", runs),
-				"%.0f msg/s; MariaDB alone %.0f msg/s", rate, aloneRate)
+				fmt.Sprintf("steady drain rates (the publisher's from its first send to its last acknowledgement), medians of %d", runs),
+				"%s", strings.Join(parts, "; "))
 			continue
 		}
-		fmt.Printf("   publisher, delete, %d workers, %7d pending: %8.0f msg/s (%3.0f%% of the %s rate; target: at least 80%%); MariaDB alone: %8.0f msg/s (%3.0f%% of its %s rate)\n",
-			s.workers, depth, rate, 100*rate/base, baseName, aloneRate, 100*aloneRate/baseAlone, baseName)
+		fmt.Printf("   delete, %d workers, %7d pending: %s (target for the publisher: at least 80%%)\n", s.workers, depth, strings.Join(parts, "; "))
 		record("MariaDB scaling", count(depth)+" pending",
-			"the publisher's steady drain rate beside the base's (target: at least 80%), and MariaDB alone's beside its own base",
-			"%.0f msg/s, %.0f%% of the %s rate; MariaDB alone %.0f msg/s, %.0f%% of its %s rate", rate, 100*rate/base, baseName, aloneRate, 100*aloneRate/baseAlone, baseName)
+			"each drain's rate beside its own base's (target for the publisher: at least 80%)", "%s", strings.Join(parts, "; "))
 	}
 	return nil
 }
