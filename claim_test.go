@@ -74,48 +74,60 @@ func TestClaimReturnsOnlyWhatItStamped(t *testing.T) {
 func TestRecordingDoesNotWaitForAnOpenEnqueuingTransaction(t *testing.T) {
 	eachDBWith(t, func(f features) bool { return f.processes }, func(t *testing.T, db *gorm.DB) {
 		store, _ := outbox.StoreOf(db)
-		enqueueN(t, db, "t", 25)
-		open, release := make(chan struct{}), make(chan struct{})
-		done := make(chan error, 1)
-		go func() {
-			done <- db.Transaction(func(tx *gorm.DB) error {
-				if err := outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: "open", Payload: "x"}); err != nil {
-					return err
-				}
-				close(open)
-				<-release
-				return nil
-			})
-		}()
-		<-open
-		enqueueN(t, db, "t", 100)
-
-		// 25 messages older than the open transaction's, 25 newer.
-		token, msgs, err := store.Claim(t.Context(), outbox.ClaimOptions{Limit: 50, Lease: time.Minute})
-		if err != nil || len(msgs) != 50 {
-			close(release)
-			t.Fatalf("claim: %d messages, %v; want 50", len(msgs), err)
-		}
-		ids := make([]uuid.UUID, len(msgs))
-		for i, m := range msgs {
-			ids[i] = m.ID
-		}
-		// Far longer than the statement needs; a wait for the open
-		// transaction would last until release.
-		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-		defer cancel()
-		err = store.MarkPublished(ctx, token, ids)
-		close(release)
-		if err != nil {
-			t.Fatalf("recording the batch waited for the open transaction: %v", err)
-		}
-		if err := <-done; err != nil {
-			t.Fatal(err)
-		}
-		if n := count(t, db, outbox.DefaultTableName, "state = ?", outbox.StatePublished); n != 50 {
-			t.Fatalf("%d published, want 50", n)
-		}
+		recordBesideAnOpenEnqueue(t, db, func(ctx context.Context) (int, error) {
+			token, msgs, err := store.Claim(t.Context(), outbox.ClaimOptions{Limit: 50, Lease: time.Minute})
+			if err != nil {
+				return 0, err
+			}
+			return len(msgs), store.MarkPublished(ctx, token, idsOf(msgs))
+		})
 	})
+}
+
+// recordBesideAnOpenEnqueue commits 25 messages, opens a transaction that
+// enqueues one and stays open, commits 100 more, and runs claimAndRecord,
+// which must claim 50 messages (25 on each side of the open one) and record
+// them published without waiting for the open transaction.
+func recordBesideAnOpenEnqueue(t *testing.T, db *gorm.DB, claimAndRecord func(ctx context.Context) (claimed int, err error)) {
+	t.Helper()
+	enqueueN(t, db, "t", 25)
+	open, release := make(chan struct{}), make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		done <- db.Transaction(func(tx *gorm.DB) error {
+			if err := outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: "open", Payload: "x"}); err != nil {
+				return err
+			}
+			close(open)
+			<-release
+			return nil
+		})
+	}()
+	<-open
+	enqueueN(t, db, "t", 100)
+	// Far longer than the statements need; a wait for the open
+	// transaction would last until release.
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	claimed, err := claimAndRecord(ctx)
+	close(release)
+	if err != nil || claimed != 50 {
+		t.Fatalf("claiming 50 and recording them beside the open transaction: %d claimed, %v", claimed, err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if n := count(t, db, outbox.DefaultTableName, "state = ?", outbox.StatePublished); n != 50 {
+		t.Fatalf("%d published, want 50", n)
+	}
+}
+
+func idsOf(msgs []*outbox.OutboxMessage) []uuid.UUID {
+	ids := make([]uuid.UUID, len(msgs))
+	for i, m := range msgs {
+		ids[i] = m.ID
+	}
+	return ids
 }
 
 // A row that another transaction has locked, for whatever reason, may be
@@ -183,44 +195,14 @@ func TestClaimsLeaveAKeyWhoseOldestRowIsLocked(t *testing.T) {
 func TestPublisherClaimDoesNotWaitForAnOpenEnqueuingTransaction(t *testing.T) {
 	eachDBWith(t, func(f features) bool { return f.processes }, func(t *testing.T, db *gorm.DB) {
 		store, _ := outbox.StoreOf(db)
-		enqueueN(t, db, "t", 25)
-		open, release := make(chan struct{}), make(chan struct{})
-		done := make(chan error, 1)
-		go func() {
-			done <- db.Transaction(func(tx *gorm.DB) error {
-				if err := outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: "open", Payload: "x"}); err != nil {
-					return err
-				}
-				close(open)
-				<-release
-				return nil
-			})
-		}()
-		<-open
-		enqueueN(t, db, "t", 100)
-		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-		defer cancel()
-		msgs, record, end, err := outbox.ClaimBatch(ctx, store, outbox.ClaimOptions{Limit: 50, Lease: time.Minute})
-		if err != nil || len(msgs) != 50 {
-			close(release)
-			t.Fatalf("claim: %d messages, %v; want 50", len(msgs), err)
-		}
-		defer end()
-		ids := make([]uuid.UUID, len(msgs))
-		for i, m := range msgs {
-			ids[i] = m.ID
-		}
-		err = record(ids, nil)
-		close(release)
-		if err != nil {
-			t.Fatalf("recording the batch waited for the open transaction: %v", err)
-		}
-		if err := <-done; err != nil {
-			t.Fatal(err)
-		}
-		if n := count(t, db, outbox.DefaultTableName, "state = ?", outbox.StatePublished); n != 50 {
-			t.Fatalf("%d published, want 50", n)
-		}
+		recordBesideAnOpenEnqueue(t, db, func(ctx context.Context) (int, error) {
+			msgs, record, end, err := outbox.ClaimBatch(ctx, store, outbox.ClaimOptions{Limit: 50, Lease: time.Minute})
+			if err != nil {
+				return 0, err
+			}
+			defer end()
+			return len(msgs), record(idsOf(msgs), nil)
+		})
 	})
 }
 

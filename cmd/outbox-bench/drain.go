@@ -439,6 +439,15 @@ func fill(db *gorm.DB, table string, n, keys int, payload []byte) error {
 	if err != nil {
 		return err
 	}
+	if err := saveBacklog(db, store, n, keys, payload); err != nil {
+		return err
+	}
+	return db.Exec("ANALYZE " + table).Error
+}
+
+// saveBacklog writes n pending messages through store, 5,000 a
+// transaction, keyed over keys keys.
+func saveBacklog(db *gorm.DB, store outbox.Store, n, keys int, payload []byte) error {
 	const chunk = 5000
 	for done := 0; done < n; done += chunk {
 		err := db.Transaction(func(tx *gorm.DB) error {
@@ -455,7 +464,7 @@ func fill(db *gorm.DB, table string, n, keys int, payload []byte) error {
 			return err
 		}
 	}
-	return db.Exec("ANALYZE " + table).Error
+	return nil
 }
 
 // drainDB is the simplest correct drain of a queue table: delete a batch of

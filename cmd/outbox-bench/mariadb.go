@@ -260,21 +260,8 @@ func fillMariaDB(db *gorm.DB, n, keys int, payload []byte) error {
 	if err != nil {
 		return err
 	}
-	const chunk = 5000
-	for done := 0; done < n; done += chunk {
-		err := db.Transaction(func(tx *gorm.DB) error {
-			var msgs []*outbox.OutboxMessage
-			now := time.Now().UTC()
-			for i := done; i < min(done+chunk, n); i++ {
-				id, _ := uuid.NewV7()
-				msgs = append(msgs, &outbox.OutboxMessage{ID: id, Topic: "bench", Key: fmt.Sprint("k", i%keys), Payload: payload,
-					Headers: outbox.Headers{}, State: outbox.StatePending, NextAttemptAt: now, CreatedAt: now})
-			}
-			return store.Save(context.Background(), tx, msgs...)
-		})
-		if err != nil {
-			return err
-		}
+	if err := saveBacklog(db, store, n, keys, payload); err != nil {
+		return err
 	}
 	return db.Exec("ANALYZE TABLE " + outbox.DefaultTableName).Error
 }

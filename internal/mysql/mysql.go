@@ -56,6 +56,7 @@ func Open(db *gorm.DB, cfg sqlstore.Config) *sqlstore.Store {
 // for other reasons, among them a key's oldest message, and take the next
 // one.
 type dialect struct {
+	sqlstore.ListArgs
 	table string
 	store *sqlstore.Store
 	held  *sqlstore.HeldClaims
@@ -73,24 +74,10 @@ type dialect struct {
 // sent twice.
 var readCommitted = &sql.TxOptions{Isolation: sql.LevelReadCommitted}
 
-func (d *dialect) InIDs(col string, ids []uuid.UUID) (string, any) { return col + " IN ?", ids }
-
 // NotInIDs leaves the rows in flight for the walk to skip: a NOT IN list
 // of thousands of ids costs InnoDB's range optimizer more to plan than the
 // walk costs to read those rows.
 func (d *dialect) NotInIDs(string, []uuid.UUID) (string, any) { return "", nil }
-func (d *dialect) NotInKeys(col string, keys map[string]bool) (string, any) {
-	out := make([]string, 0, len(keys))
-	for k := range keys {
-		out = append(out, k)
-	}
-	return col + " NOT IN ?", out
-}
-func (d *dialect) IDArg(id uuid.UUID) any      { return id }
-func (d *dialect) Placeholder(int) string      { return "?" }
-func (d *dialect) InsertPrefix() string        { return "" }
-func (d *dialect) AddressColumn() string       { return "" }
-func (d *dialect) Notifier() sqlstore.Notifier { return nil }
 
 // PendingHint: MariaDB's optimizer reads "state = 'pending' ORDER BY id
 // LIMIT n" along the primary key, through every published row, instead of

@@ -9,7 +9,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/google/uuid"
 	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox/internal/sqlstore"
@@ -37,6 +36,7 @@ func Open(db *gorm.DB, cfg sqlstore.Config) *sqlstore.Store {
 }
 
 type dialect struct {
+	sqlstore.ListArgs
 	table string
 	// writer holds a token during a write turn: the store's own write
 	// transactions (claims, results, cleanups) take turns in the process.
@@ -46,23 +46,7 @@ type dialect struct {
 	writer chan struct{}
 }
 
-func (d *dialect) InIDs(col string, ids []uuid.UUID) (string, any) { return col + " IN ?", ids }
-func (d *dialect) NotInIDs(col string, ids []uuid.UUID) (string, any) {
-	return col + " NOT IN ?", ids
-}
-func (d *dialect) NotInKeys(col string, keys map[string]bool) (string, any) {
-	out := make([]string, 0, len(keys))
-	for k := range keys {
-		out = append(out, k)
-	}
-	return col + " NOT IN ?", out
-}
-func (d *dialect) IDArg(id uuid.UUID) any                      { return id }
-func (d *dialect) Placeholder(int) string                      { return "?" }
-func (d *dialect) InsertPrefix() string                        { return "" }
 func (d *dialect) PendingHint() string                         { return "" }
-func (d *dialect) AddressColumn() string                       { return "" }
-func (d *dialect) Notifier() sqlstore.Notifier                 { return nil }
 func (d *dialect) CheckServer(context.Context, *gorm.DB) error { return nil }
 
 func (d *dialect) LockPicked(_ *gorm.DB, _ time.Time, picked []sqlstore.Picked) ([]sqlstore.Picked, error) {

@@ -116,3 +116,23 @@ type BatchClaimer interface {
 type Listener interface {
 	Listen(ctx context.Context, ready, wake func()) error
 }
+
+// ListArgs is the part of a Dialect for a database whose driver takes ?
+// placeholders, and a list as one argument that GORM expands (MySQL,
+// SQLite): a database package embeds it and writes the rest.
+type ListArgs struct{}
+
+func (ListArgs) InIDs(col string, ids []uuid.UUID) (string, any)    { return col + " IN ?", ids }
+func (ListArgs) NotInIDs(col string, ids []uuid.UUID) (string, any) { return col + " NOT IN ?", ids }
+func (ListArgs) NotInKeys(col string, keys map[string]bool) (string, any) {
+	out := make([]string, 0, len(keys))
+	for k := range keys {
+		out = append(out, k)
+	}
+	return col + " NOT IN ?", out
+}
+func (ListArgs) IDArg(id uuid.UUID) any { return id }
+func (ListArgs) Placeholder(int) string { return "?" }
+func (ListArgs) InsertPrefix() string   { return "" }
+func (ListArgs) AddressColumn() string  { return "" }
+func (ListArgs) Notifier() Notifier     { return nil }
