@@ -5,46 +5,16 @@ import (
 
 	"gorm.io/gorm"
 
-	"github.com/gorm-outbox/outbox/internal/mysql"
-	"github.com/gorm-outbox/outbox/internal/postgres"
-	"github.com/gorm-outbox/outbox/internal/sqlite"
+	"github.com/gorm-outbox/outbox/internal/databases"
 	"github.com/gorm-outbox/outbox/internal/sqlstore"
 )
 
-// database is one database's package, as the plugin reaches it. This table
-// is the one place that knows databases by name: adding one means adding
-// its package under internal/ and a line here.
-type database struct {
-	open func(db *gorm.DB, cfg config) *sqlstore.Store
-	ddl  func(table string) []string
-}
-
-var databases = map[string]database{
-	"postgres": {
-		open: func(db *gorm.DB, cfg config) *sqlstore.Store {
-			return postgres.Open(db, cfg.storeConfig(), cfg.notifyInterval)
-		},
-		ddl: postgres.DDL,
-	},
-	"mysql": { // MySQL and MariaDB: GORM's mysql dialector serves both
-		open: func(db *gorm.DB, cfg config) *sqlstore.Store { return mysql.Open(db, cfg.storeConfig()) },
-		ddl:  mysql.DDL,
-	},
-	"sqlite": {
-		open: func(db *gorm.DB, cfg config) *sqlstore.Store { return sqlite.Open(db, cfg.storeConfig()) },
-		ddl:  sqlite.DDL,
-	},
-}
-
 // databaseNamed returns the package of the database GORM's dialector
-// calls name ("mariadb" is taken for MySQL's).
-func databaseNamed(name string) (database, error) {
-	if name == "mariadb" {
-		name = "mysql"
-	}
-	d, ok := databases[name]
-	if !ok {
-		return database{}, fmt.Errorf("outbox: database %q is not supported (supported: postgres, sqlite, mysql and mariadb)", name)
+// calls name (internal/databases holds the table).
+func databaseNamed(name string) (databases.Database, error) {
+	d, err := databases.Named(name)
+	if err != nil {
+		return d, fmt.Errorf("outbox: %w", err)
 	}
 	return d, nil
 }
@@ -85,5 +55,5 @@ func DDL(dialectName, table string) ([]string, error) {
 	if err := validateTableName(table); err != nil {
 		return nil, err
 	}
-	return d.ddl(table), nil
+	return d.DDL(table), nil
 }

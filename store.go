@@ -107,7 +107,7 @@ func newStore(db *gorm.DB, cfg config) (*GormStore, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &GormStore{engine: d.open(db, cfg), cfg: cfg, wakeups: &wakeups{}}, nil
+	return &GormStore{engine: d.Open(db, cfg.storeConfig(), cfg.notifyInterval), cfg: cfg, wakeups: &wakeups{}}, nil
 }
 
 // StoreOf returns the store that Plugin registered on db.

@@ -1,0 +1,57 @@
+package inbox
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/IBM/sarama"
+	"gorm.io/gorm"
+)
+
+// MessageIDHeader is the header whose value identifies a message: the
+// outbox's publisher sets it to the outbox row's id, so that the same event
+// sent twice is recognised. Messages without it are identified by their
+// place in Kafka (topic, partition, offset).
+const MessageIDHeader = "outbox-message-id"
+
+// Message is one Kafka record, as the handler receives it.
+type Message struct {
+	// ID identifies the message in the inbox: the outbox-message-id
+	// header, or "topic/partition/offset" without one.
+	ID        string
+	Topic     string
+	Partition int32
+	Offset    int64
+	Key       []byte
+	Value     []byte
+	Headers   map[string]string
+	Timestamp time.Time
+	// Attempt is 1 on the first try of the handler, 2 on the second...
+	Attempt int
+}
+
+// Handler applies one message on tx, the transaction that also records the
+// message as applied: its writes and the record commit together, or neither
+// does. It may call outbox.Enqueue on tx, so that the events the message
+// causes are sent if and only if it was applied. Returning an error (or
+// panicking) rolls tx back; the message is then tried again (see
+// WithRetryPolicy). tx's context (tx.Statement.Context) carries the
+// message's span and ends when the consumer stops.
+type Handler func(tx *gorm.DB, m Message) error
+
+func fromKafka(r *sarama.ConsumerMessage) Message {
+	m := Message{Topic: r.Topic, Partition: r.Partition, Offset: r.Offset, Key: r.Key, Value: r.Value, Timestamp: r.Timestamp}
+	if len(r.Headers) > 0 {
+		m.Headers = make(map[string]string, len(r.Headers))
+		for _, h := range r.Headers {
+			if h != nil {
+				m.Headers[string(h.Key)] = string(h.Value)
+			}
+		}
+	}
+	m.ID = m.Headers[MessageIDHeader]
+	if m.ID == "" || len(m.ID) > 255 {
+		m.ID = fmt.Sprintf("%s/%d/%d", m.Topic, m.Partition, m.Offset)
+	}
+	return m
+}

@@ -1,0 +1,346 @@
+// Package inboxstore is the inbox table's engine: the SQL every database
+// shares (recording a consumed message's identity, finding it again, the
+// parked and held messages, retention, the admin reads and writes), written
+// once. What differs between databases is a Dialect, which each database's
+// package implements beside its outbox dialect.
+package inboxstore
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"gorm.io/gorm"
+)
+
+// States of an inbox row.
+const (
+	// Applied: the handler's transaction committed with this row.
+	Applied = "applied"
+	// Parked: the handler failed on every attempt; the message waits for
+	// a retry from the admin command.
+	Parked = "parked"
+	// Held: a later message of a parked message's key, recorded unapplied
+	// so that the key's order is kept; it is applied after the parked one.
+	Held = "held"
+	// Retry: a parked message that the admin command asked to try again.
+	Retry = "retry"
+)
+
+// Row is one consumed message as the inbox table records it.
+type Row struct {
+	ConsumerGroup string    `gorm:"column:consumer_group;primaryKey"`
+	MessageID     string    `gorm:"column:message_id;primaryKey"`
+	Topic         string    `gorm:"column:topic"`
+	Partition     int32     `gorm:"column:kafka_partition"`
+	Offset        int64     `gorm:"column:kafka_offset"`
+	Key           []byte    `gorm:"column:message_key"`
+	State         string    `gorm:"column:state"`
+	Attempts      int       `gorm:"column:attempts"`
+	LastError     string    `gorm:"column:last_error"`
+	Payload       []byte    `gorm:"column:payload"`   // kept only while not applied
+	Headers       string    `gorm:"column:headers"`   // JSON object; kept only while not applied
+	ReceivedAt    time.Time `gorm:"column:received_at"`
+	ProcessedAt   time.Time `gorm:"column:processed_at"` // applied, or parked, at
+}
+
+// Column is one column of the inbox table; each database's Schema gives
+// its type.
+type Column struct {
+	Name       string
+	Constraint string
+}
+
+// Columns are the inbox table's columns.
+var Columns = []Column{
+	{"consumer_group", "NOT NULL"},
+	{"message_id", "NOT NULL"},
+	{"topic", "NOT NULL"},
+	{"kafka_partition", "NOT NULL"},
+	{"kafka_offset", "NOT NULL"},
+	{"message_key", ""},
+	{"state", "NOT NULL"},
+	{"attempts", "NOT NULL DEFAULT 0"},
+	{"last_error", "NOT NULL DEFAULT ''"},
+	{"payload", ""},
+	{"headers", ""},
+	{"received_at", "NOT NULL"},
+	{"processed_at", "NOT NULL"},
+}
+
+// Schema is the inbox table as one database spells it.
+type Schema struct {
+	Quote byte              // identifier quote
+	Types map[string]string // by column name
+	// InlineIndexes: the index is declared in CREATE TABLE.
+	InlineIndexes bool
+	TableOptions  string
+}
+
+// stateIndex serves retention (applied rows by age) and finding the
+// parked, held and retried messages of a group.
+const stateIndexColumns = "consumer_group, state, processed_at"
+
+func (sc Schema) quote(s string) string {
+	q := string(sc.Quote)
+	parts := strings.Split(s, ".")
+	for i, p := range parts {
+		parts[i] = q + p + q
+	}
+	return strings.Join(parts, ".")
+}
+
+// IndexName is the name of the inbox table's state index.
+func IndexName(table string) string {
+	return "idx_" + strings.ReplaceAll(table, ".", "_") + "_state"
+}
+
+// DDL returns the statements that create the table and its index.
+func (sc Schema) DDL(table string) []string {
+	var cols []string
+	for _, c := range Columns {
+		cols = append(cols, strings.TrimSpace(sc.quote(c.Name)+" "+sc.Types[c.Name]+" "+c.Constraint))
+	}
+	cols = append(cols, "PRIMARY KEY ("+sc.quote("consumer_group")+", "+sc.quote("message_id")+")")
+	var idxCols []string
+	for _, c := range strings.Split(stateIndexColumns, ", ") {
+		idxCols = append(idxCols, sc.quote(c))
+	}
+	index := sc.quote(IndexName(table))
+	if sc.InlineIndexes {
+		cols = append(cols, "INDEX "+index+" ("+strings.Join(idxCols, ", ")+")")
+	}
+	out := []string{"CREATE TABLE IF NOT EXISTS " + sc.quote(table) + " (\n  " + strings.Join(cols, ",\n  ") + "\n)" + sc.TableOptions}
+	if !sc.InlineIndexes {
+		out = append(out, "CREATE INDEX IF NOT EXISTS "+index+" ON "+sc.quote(table)+" ("+strings.Join(idxCols, ", ")+")")
+	}
+	return out
+}
+
+// Dialect is one database's part of the inbox.
+type Dialect interface {
+	// Schema is the table as the database spells it.
+	Schema() Schema
+	// Migrate runs the DDL one process at a time.
+	Migrate(ctx context.Context, db *gorm.DB, table string, ddl []string) error
+	// DeleteApplied is one retention batch: it deletes at most the
+	// statement's last argument of the rows that match where.
+	DeleteApplied(table, where string) string
+	// OneWriter reports a database with one writer at a time (SQLite): the
+	// inbox's transactions then take turns in the process instead of
+	// failing as busy.
+	OneWriter() bool
+}
+
+// Store is the inbox table of one database.
+type Store struct {
+	db      *gorm.DB
+	table   string
+	dialect Dialect
+	writer  *sync.Mutex // with a OneWriter dialect
+}
+
+// New returns the store of table on db.
+func New(db *gorm.DB, table string, d Dialect) *Store {
+	s := &Store{db: db, table: table, dialect: d}
+	if d.OneWriter() {
+		s.writer = new(sync.Mutex)
+	}
+	return s
+}
+
+// Table is the table's name.
+func (s *Store) Table() string { return s.table }
+
+// DDL returns the statements that create the table.
+func (s *Store) DDL() []string { return s.dialect.Schema().DDL(s.table) }
+
+// Migrate creates the table and its index if they do not exist.
+func (s *Store) Migrate(ctx context.Context) error {
+	if err := s.dialect.Migrate(ctx, s.db.WithContext(ctx), s.table, s.DDL()); err != nil {
+		return fmt.Errorf("inbox: migrating table %s: %w", s.table, err)
+	}
+	return nil
+}
+
+// Transaction runs fn in a transaction on db, taking the process's turn
+// first on a database with one writer.
+func (s *Store) Transaction(ctx context.Context, db *gorm.DB, fn func(tx *gorm.DB) error) error {
+	if s.writer != nil {
+		s.writer.Lock()
+		defer s.writer.Unlock()
+	}
+	return db.WithContext(ctx).Transaction(fn)
+}
+
+func (s *Store) from(tx *gorm.DB) *gorm.DB {
+	return tx.Session(&gorm.Session{NewDB: true}).Table(s.table)
+}
+
+// Seen returns which of ids group has already recorded, in any state.
+func (s *Store) Seen(tx *gorm.DB, group string, ids []string) (map[string]bool, error) {
+	seen := map[string]bool{}
+	if len(ids) == 0 {
+		return seen, nil
+	}
+	var got []string
+	if err := s.from(tx).Where("consumer_group = ? AND message_id IN ?", group, ids).Pluck("message_id", &got).Error; err != nil {
+		return nil, fmt.Errorf("inbox: reading %s: %w", s.table, err)
+	}
+	for _, id := range got {
+		seen[id] = true
+	}
+	return seen, nil
+}
+
+// Insert records rows; a row another transaction recorded first fails it.
+func (s *Store) Insert(tx *gorm.DB, rows []*Row) error {
+	if len(rows) == 0 {
+		return nil
+	}
+	if err := s.from(tx).CreateInBatches(rows, 500).Error; err != nil {
+		return fmt.Errorf("inbox: recording in %s: %w", s.table, err)
+	}
+	return nil
+}
+
+// Update writes row's state, attempts, error and processing time, and its
+// payload and headers (cleared once applied).
+func (s *Store) Update(tx *gorm.DB, row *Row) error {
+	payload, headers := row.Payload, any(row.Headers)
+	if row.State == Applied {
+		payload, headers = nil, nil
+	}
+	res := s.from(tx).Where("consumer_group = ? AND message_id = ?", row.ConsumerGroup, row.MessageID).
+		Updates(map[string]any{"state": row.State, "attempts": row.Attempts, "last_error": row.LastError,
+			"processed_at": row.ProcessedAt, "payload": payload, "headers": headers})
+	if res.Error != nil {
+		return fmt.Errorf("inbox: updating message %s in %s: %w", row.MessageID, s.table, res.Error)
+	}
+	return nil
+}
+
+// unapplied are the states of a message not yet applied.
+var unapplied = []string{Parked, Held, Retry}
+
+// HeldKeys returns the keys of a partition that have a message not yet
+// applied: the keys whose later messages wait behind it.
+func (s *Store) HeldKeys(ctx context.Context, group, topic string, partition int32) ([][]byte, error) {
+	var keys [][]byte
+	err := s.from(s.db.WithContext(ctx)).Distinct("message_key").
+		Where("consumer_group = ? AND state IN ? AND topic = ? AND kafka_partition = ?", group, unapplied, topic, partition).
+		Pluck("message_key", &keys).Error
+	if err != nil {
+		return nil, fmt.Errorf("inbox: reading the parked keys of %s: %w", s.table, err)
+	}
+	return keys, nil
+}
+
+// Waiting returns a partition's messages that are not applied, in offset
+// order, if any of them is to be retried.
+func (s *Store) Waiting(ctx context.Context, group, topic string, partition int32) ([]Row, error) {
+	db := s.db.WithContext(ctx)
+	var n int64
+	if err := s.from(db).Where("consumer_group = ? AND state = ? AND topic = ? AND kafka_partition = ?", group, Retry, topic, partition).
+		Limit(1).Count(&n).Error; err != nil {
+		return nil, fmt.Errorf("inbox: reading %s: %w", s.table, err)
+	}
+	if n == 0 {
+		return nil, nil
+	}
+	var rows []Row
+	if err := s.from(db).Where("consumer_group = ? AND state IN ? AND topic = ? AND kafka_partition = ?", group, unapplied, topic, partition).
+		Order("kafka_offset").Find(&rows).Error; err != nil {
+		return nil, fmt.Errorf("inbox: reading %s: %w", s.table, err)
+	}
+	return rows, nil
+}
+
+// Cleanup deletes, in batches of at most batch rows, the applied rows of
+// group processed before before, and returns how many it deleted.
+func (s *Store) Cleanup(ctx context.Context, group string, before time.Time, batch int) (int64, error) {
+	q := s.dialect.DeleteApplied(s.db.Statement.Quote(s.table), "consumer_group = ? AND state = ? AND processed_at < ?")
+	var total int64
+	for {
+		if err := ctx.Err(); err != nil {
+			return total, err
+		}
+		var res *gorm.DB
+		err := s.Transaction(ctx, s.db, func(tx *gorm.DB) error {
+			res = tx.Exec(q, group, Applied, before.UTC(), batch)
+			return res.Error
+		})
+		if err != nil {
+			return total, fmt.Errorf("inbox: deleting old rows of %s: %w", s.table, err)
+		}
+		total += res.RowsAffected
+		if res.RowsAffected < int64(batch) {
+			return total, nil
+		}
+	}
+}
+
+// ListOptions filters List.
+type ListOptions struct {
+	Group string // "" for every group
+	State string // "" for every state
+	Topic string // "" for every topic
+	Limit int    // 100 when zero
+}
+
+// List returns rows in the order they were received.
+func (s *Store) List(ctx context.Context, opts ListOptions) ([]Row, error) {
+	q := s.from(s.db.WithContext(ctx))
+	if opts.Group != "" {
+		q = q.Where("consumer_group = ?", opts.Group)
+	}
+	if opts.State != "" {
+		q = q.Where("state = ?", opts.State)
+	}
+	if opts.Topic != "" {
+		q = q.Where("topic = ?", opts.Topic)
+	}
+	if opts.Limit <= 0 {
+		opts.Limit = 100
+	}
+	var rows []Row
+	if err := q.Order("received_at, topic, kafka_partition, kafka_offset").Limit(opts.Limit).Find(&rows).Error; err != nil {
+		return nil, fmt.Errorf("inbox: listing %s: %w", s.table, err)
+	}
+	return rows, nil
+}
+
+// Count is the number of rows of one group in one state.
+type Count struct {
+	Group string `gorm:"column:consumer_group"`
+	State string `gorm:"column:state"`
+	Rows  int64  `gorm:"column:n"`
+}
+
+// Counts returns the number of rows of each group and state.
+func (s *Store) Counts(ctx context.Context) ([]Count, error) {
+	var out []Count
+	err := s.from(s.db.WithContext(ctx)).Select("consumer_group, state, COUNT(*) AS n").
+		Group("consumer_group, state").Order("consumer_group, state").Scan(&out).Error
+	if err != nil {
+		return nil, fmt.Errorf("inbox: counting %s: %w", s.table, err)
+	}
+	return out, nil
+}
+
+// Retry asks the consumers of group to apply its parked messages again:
+// those named by ids, or every one when ids is empty. Their attempts start
+// again from zero.
+func (s *Store) Retry(ctx context.Context, group string, ids ...string) (int64, error) {
+	q := s.from(s.db.WithContext(ctx)).Where("consumer_group = ? AND state = ?", group, Parked)
+	if len(ids) > 0 {
+		q = q.Where("message_id IN ?", ids)
+	}
+	res := q.Updates(map[string]any{"state": Retry, "attempts": 0})
+	if res.Error != nil {
+		return 0, fmt.Errorf("inbox: retrying parked messages of %s: %w", s.table, res.Error)
+	}
+	return res.RowsAffected, nil
+}

@@ -1,0 +1,39 @@
+package mysql
+
+import (
+	"context"
+
+	"gorm.io/gorm"
+
+	"github.com/gorm-outbox/outbox/internal/inboxstore"
+)
+
+// Inbox is the inbox table's dialect on MySQL and MariaDB.
+var Inbox inboxstore.Dialect = inboxDialect{}
+
+type inboxDialect struct{}
+
+func (inboxDialect) Schema() inboxstore.Schema {
+	return inboxstore.Schema{Quote: '`', InlineIndexes: true, Types: map[string]string{
+		"consumer_group": "varchar(255)", "message_id": "varchar(255)", "topic": "varchar(249)",
+		"kafka_partition": "int", "kafka_offset": "bigint", "message_key": "longblob", "state": "varchar(16)",
+		"attempts": "int", "last_error": "text", "payload": "longblob", "headers": "text",
+		"received_at": "datetime(6)", "processed_at": "datetime(6)"}}
+}
+
+// Migrate needs no lock: the one statement, with its index inline, either
+// creates the table whole or finds it.
+func (inboxDialect) Migrate(_ context.Context, db *gorm.DB, _ string, ddl []string) error {
+	for _, q := range ddl {
+		if err := db.Exec(q).Error; err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (inboxDialect) DeleteApplied(table, where string) string {
+	return "DELETE FROM " + table + " WHERE " + where + " LIMIT ?"
+}
+
+func (inboxDialect) OneWriter() bool { return false }

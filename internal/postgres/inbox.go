@@ -1,0 +1,46 @@
+package postgres
+
+import (
+	"context"
+
+	"gorm.io/gorm"
+
+	"github.com/gorm-outbox/outbox/internal/inboxstore"
+)
+
+// Inbox is the inbox table's dialect on PostgreSQL.
+var Inbox inboxstore.Dialect = inboxDialect{}
+
+type inboxDialect struct{}
+
+func (inboxDialect) Schema() inboxstore.Schema {
+	return inboxstore.Schema{Quote: '"', Types: map[string]string{
+		"consumer_group": "varchar(255)", "message_id": "varchar(255)", "topic": "varchar(249)",
+		"kafka_partition": "integer", "kafka_offset": "bigint", "message_key": "bytea", "state": "varchar(16)",
+		"attempts": "integer", "last_error": "text", "payload": "bytea", "headers": "text",
+		"received_at": "timestamptz", "processed_at": "timestamptz"}}
+}
+
+// Migrate runs the DDL in one transaction behind an advisory lock: two
+// processes' CREATE TABLE IF NOT EXISTS at once can otherwise both create
+// the table's type, and one fails.
+func (inboxDialect) Migrate(ctx context.Context, db *gorm.DB, table string, ddl []string) error {
+	return db.Transaction(func(tx *gorm.DB) error {
+		if err := tx.Exec("SELECT pg_advisory_xact_lock(?)", migrationKey("inbox:"+table)).Error; err != nil {
+			return err
+		}
+		for _, q := range ddl {
+			if err := tx.Exec(q).Error; err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// DeleteApplied deletes by row address: the table's key has two columns.
+func (inboxDialect) DeleteApplied(table, where string) string {
+	return "DELETE FROM " + table + " WHERE ctid = ANY(ARRAY(SELECT ctid FROM " + table + " WHERE " + where + " LIMIT ?))"
+}
+
+func (inboxDialect) OneWriter() bool { return false }

@@ -1,0 +1,41 @@
+package sqlite
+
+import (
+	"context"
+
+	"gorm.io/gorm"
+
+	"github.com/gorm-outbox/outbox/internal/inboxstore"
+)
+
+// Inbox is the inbox table's dialect on SQLite.
+var Inbox inboxstore.Dialect = inboxDialect{}
+
+type inboxDialect struct{}
+
+func (inboxDialect) Schema() inboxstore.Schema {
+	return inboxstore.Schema{Quote: '"', Types: map[string]string{
+		"consumer_group": "text", "message_id": "text", "topic": "text",
+		"kafka_partition": "integer", "kafka_offset": "integer", "message_key": "blob", "state": "text",
+		"attempts": "integer", "last_error": "text", "payload": "blob", "headers": "text",
+		"received_at": "datetime", "processed_at": "datetime"}}
+}
+
+func (inboxDialect) Migrate(_ context.Context, db *gorm.DB, _ string, ddl []string) error {
+	return db.Transaction(func(tx *gorm.DB) error {
+		for _, q := range ddl {
+			if err := tx.Exec(q).Error; err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+func (inboxDialect) DeleteApplied(table, where string) string {
+	return "DELETE FROM " + table + " WHERE rowid IN (SELECT rowid FROM " + table + " WHERE " + where + " LIMIT ?)"
+}
+
+// OneWriter: SQLite has one writer, and a transaction that reads before it
+// writes fails as busy, without waiting, when another wrote in between.
+func (inboxDialect) OneWriter() bool { return true }
