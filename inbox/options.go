@@ -94,7 +94,9 @@ func WithLogger(l *slog.Logger) Option { return func(c *config) { c.logger = l }
 
 // WithMeterProvider records the consumer's metrics with mp instead of
 // OpenTelemetry's global provider.
-func WithMeterProvider(mp metric.MeterProvider) Option { return func(c *config) { c.meterProvider = mp } }
+func WithMeterProvider(mp metric.MeterProvider) Option {
+	return func(c *config) { c.meterProvider = mp }
+}
 
 // WithTracerProvider makes the per-message spans with tp instead of
 // OpenTelemetry's global provider.

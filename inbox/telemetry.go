@@ -93,8 +93,12 @@ func (t *telemetry) settled(ctx context.Context, topic string, applied, skipped,
 	}
 }
 
-func (t *telemetry) failedOnce(ctx context.Context, topic string) { t.failed.Add(ctx, 1, topicAttr(topic)) }
-func (t *telemetry) parked(ctx context.Context, topic string)     { t.parkedC.Add(ctx, 1, topicAttr(topic)) }
+func (t *telemetry) failedOnce(ctx context.Context, topic string) {
+	t.failed.Add(ctx, 1, topicAttr(topic))
+}
+func (t *telemetry) parked(ctx context.Context, topic string) {
+	t.parkedC.Add(ctx, 1, topicAttr(topic))
+}
 
 func (t *telemetry) noteLag(topic string, partition int32, lag int64) {
 	t.mu.Lock()

@@ -40,8 +40,8 @@ type Row struct {
 	State         string    `gorm:"column:state"`
 	Attempts      int       `gorm:"column:attempts"`
 	LastError     string    `gorm:"column:last_error"`
-	Payload       []byte    `gorm:"column:payload"`   // kept only while not applied
-	Headers       string    `gorm:"column:headers"`   // JSON object; kept only while not applied
+	Payload       []byte    `gorm:"column:payload"` // kept only while not applied
+	Headers       string    `gorm:"column:headers"` // JSON object; kept only while not applied
 	ReceivedAt    time.Time `gorm:"column:received_at"`
 	ProcessedAt   time.Time `gorm:"column:processed_at"` // applied, or parked, at
 }
