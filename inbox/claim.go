@@ -282,7 +282,7 @@ func (p *partition) applyOne(ctx context.Context, m Message) error {
 			return ctx.Err()
 		}
 		var he *handlerError
-		if !errors.As(err, &he) {
+		if !errors.As(err, &he) || !p.c.databaseUp(ctx) {
 			p.databaseFailed(ctx, failures, err)
 			failures++
 			continue
@@ -389,21 +389,24 @@ func (p *partition) applyWaiting(ctx context.Context, r inboxstore.Row) (bool, e
 		m.Attempt = attempt
 		row := r
 		row.State, row.Attempts, row.LastError, row.ProcessedAt = inboxstore.Applied, r.Attempts+attempt, "", time.Now().UTC()
+		var gone bool
 		err := p.c.store.Transaction(ctx, p.c.db, func(tx *gorm.DB) error {
-			if err := p.c.store.Update(tx, &row); err != nil {
+			ok, err := p.c.store.Update(tx, &row, r.State)
+			if err != nil || !ok {
+				gone = err == nil
 				return err
 			}
 			return p.call(ctx, tx, []Message{m})
 		})
 		if err == nil {
-			p.c.tel.settled(ctx, p.topic, 1, 0, 0)
+			p.c.tel.settled(ctx, p.topic, b2i(!gone), b2i(gone), 0)
 			return true, nil
 		}
 		if ctx.Err() != nil {
 			return false, ctx.Err()
 		}
 		var he *handlerError
-		if !errors.As(err, &he) {
+		if !errors.As(err, &he) || !p.c.databaseUp(ctx) {
 			p.databaseFailed(ctx, failures, err)
 			failures++
 			continue
@@ -418,7 +421,10 @@ func (p *partition) applyWaiting(ctx context.Context, r inboxstore.Row) (bool, e
 	row := r
 	row.State, row.Attempts, row.LastError, row.ProcessedAt = inboxstore.Parked, r.Attempts+p.c.cfg.retry.MaxAttempts, errorText(lastErr), time.Now().UTC()
 	for failures := 0; ; failures++ {
-		err := p.c.store.Transaction(ctx, p.c.db, func(tx *gorm.DB) error { return p.c.store.Update(tx, &row) })
+		err := p.c.store.Transaction(ctx, p.c.db, func(tx *gorm.DB) error {
+			_, err := p.c.store.Update(tx, &row, r.State)
+			return err
+		})
 		if err == nil {
 			break
 		}

@@ -207,19 +207,20 @@ func (s *Store) Insert(tx *gorm.DB, rows []*Row) error {
 }
 
 // Update writes row's state, attempts, error and processing time, and its
-// payload and headers (cleared once applied).
-func (s *Store) Update(tx *gorm.DB, row *Row) error {
+// payload and headers (cleared once applied), if the row is still in state
+// from; false if it is not (another consumer settled it first).
+func (s *Store) Update(tx *gorm.DB, row *Row, from string) (bool, error) {
 	payload, headers := row.Payload, any(row.Headers)
 	if row.State == Applied {
 		payload, headers = nil, nil
 	}
-	res := s.from(tx).Where("consumer_group = ? AND message_id = ?", row.ConsumerGroup, row.MessageID).
+	res := s.from(tx).Where("consumer_group = ? AND message_id = ? AND state = ?", row.ConsumerGroup, row.MessageID, from).
 		Updates(map[string]any{"state": row.State, "attempts": row.Attempts, "last_error": row.LastError,
 			"processed_at": row.ProcessedAt, "payload": payload, "headers": headers})
 	if res.Error != nil {
-		return fmt.Errorf("inbox: updating message %s in %s: %w", row.MessageID, s.table, res.Error)
+		return false, fmt.Errorf("inbox: updating message %s in %s: %w", row.MessageID, s.table, res.Error)
 	}
-	return nil
+	return res.RowsAffected == 1, nil
 }
 
 // unapplied are the states of a message not yet applied.
