@@ -17,6 +17,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/gorm-outbox/outbox"
+	"github.com/gorm-outbox/outbox/internal/inboxstore"
 )
 
 var states = []outbox.State{outbox.StatePending, outbox.StatePublished, outbox.StateDead}
@@ -35,30 +36,49 @@ func cmdStatus(args []string) (action, error) {
 }
 
 func status(ctx context.Context, a *app, asJSON bool, budget int) error {
-	st, err := a.store.Stats(ctx, budget)
-	if err != nil {
-		return err
+	var st outbox.Stats
+	if a.store != nil {
+		var err error
+		if st, err = a.store.Stats(ctx, budget); err != nil {
+			return err
+		}
+	}
+	var counts []inboxstore.Count
+	if a.inbox != nil {
+		var err error
+		if counts, err = a.inbox.Counts(ctx); err != nil {
+			return err
+		}
 	}
 	if asJSON {
-		out := map[string]any{
-			"table":                      a.store.TableName(),
-			"pending":                    st.Counts[outbox.StatePending],
-			"published":                  st.Counts[outbox.StatePublished],
-			"dead":                       st.Counts[outbox.StateDead],
-			"oldest_pending_age_seconds": st.OldestPendingAge.Seconds(),
-			"retrying":                   st.Retrying,
-			"over_attempt_budget":        st.OverBudget,
-			"expired_claims":             st.ExpiredClaims,
+		out := map[string]any{"inbox": nil}
+		if a.store != nil {
+			out["table"] = a.store.TableName()
+			out["pending"] = st.Counts[outbox.StatePending]
+			out["published"] = st.Counts[outbox.StatePublished]
+			out["dead"] = st.Counts[outbox.StateDead]
+			out["oldest_pending_age_seconds"] = st.OldestPendingAge.Seconds()
+			out["retrying"] = st.Retrying
+			out["over_attempt_budget"] = st.OverBudget
+			out["expired_claims"] = st.ExpiredClaims
+		}
+		if a.inbox != nil {
+			out["inbox"] = map[string]any{"table": a.inbox.Table(), "groups": inboxGroups(counts)}
 		}
 		enc := json.NewEncoder(a.stdout)
 		enc.SetIndent("", "  ")
 		return enc.Encode(out)
 	}
-	fmt.Fprintf(a.stdout, "table %s\n", a.store.TableName())
-	fmt.Fprintf(a.stdout, "  pending     %8d   oldest %s, %d retrying, %d expired claims\n",
-		st.Counts[outbox.StatePending], st.OldestPendingAge.Round(time.Second), st.Retrying, st.ExpiredClaims)
-	fmt.Fprintf(a.stdout, "  published   %8d\n", st.Counts[outbox.StatePublished])
-	fmt.Fprintf(a.stdout, "  dead        %8d   %d over the attempt budget of %d\n", st.Counts[outbox.StateDead], st.OverBudget, budget)
+	if a.store != nil {
+		fmt.Fprintf(a.stdout, "table %s\n", a.store.TableName())
+		fmt.Fprintf(a.stdout, "  pending     %8d   oldest %s, %d retrying, %d expired claims\n",
+			st.Counts[outbox.StatePending], st.OldestPendingAge.Round(time.Second), st.Retrying, st.ExpiredClaims)
+		fmt.Fprintf(a.stdout, "  published   %8d\n", st.Counts[outbox.StatePublished])
+		fmt.Fprintf(a.stdout, "  dead        %8d   %d over the attempt budget of %d\n", st.Counts[outbox.StateDead], st.OverBudget, budget)
+	}
+	if a.inbox != nil {
+		inboxStatus(a, counts)
+	}
 	return nil
 }
 

@@ -173,3 +173,29 @@ func isSet(fs *flag.FlagSet, name string) bool {
 	})
 	return set
 }
+
+// inboxStateValue is one of the inbox's states.
+type inboxStateValue struct{ st *string }
+
+func (v inboxStateValue) String() string {
+	if v.st == nil {
+		return ""
+	}
+	return *v.st
+}
+
+func (v inboxStateValue) Set(s string) error {
+	for _, st := range inboxStates {
+		if st == s {
+			*v.st = st
+			return nil
+		}
+	}
+	return errors.New("want applied, parked, held or retry")
+}
+
+func inboxStateFlag(fs *flag.FlagSet, name string) *string {
+	var st string
+	fs.Var(inboxStateValue{&st}, name, "")
+	return &st
+}

@@ -15,11 +15,15 @@ import (
 	"gorm.io/gorm/logger"
 
 	"github.com/gorm-outbox/outbox"
+	"github.com/gorm-outbox/outbox/inbox"
+	"github.com/gorm-outbox/outbox/internal/databases"
+	"github.com/gorm-outbox/outbox/internal/inboxstore"
 	"github.com/gorm-outbox/outbox/outboxtest"
 )
 
-// fuzzDatabase makes a SQLite outbox with a message in each state, and
-// returns its path and the id of the dead message.
+// fuzzDatabase makes a SQLite outbox with a message in each state and an
+// inbox with a message of group g in each state, and returns its path and
+// the id of the dead message.
 func fuzzDatabase(f *testing.F) (string, string) {
 	path := filepath.Join(f.TempDir(), "fuzz.db")
 	db, err := gorm.Open(sqlite.Open(outboxtest.SQLiteDSN(path)), &gorm.Config{Logger: logger.Discard})
@@ -45,6 +49,23 @@ func fuzzDatabase(f *testing.F) (string, string) {
 	if err := db.Table(outbox.DefaultTableName).Where("topic = 'c'").Pluck("id", &dead).Error; err != nil {
 		f.Fatal(err)
 	}
+	if err := db.Use(inbox.Plugin()); err != nil {
+		f.Fatal(err)
+	}
+	d, err := databases.Named("sqlite")
+	if err != nil {
+		f.Fatal(err)
+	}
+	store := inboxstore.New(db, inbox.DefaultTableName, d.Inbox)
+	now := time.Now().UTC()
+	var rows []*inboxstore.Row
+	for i, state := range inboxStates {
+		rows = append(rows, &inboxstore.Row{ConsumerGroup: "g", MessageID: state, Topic: "a", Offset: int64(i), Key: []byte("k"),
+			State: state, Payload: []byte("{}"), ReceivedAt: now, ProcessedAt: now})
+	}
+	if err := db.Transaction(func(tx *gorm.DB) error { return store.Insert(tx, rows) }); err != nil {
+		f.Fatal(err)
+	}
 	return path, dead
 }
 
@@ -59,6 +80,7 @@ func FuzzRun(f *testing.F) {
 	path, dead := fuzzDatabase(f)
 	f.Setenv("OUTBOX_DSN", path)
 	f.Setenv("OUTBOX_TABLE", "")
+	f.Setenv("OUTBOX_INBOX_TABLE", "")
 	for _, args := range [][]string{
 		nil, {""}, {"help"}, {"-h"}, {"--frob"}, {"frobnicate"},
 		{"status"}, {"status", "--json"}, {"status", "--max-attempts", "0"}, {"status", "extra"},
@@ -70,6 +92,11 @@ func FuzzRun(f *testing.F) {
 		{"purge", "--published", "--older-than", "-1h"}, {"purge", "--older-than", "1h"},
 		{"watch", "-n", "2", "--interval", "1ms"}, {"watch", "--interval", "0"},
 		{"--table", "nope", "status"}, {"--table", "a b", "list"}, {"--table=main.outbox_messages", "list"},
+		{"inbox"}, {"inbox", "-h"}, {"inbox", "frob"}, {"inbox", "list"}, {"inbox", "list", "--group", "g", "--state", "parked", "--payload"},
+		{"inbox", "list", "--state", "dead"}, {"inbox", "list", "--limit", "1"}, {"inbox", "list", "--topic="},
+		{"inbox", "retry", "--group", "g", "parked", "parked", "held", "nope"}, {"inbox", "retry", "--group", "g", "--parked"},
+		{"inbox", "retry", "--parked"}, {"inbox", "retry", "--group", "g"}, {"inbox", "retry", "--group", "g", "--parked", "x"},
+		{"--inbox-table", "nope", "inbox", "list"}, {"--inbox-table", "a b", "status"}, {"--inbox-table=main.inbox_messages", "status", "--json"},
 	} {
 		f.Add(strings.Join(args, "\x00"))
 	}

@@ -1,4 +1,5 @@
-// Command outbox inspects and repairs an outbox table without SQL.
+// Command outbox inspects and repairs an outbox table, and an inbox table,
+// without SQL.
 //
 //	go install github.com/gorm-outbox/outbox/cmd/outbox@latest
 //	export OUTBOX_DSN='postgres://user:pass@host:5432/db'   # or a SQLite file path
@@ -8,6 +9,8 @@
 //	outbox requeue --dead --topic orders
 //	outbox purge --published --older-than 720h
 //	outbox watch
+//	outbox inbox list --group billing --state parked
+//	outbox inbox retry --group billing --parked
 //
 // Exit codes: 0 done, 1 failed (bad DSN, missing table, unknown id...), 2 wrong usage.
 package main
@@ -32,17 +35,22 @@ import (
 	"gorm.io/gorm/logger"
 
 	"github.com/gorm-outbox/outbox"
+	"github.com/gorm-outbox/outbox/inbox"
+	"github.com/gorm-outbox/outbox/internal/databases"
+	"github.com/gorm-outbox/outbox/internal/inboxstore"
 )
 
-const usage = `usage: outbox [--dsn DSN] [--table NAME] COMMAND [flags]
+const usage = `usage: outbox [--dsn DSN] [--table NAME] [--inbox-table NAME] COMMAND [flags]
 
 The DSN comes from --dsn or OUTBOX_DSN: a postgres:// URL or "host=... dbname=..."
 for PostgreSQL, "user:pass@tcp(host:3306)/db" (or mysql://...) for MariaDB and
 MySQL, or a SQLite file path. The table comes from --table or OUTBOX_TABLE
-(default outbox_messages). Global flags go before the command.
+(default outbox_messages), the inbox's from --inbox-table or OUTBOX_INBOX_TABLE
+(default inbox_messages). Global flags go before the command.
 
 commands:
-  status [--json] [--max-attempts N]    counts per state, oldest pending age, stuck messages
+  status [--json] [--max-attempts N]    counts per state, oldest pending age, stuck messages;
+                                        the inbox's counts per consumer group, if it has a table
   list [--state S] [--topic T] [--key K] [--older-than D] [--newest] [--limit N] [--page P] [--payload]
                                         S: pending, published or dead; N, P: 1 or more
   show ID                               one message, with payload and headers
@@ -52,6 +60,10 @@ commands:
                                         delete published messages older than D (e.g. 720h;
                                         0s: everything published so far)
   watch [--interval D] [-n N]           live counts and rates, N times (0: until interrupted)
+  inbox list [--group G] [--state S] [--topic T] [--limit N] [--payload]
+                                        the inbox's messages; S: applied, parked, held or retry
+  inbox retry --group G ID...           have the group's consumers apply parked messages again
+  inbox retry --group G --parked        retry every parked message of the group
 
 D is a duration such as 720h, 90m or 30s.
 `
@@ -64,6 +76,8 @@ var synopsis = map[string]string{
 	"requeue": "outbox requeue ID... | outbox requeue --dead [--topic T]",
 	"purge":   "outbox purge --published --older-than D [--yes]",
 	"watch":   "outbox watch [--interval D] [-n N]",
+	"inbox": "outbox inbox list [--group G] [--state applied|parked|held|retry] [--topic T] [--limit N] [--payload]\n" +
+		"       outbox inbox retry --group G ID... | outbox inbox retry --group G --parked",
 }
 
 // errUsage marks a mistake in the command line: exit code 2.
@@ -79,7 +93,9 @@ func main() {
 
 // app is what every command needs.
 type app struct {
-	store  *outbox.GormStore
+	db     *gorm.DB
+	store  *outbox.GormStore // nil for the inbox's commands, and for status without an outbox table
+	inbox  *inboxstore.Store // nil for the outbox's commands, and for status without an inbox table
 	stdin  io.Reader
 	stdout io.Writer
 	stderr io.Writer
@@ -91,12 +107,29 @@ type action func(context.Context, *app) error
 
 var commands = map[string]func(args []string) (action, error){
 	"status": cmdStatus, "list": cmdList, "show": cmdShow, "requeue": cmdRequeue, "purge": cmdPurge, "watch": cmdWatch,
+	"inbox": cmdInbox,
 }
+
+// tables says which tables a command reads.
+type tables int
+
+const (
+	outboxTable tables = iota // the outbox table, which must exist
+	inboxTable                // the inbox table, which must exist
+	eachTable                 // each that exists (status): an application may have only one
+)
+
+// tablesOf is each command's tables; the others read the outbox table.
+var tablesOf = map[string]tables{"status": eachTable, "inbox": inboxTable}
 
 // invocation is a checked command line: nothing in it is left to refuse.
 type invocation struct {
-	dsn, table string
-	act        action // nil: print the usage
+	dsn, table, inboxTable string
+	// A table named on the command line or in the environment is one the
+	// user expects: its absence is a mistake, not an application without it.
+	tableNamed, inboxTableNamed bool
+	tables                      tables
+	act                         action // nil: print the usage
 }
 
 // usageError is a mistake in the command line, reported with what is
@@ -115,6 +148,7 @@ func parseArgs(args []string, getenv func(string) string) (invocation, error) {
 	global.SetOutput(io.Discard)
 	dsn := stringFlag(global, "dsn", getenv("OUTBOX_DSN"), "a DSN")
 	table := stringFlag(global, "table", getenv("OUTBOX_TABLE"), "a table name")
+	inboxName := stringFlag(global, "inbox-table", getenv("OUTBOX_INBOX_TABLE"), "a table name")
 	if err := global.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return invocation{}, nil
@@ -143,15 +177,26 @@ func parseArgs(args []string, getenv func(string) string) (invocation, error) {
 	if err != nil {
 		return invocation{}, err
 	}
-	inv := invocation{dsn: *dsn, table: *table, act: act}
+	inv := invocation{dsn: *dsn, table: *table, inboxTable: *inboxName, tableNamed: *table != "",
+		inboxTableNamed: *inboxName != "", tables: tablesOf[name], act: act}
 	if inv.table == "" {
 		inv.table = outbox.DefaultTableName
+	}
+	if inv.inboxTable == "" {
+		inv.inboxTable = inbox.DefaultTableName
 	}
 	// DDL checks the name as the plugin does, without a database.
 	if _, err := outbox.DDL("postgres", inv.table); err != nil {
 		msg := strings.TrimPrefix(err.Error(), "outbox: ")
 		if !isSet(global, "table") {
 			msg += " (from OUTBOX_TABLE)"
+		}
+		return invocation{}, usageError{"", msg}
+	}
+	if _, err := inbox.DDL("postgres", inv.inboxTable); err != nil {
+		msg := "inbox " + strings.TrimPrefix(err.Error(), "inbox: ")
+		if !isSet(global, "inbox-table") {
+			msg += " (from OUTBOX_INBOX_TABLE)"
 		}
 		return invocation{}, usageError{"", msg}
 	}
@@ -178,13 +223,13 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		fmt.Fprint(stdout, usage)
 		return 0
 	}
-	store, closeDB, err := open(ctx, inv.dsn, inv.table)
+	a, closeDB, err := open(ctx, inv)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return 1
 	}
 	defer closeDB()
-	a := &app{store: store, stdin: stdin, stdout: stdout, stderr: stderr, tty: isTerminal(stdout)}
+	a.stdin, a.stdout, a.stderr, a.tty = stdin, stdout, stderr, isTerminal(stdout)
 	if err := inv.act(ctx, a); err != nil {
 		fmt.Fprintln(stderr, err)
 		return 1
@@ -229,7 +274,9 @@ func redact(dsn string) string {
 	return passwordField.ReplaceAllString(dsn, "${1}xxxxx")
 }
 
-func open(ctx context.Context, dsn, table string) (*outbox.GormStore, func(), error) {
+// open opens the database and the tables of inv's command.
+func open(ctx context.Context, inv invocation) (*app, func(), error) {
+	dsn := inv.dsn
 	var dialector gorm.Dialector
 	switch {
 	case isMySQL(dsn):
@@ -257,20 +304,45 @@ func open(ctx context.Context, dsn, table string) (*outbox.GormStore, func(), er
 		closeDB()
 		return nil, nil, fmt.Errorf("outbox: cannot connect to %s: %v", redact(dsn), scrub(err, dsn))
 	}
-	if err := db.Use(outbox.Plugin(outbox.WithTableName(table), outbox.WithoutMigration())); err != nil {
-		closeDB()
-		return nil, nil, err
-	}
-	if !db.Migrator().HasTable(table) {
-		closeDB()
-		return nil, nil, fmt.Errorf("outbox: table %q does not exist in %s (wrong database, or --table?)", table, redact(dsn))
-	}
-	store, err := outbox.StoreOf(db)
+	a, err := openTables(db, inv)
 	if err != nil {
 		closeDB()
 		return nil, nil, err
 	}
-	return store, closeDB, nil
+	return a, closeDB, nil
+}
+
+// openTables finds the tables inv's command reads. A table it needs must
+// exist; status reports each that does, and fails only when it finds
+// neither or a table named on the command line is missing.
+func openTables(db *gorm.DB, inv invocation) (*app, error) {
+	hasOutbox := inv.tables != inboxTable && db.Migrator().HasTable(inv.table)
+	hasInbox := inv.tables != outboxTable && db.Migrator().HasTable(inv.inboxTable)
+	switch {
+	case !hasOutbox && (inv.tables == outboxTable || inv.tables == eachTable && (inv.tableNamed || !hasInbox)):
+		return nil, fmt.Errorf("outbox: table %q does not exist in %s (wrong database, or --table?)", inv.table, redact(inv.dsn))
+	case !hasInbox && (inv.tables == inboxTable || inv.tables == eachTable && inv.inboxTableNamed):
+		return nil, fmt.Errorf("outbox: inbox table %q does not exist in %s (wrong database, or --inbox-table?)", inv.inboxTable, redact(inv.dsn))
+	}
+	a := &app{db: db}
+	if hasOutbox {
+		if err := db.Use(outbox.Plugin(outbox.WithTableName(inv.table), outbox.WithoutMigration())); err != nil {
+			return nil, err
+		}
+		store, err := outbox.StoreOf(db)
+		if err != nil {
+			return nil, err
+		}
+		a.store = store
+	}
+	if hasInbox {
+		d, err := databases.Named(db.Dialector.Name())
+		if err != nil {
+			return nil, fmt.Errorf("outbox: %w", err)
+		}
+		a.inbox = inboxstore.New(db, inv.inboxTable, d.Inbox)
+	}
+	return a, nil
 }
 
 // scrub removes the password from a driver's error, in case it quotes the DSN.
@@ -315,7 +387,7 @@ func parse(fs *flag.FlagSet, args []string) error {
 			return err
 		}
 		msg := err.Error()
-		for _, g := range []string{"dsn", "table"} {
+		for _, g := range []string{"dsn", "table", "inbox-table"} {
 			if strings.HasSuffix(msg, "not defined: -"+g) {
 				msg += " (--" + g + " goes before the command)"
 			}

@@ -304,6 +304,26 @@ func TestCommandErrors(t *testing.T) {
 		{"watch negative count", "x.db", []string{"watch", "-n", "-1"}, 2, "want a whole number of at least 0"},
 		{"watch count not a number", "x.db", []string{"watch", "-n", "two"}, 2, "want a whole number of at least 0"},
 		{"watch argument", "x.db", []string{"watch", "1s"}, 2, `unexpected argument "1s": watch takes only flags`},
+
+		// inbox
+		{"empty inbox table", "x.db", []string{"--inbox-table=", "status"}, 2, `invalid value "" for flag -inbox-table: give a table name`},
+		{"inbox table with a space", "x.db", []string{"--inbox-table", "a b", "status"}, 2, `inbox table name "a b" is not a plain SQL identifier`},
+		{"inbox table after the command", "x.db", []string{"inbox", "list", "--inbox-table", "t"}, 2, "--inbox-table goes before the command"},
+		{"inbox nothing", "x.db", []string{"inbox"}, 2, "give an inbox command: list or retry"},
+		{"inbox unknown", "x.db", []string{"inbox", "show"}, 2, `unknown inbox command "show": give list or retry`},
+		{"inbox flag first", "x.db", []string{"inbox", "--group", "g", "list"}, 2, `unknown inbox command "--group"`},
+		{"inbox list bad state", "x.db", []string{"inbox", "list", "--state", "dead"}, 2, `invalid value "dead" for flag -state: want applied, parked, held or retry`},
+		{"inbox list empty group", "x.db", []string{"inbox", "list", "--group="}, 2, "give a consumer group"},
+		{"inbox list empty topic", "x.db", []string{"inbox", "list", "--topic", ""}, 2, "give a topic name"},
+		{"inbox list zero limit", "x.db", []string{"inbox", "list", "--limit", "0"}, 2, "want a whole number of at least 1"},
+		{"inbox list argument", "x.db", []string{"inbox", "list", "parked"}, 2, `unexpected argument "parked": inbox list takes only flags`},
+		{"inbox list key", "x.db", []string{"inbox", "list", "--key", "k"}, 2, "flag provided but not defined: -key"},
+		{"inbox retry without group", "x.db", []string{"inbox", "retry", "--parked"}, 2, "give --group, the consumer group whose messages to retry"},
+		{"inbox retry empty group", "x.db", []string{"inbox", "retry", "--group", "", "--parked"}, 2, "give a consumer group"},
+		{"inbox retry nothing", "x.db", []string{"inbox", "retry", "--group", "g"}, 2, "give message ids, or --parked"},
+		{"inbox retry ids and parked", "x.db", []string{"inbox", "retry", "--group", "g", "--parked", "m1"}, 2, "give ids or --parked, not both"},
+		{"inbox retry empty id", "x.db", []string{"inbox", "retry", "--group", "g", "m1", ""}, 2, `"" is not a message id`},
+		{"inbox retry parked value", "x.db", []string{"inbox", "retry", "--group", "g", "--parked=all"}, 2, `invalid boolean value "all" for -parked`},
 	}
 	dir := t.TempDir()
 	db, err := gorm.Open(sqliteDialector(filepath.Join(dir, "x.db")), &gorm.Config{})
@@ -348,6 +368,14 @@ func TestCommandErrors(t *testing.T) {
 	if r.code != 2 || !strings.Contains(r.stderr, `table name "bad-name" is not a plain SQL identifier`) || !strings.Contains(r.stderr, "(from OUTBOX_TABLE)") {
 		t.Errorf("bad OUTBOX_TABLE: %+v", r)
 	}
+	r = runCmdEnv(t, []string{"OUTBOX_DSN=" + filepath.Join(dir, "x.db"), "OUTBOX_INBOX_TABLE=bad-name"}, "", "status")
+	if r.code != 2 || !strings.Contains(r.stderr, `inbox table name "bad-name" is not a plain SQL identifier`) || !strings.Contains(r.stderr, "(from OUTBOX_INBOX_TABLE)") {
+		t.Errorf("bad OUTBOX_INBOX_TABLE: %+v", r)
+	}
+	r = runCmdEnv(t, []string{"OUTBOX_DSN=" + filepath.Join(dir, "x.db"), "OUTBOX_INBOX_TABLE=nope"}, "", "status")
+	if r.code != 1 || !strings.Contains(r.stderr, `inbox table "nope" does not exist`) {
+		t.Errorf("OUTBOX_INBOX_TABLE naming a missing table: %+v", r)
+	}
 }
 
 // TestCommandHonoursEdgeValues: the values at the edges of what is allowed
@@ -370,6 +398,8 @@ func TestCommandHonoursEdgeValues(t *testing.T) {
 		{"-h", []string{"-h"}, func(r result) bool { return strings.HasPrefix(r.stdout, "usage: outbox") }},
 		{"a command's -h", []string{"list", "-h"}, func(r result) bool { return strings.HasPrefix(r.stdout, "usage: outbox") }},
 		{"a command's --help", []string{"purge", "--help"}, func(r result) bool { return strings.HasPrefix(r.stdout, "usage: outbox") }},
+		{"the inbox's -h", []string{"inbox", "-h"}, func(r result) bool { return strings.HasPrefix(r.stdout, "usage: outbox") }},
+		{"an inbox command's -h", []string{"inbox", "retry", "-h"}, func(r result) bool { return strings.HasPrefix(r.stdout, "usage: outbox") }},
 		{"table given", []string{"--table", outbox.DefaultTableName, "status"}, func(r result) bool { return strings.Contains(r.stdout, "pending            3") }},
 		{"budget of 1", []string{"status", "--max-attempts", "1"}, func(r result) bool {
 			return strings.Contains(r.stdout, "2 over the attempt budget of 1")
