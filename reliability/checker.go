@@ -11,6 +11,7 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox"
+	"github.com/gorm-outbox/outbox/inbox"
 	"github.com/gorm-outbox/outbox/kafka"
 	"github.com/gorm-outbox/outbox/outboxtest"
 )
@@ -135,4 +136,102 @@ func header(r *kgo.Record, key string) string {
 		}
 	}
 	return ""
+}
+
+// InboxReport compares what the inbox scenario's ledger (service B) applied
+// with what service A committed.
+type InboxReport struct {
+	Scenario        string
+	Committed       int // A's committed events that are not dead: what B must apply
+	Applied         int // of those, how many B applied
+	Lost            int // committed, not dead, and never applied
+	AppliedTwice    int // applications beyond the first of each event
+	OrderViolations int // an event applied after a later one of its key
+	// Phantoms counts applications of events A never committed: those of
+	// its rolled-back transactions.
+	Phantoms int
+	// Unbalanced counts accounts whose balance is not the sum of the
+	// amounts of their key's committed events, or whose count of applied
+	// events is not the number of their postings.
+	Unbalanced int
+	// Unsettled counts B's inbox records of the group in a state other
+	// than applied (parked, held, or waiting for a retry).
+	Unsettled int
+}
+
+// String is the one line the scenario ends with.
+func (r InboxReport) String() string {
+	return fmt.Sprintf("scenario=%s applied=%d lost=%d applied_twice=%d order_violations=%d",
+		r.Scenario, r.Applied, r.Lost, r.AppliedTwice, r.OrderViolations)
+}
+
+// CheckInbox compares B's postings, in each account's apply order, and
+// B's accounts with A's outbox table: what committed there.
+func CheckInbox(ctx context.Context, a, b *gorm.DB, topic, group string) (InboxReport, error) {
+	var rep InboxReport
+	var rows []outbox.OutboxMessage
+	if err := a.WithContext(ctx).Table(outbox.DefaultTableName).Where("topic = ?", topic).Find(&rows).Error; err != nil {
+		return rep, err
+	}
+	committed := make(map[string]Event, len(rows))
+	sums := map[string]int64{}
+	for _, m := range rows {
+		if m.State == outbox.StateDead {
+			continue
+		}
+		var e Event
+		if err := json.Unmarshal(m.Payload, &e); err != nil {
+			return rep, fmt.Errorf("message %s: %w", m.ID, err)
+		}
+		committed[m.ID.String()] = e
+		sums[e.Key] += e.Amount
+	}
+	rep.Committed = len(committed)
+
+	var postings []Posting
+	if err := b.WithContext(ctx).Order("account, apply_no").Find(&postings).Error; err != nil {
+		return rep, err
+	}
+	applied := map[string]int{}
+	perAccount := map[string]int64{}
+	lastVersion := map[string]int64{}
+	for _, p := range postings {
+		perAccount[p.Account]++
+		applied[p.MessageID]++
+		if applied[p.MessageID] > 1 {
+			rep.AppliedTwice++
+			continue // counted here, and not again as out of order
+		}
+		if _, ok := committed[p.MessageID]; !ok {
+			rep.Phantoms++
+			continue
+		}
+		rep.Applied++
+		if p.Version <= lastVersion[p.Account] {
+			rep.OrderViolations++
+		}
+		lastVersion[p.Account] = p.Version
+	}
+	for id := range committed {
+		if applied[id] == 0 {
+			rep.Lost++
+		}
+	}
+
+	var accounts []Account
+	if err := b.WithContext(ctx).Find(&accounts).Error; err != nil {
+		return rep, err
+	}
+	for _, acc := range accounts {
+		if acc.Balance != sums[acc.Key] || acc.Applied != perAccount[acc.Key] {
+			rep.Unbalanced++
+		}
+	}
+	var unsettled int64
+	if err := b.WithContext(ctx).Table(inbox.DefaultTableName).Where("consumer_group = ? AND state <> ?", group, "applied").
+		Count(&unsettled).Error; err != nil {
+		return rep, err
+	}
+	rep.Unsettled = int(unsettled)
+	return rep, nil
 }

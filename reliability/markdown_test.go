@@ -68,31 +68,55 @@ func writeMarkdown(path string, started time.Time) error {
 	fmt.Fprintf(&b, "| scenarios | %d |\n", len(names))
 	fmt.Fprintf(&b, "| broker | kfake, over TCP, behind a fault-injecting proxy |\n\n")
 
-	cols := []string{"committed", "delivered", "lost", "duplicates", "order_violations", "dead", "resumed_after_broker_returned"}
-	fmt.Fprintf(&b, "| scenario | %s |\n|---|%s\n", strings.Join(cols, " | "), strings.Repeat("---|", len(cols)))
 	rows := map[string]map[string]string{}
-	var order []string
+	var outboxOrder, inboxOrder []string
 	for _, l := range lines {
 		name := scenarioOf(l)
 		if rows[name] == nil {
 			rows[name] = map[string]string{}
-			order = append(order, name)
 		}
+		fields := rows[name]
 		for _, f := range strings.Fields(l) {
 			if k, v, ok := strings.Cut(f, "="); ok && k != "scenario" {
-				rows[name][k] = v
+				if k == "applied" {
+					inboxOrder = append(inboxOrder, name)
+				}
+				if k == "committed" {
+					outboxOrder = append(outboxOrder, name)
+				}
+				fields[k] = v
 			}
 		}
 	}
+	if len(outboxOrder) > 0 {
+		table(&b, rows, outboxOrder, []string{"committed", "delivered", "lost", "duplicates", "order_violations", "dead", "resumed_after_broker_returned"})
+		fmt.Fprintf(&b, "\nduplicates: messages delivered more than once, each with the same `outbox-message-id`; the bound is one batch per worker per fault.\n")
+	}
+	if len(inboxOrder) > 0 {
+		if len(outboxOrder) > 0 {
+			b.WriteString("\n")
+		}
+		fmt.Fprintf(&b, "The inbox scenario chains a second service to the kill-loop scenario: three inbox consumer processes in one\n")
+		fmt.Fprintf(&b, "consumer group, one SIGKILLed and restarted at random intervals, apply the events to a ledger in a database\n")
+		fmt.Fprintf(&b, "of their own.\n\n")
+		table(&b, rows, inboxOrder, []string{"applied", "lost", "applied_twice", "order_violations"})
+		fmt.Fprintf(&b, "\napplied: committed events applied by the consumers; lost: committed events never applied; applied_twice:\n")
+		fmt.Fprintf(&b, "applications beyond the first of an event; order_violations: events applied after a later one of their key.\n")
+	}
+	return os.WriteFile(path, []byte(b.String()), 0o644)
+}
+
+// table writes the scenarios named in order, one row each, with the
+// values of cols.
+func table(b *strings.Builder, rows map[string]map[string]string, order, cols []string) {
+	fmt.Fprintf(b, "| scenario | %s |\n|---|%s\n", strings.Join(cols, " | "), strings.Repeat("---|", len(cols)))
 	for _, name := range order {
 		vals := make([]string, len(cols))
 		for i, c := range cols {
 			vals[i] = rows[name][c]
 		}
-		fmt.Fprintf(&b, "| %s | %s |\n", name, strings.Join(vals, " | "))
+		fmt.Fprintf(b, "| %s | %s |\n", name, strings.Join(vals, " | "))
 	}
-	fmt.Fprintf(&b, "\nduplicates: messages delivered more than once, each with the same `outbox-message-id`; the bound is one batch per worker per fault.\n")
-	return os.WriteFile(path, []byte(b.String()), 0o644)
 }
 
 func scenarioOf(line string) string {

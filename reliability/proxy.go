@@ -2,7 +2,10 @@
 // processes against PostgreSQL and a Kafka broker (kfake) behind a
 // fault-injecting TCP proxy, kills them, cuts the broker off, restarts the
 // database, mixes in poison messages, and checks what reached Kafka against
-// what the database committed. See reliability_test.go for the scenarios.
+// what the database committed. Its inbox scenario adds a second service,
+// inbox consumer processes that are killed too, and checks what they
+// applied against what the first committed. See reliability_test.go and
+// inbox_test.go for the scenarios.
 package reliability
 
 import (

@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -31,11 +32,15 @@ import (
 
 var long = flag.Bool("reliability.long", false, "run each scenario for a minute instead of a few seconds")
 
-// The test binary is also the publisher process: the suite starts copies
-// of itself with OUTBOX_REL_ROLE=publisher, and kills them.
+// The test binary is also the publisher process and the inbox scenario's
+// consumer process: the suite starts copies of itself with
+// OUTBOX_REL_ROLE=publisher or consumer, and kills them.
 func TestMain(m *testing.M) {
-	if os.Getenv("OUTBOX_REL_ROLE") == "publisher" {
+	switch os.Getenv("OUTBOX_REL_ROLE") {
+	case "publisher":
 		os.Exit(publisherProcess())
+	case "consumer":
+		os.Exit(consumerProcess())
 	}
 	started := time.Now()
 	code := m.Run()
@@ -55,15 +60,20 @@ func envInt(name string, def int) int {
 	return def
 }
 
-func publisherProcess() int {
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
+// processDB opens the database a publisher or consumer process is given.
+func processDB() (*gorm.DB, error) {
 	dialector := postgres.Open(os.Getenv("OUTBOX_REL_DSN"))
 	if os.Getenv("OUTBOX_REL_DIALECT") == "mariadb" {
 		dialector = mysql.Open(os.Getenv("OUTBOX_REL_DSN"))
 	}
-	db, err := gorm.Open(dialector, &gorm.Config{Logger: logger.Discard})
+	return gorm.Open(dialector, &gorm.Config{Logger: logger.Discard})
+}
+
+func publisherProcess() int {
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	db, err := processDB()
 	if err != nil {
 		log.Error("open", "error", err)
 		return 2
@@ -105,9 +115,10 @@ func publisherProcess() int {
 	return 0
 }
 
-// fleet is the publisher processes of a scenario.
+// fleet is the publisher (or consumer) processes of a scenario.
 type fleet struct {
 	t       *testing.T
+	name    string // "publisher" or "consumer"
 	env     []string
 	mu      sync.Mutex
 	running []*exec.Cmd
@@ -120,17 +131,31 @@ func (f *fleet) start() {
 	cmd.Stderr = os.Stderr
 	dieWithParent(cmd)
 	if err := cmd.Start(); err != nil {
-		f.t.Fatalf("starting a publisher: %v", err)
+		f.t.Fatalf("starting a %s: %v", f.name, err)
 	}
 	f.mu.Lock()
 	f.running = append(f.running, cmd)
 	f.mu.Unlock()
 }
 
-// killOne SIGKILLs a random publisher and starts another.
-func (f *fleet) killOne() {
+// killOne SIGKILLs a random process of the fleet and starts another.
+func (f *fleet) killOne() { f.killOneOf(func(int) bool { return true }) }
+
+// killOneOf SIGKILLs a random one of the processes whose pid may accepts,
+// and starts another; false if may accepts none.
+func (f *fleet) killOneOf(may func(pid int) bool) bool {
 	f.mu.Lock()
-	i := rand.N(len(f.running))
+	var candidates []int
+	for i, cmd := range f.running {
+		if may(cmd.Process.Pid) {
+			candidates = append(candidates, i)
+		}
+	}
+	if len(candidates) == 0 {
+		f.mu.Unlock()
+		return false
+	}
+	i := candidates[rand.N(len(candidates))]
 	cmd := f.running[i]
 	f.running = append(f.running[:i], f.running[i+1:]...)
 	f.kills++
@@ -138,9 +163,10 @@ func (f *fleet) killOne() {
 	_ = cmd.Process.Kill()
 	_ = cmd.Wait()
 	f.start()
+	return true
 }
 
-// stop stops every publisher gracefully (SIGTERM) and waits for it.
+// stop stops every process gracefully (SIGTERM) and waits for it.
 func (f *fleet) stop() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -155,10 +181,68 @@ func (f *fleet) stop() {
 		case <-time.After(30 * time.Second):
 			_ = cmd.Process.Kill()
 			<-done
-			f.t.Errorf("a publisher did not stop within 30s of SIGTERM")
+			f.t.Errorf("a %s did not stop within 30s of SIGTERM", f.name)
 		}
 	}
 	f.running = nil
+}
+
+// openDatabase returns a PostgreSQL schema or a MariaDB database of the
+// test's own, and its DSN for other processes.
+func openDatabase(t *testing.T, dialect string) (*gorm.DB, string) {
+	if dialect == "mariadb" {
+		return outboxtest.MariaDBDatabase(t, nil)
+	}
+	return outboxtest.PostgresSchema(t, nil)
+}
+
+// startBroker starts a kfake broker with topic's partitions behind the
+// fault proxy (kfake advertises the proxy's address), with configs beside
+// the suite's maximum message size; both close when the test ends.
+func startBroker(t *testing.T, topic string, partitions int, configs map[string]string) *Proxy {
+	var proxy *Proxy
+	cfgs := map[string]string{"message.max.bytes": "65536"}
+	maps.Copy(cfgs, configs)
+	opts := []kfake.Opt{kfake.NumBrokers(1), kfake.SeedTopics(int32(partitions), topic),
+		kfake.BrokerConfigs(cfgs),
+		kfake.ListenFn(func(network, address string) (net.Listener, error) {
+			ln, err := net.Listen(network, address)
+			if err != nil {
+				return nil, err
+			}
+			if proxy, err = NewProxy(ln.Addr().String()); err != nil {
+				return nil, err
+			}
+			return AdvertisedListener{Listener: ln, Advertised: proxy.ln.Addr()}, nil
+		})}
+	cluster, err := kfake.NewCluster(opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cluster.Close(); proxy.Close() })
+	return proxy
+}
+
+// drain waits until every committed message is published or dead. A long
+// run can leave a backlog bigger than a fixed wait allows, so the drain
+// fails only when it stops making progress.
+func drain(t *testing.T, db *gorm.DB) {
+	const stall = 60 * time.Second
+	best, lastProgress := int64(-1), time.Now()
+	for {
+		var pending int64
+		err := db.Table(outbox.DefaultTableName).Where("state = ?", outbox.StatePending).Count(&pending).Error
+		if err == nil && pending == 0 {
+			return
+		}
+		if err == nil && (best < 0 || pending < best) {
+			best, lastProgress = pending, time.Now()
+		}
+		if time.Since(lastProgress) > stall {
+			t.Fatalf("%d messages still pending, none published for %v (err %v)", pending, stall, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 type scenario struct {
@@ -235,10 +319,8 @@ func run(t *testing.T, sc scenario) {
 		if db, err = gorm.Open(postgres.Open(dsn), &gorm.Config{Logger: logger.Discard}); err != nil {
 			t.Fatal(err)
 		}
-	} else if sc.dialect == "mariadb" {
-		db, dsn = outboxtest.MariaDBDatabase(t, nil)
 	} else {
-		db, dsn = outboxtest.PostgresSchema(t, nil)
+		db, dsn = openDatabase(t, sc.dialect)
 	}
 	if err := db.Use(outbox.Plugin()); err != nil {
 		t.Fatal(err)
@@ -267,28 +349,10 @@ func run(t *testing.T, sc scenario) {
 		t.Fatal(err)
 	}
 
-	// The broker, behind the fault proxy: kfake advertises the proxy's address.
-	var proxy *Proxy
-	opts := []kfake.Opt{kfake.NumBrokers(1), kfake.SeedTopics(4, topic),
-		kfake.BrokerConfigs(map[string]string{"message.max.bytes": "65536"}),
-		kfake.ListenFn(func(network, address string) (net.Listener, error) {
-			ln, err := net.Listen(network, address)
-			if err != nil {
-				return nil, err
-			}
-			if proxy, err = NewProxy(ln.Addr().String()); err != nil {
-				return nil, err
-			}
-			return AdvertisedListener{Listener: ln, Advertised: proxy.ln.Addr()}, nil
-		})}
-	cluster, err := kfake.NewCluster(opts...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cluster.Close(); proxy.Close() })
+	proxy := startBroker(t, topic, 4, nil)
 	addrs := []string{proxy.Addr()}
 
-	f := &fleet{t: t, env: []string{
+	f := &fleet{t: t, name: "publisher", env: []string{
 		"OUTBOX_REL_ROLE=publisher", "OUTBOX_REL_DSN=" + dsn, "OUTBOX_REL_DIALECT=" + sc.dialect, "OUTBOX_REL_BROKERS=" + proxy.Addr(),
 		"OUTBOX_REL_WORKERS=" + strconv.Itoa(sc.workers), "OUTBOX_REL_BATCH=" + strconv.Itoa(sc.batch),
 	}}
@@ -372,25 +436,7 @@ func run(t *testing.T, sc scenario) {
 		t.Fatalf("the workload committed nothing (%d transactions failed)", result.Failed)
 	}
 
-	// Drain: every committed message is published or dead. A long run can
-	// leave a backlog bigger than a fixed wait allows, so the drain fails
-	// only when it stops making progress.
-	const stall = 60 * time.Second
-	best, lastProgress := int64(-1), time.Now()
-	for {
-		var pending int64
-		err := db.Table(outbox.DefaultTableName).Where("state = ?", outbox.StatePending).Count(&pending).Error
-		if err == nil && pending == 0 {
-			break
-		}
-		if err == nil && (best < 0 || pending < best) {
-			best, lastProgress = pending, time.Now()
-		}
-		if time.Since(lastProgress) > stall {
-			t.Fatalf("%d messages still pending, none published for %v (err %v)", pending, stall, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	drain(t, db)
 	f.stop()
 
 	rep, err := Check(context.Background(), db, addrs, topic)

@@ -29,6 +29,7 @@ type Aggregate struct {
 type Event struct {
 	Key     string `json:"k"`
 	Version int64  `json:"v"`
+	Amount  int64  `json:"amt,omitempty"`
 	Pad     string `json:"pad,omitempty"`
 }
 
@@ -46,6 +47,9 @@ type Workload struct {
 	// PoisonEvery pads every n-th event to PoisonBytes (0: never), so
 	// that the broker refuses it.
 	PoisonEvery, PoisonBytes int
+	// Amounts gives every event an amount from 1 to 1000, for the inbox
+	// scenario's ledger to add up.
+	Amounts bool
 }
 
 // WorkloadResult counts what the writers did; the database is the truth of
@@ -54,14 +58,25 @@ type WorkloadResult struct {
 	Committed, RolledBack, Failed int64
 }
 
+// AggregateKeys are the keys of the aggregates, and of their events.
+func (w Workload) AggregateKeys() []string {
+	keys := make([]string, w.Keys)
+	for i := range keys {
+		keys[i] = aggregateKey(i)
+	}
+	return keys
+}
+
+func aggregateKey(i int) string { return fmt.Sprintf("agg-%03d", i) }
+
 // Setup creates the aggregates.
 func (w Workload) Setup() error {
 	if err := w.DB.AutoMigrate(&Aggregate{}); err != nil {
 		return err
 	}
 	aggs := make([]Aggregate, w.Keys)
-	for i := range aggs {
-		aggs[i] = Aggregate{Key: fmt.Sprintf("agg-%03d", i)}
+	for i, k := range w.AggregateKeys() {
+		aggs[i] = Aggregate{Key: k}
 	}
 	return w.DB.Clauses(clause.OnConflict{DoNothing: true}).Create(&aggs).Error
 }
@@ -101,7 +116,7 @@ func (w Workload) Run(ctx context.Context) WorkloadResult {
 }
 
 func (w Workload) transaction(ctx context.Context, n int64) error {
-	key := fmt.Sprintf("agg-%03d", rand.N(w.Keys))
+	key := aggregateKey(rand.N(w.Keys))
 	events := 1 + rand.N(3)
 	return w.DB.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
 		var agg Aggregate
@@ -112,6 +127,9 @@ func (w Workload) transaction(ctx context.Context, n int64) error {
 		for i := range msgs {
 			agg.Version++
 			e := Event{Key: key, Version: agg.Version}
+			if w.Amounts {
+				e.Amount = 1 + rand.Int64N(1000)
+			}
 			if w.PoisonEvery > 0 && (int(n)*3+i)%w.PoisonEvery == 0 {
 				e.Pad = strings.Repeat("p", w.PoisonBytes)
 			}
