@@ -220,6 +220,7 @@ var docsImports = map[string]string{
 	"outbox":      "github.com/gorm-outbox/outbox",
 	"kafka":       "github.com/gorm-outbox/outbox/kafka",
 	"hooks":       "github.com/gorm-outbox/outbox/hooks",
+	"inbox":       "github.com/gorm-outbox/outbox/inbox",
 	"outboxtest":  "github.com/gorm-outbox/outbox/outboxtest",
 	"pgxpipeline": "github.com/gorm-outbox/outbox/pgxpipeline",
 	"gorm":        "gorm.io/gorm",
@@ -230,12 +231,14 @@ var docsImports = map[string]string{
 	"uuid":        "github.com/google/uuid",
 	"context":     "context",
 	"errors":      "errors",
+	"json":        "encoding/json",
 	"fmt":         "fmt",
 	"log":         "log",
 	"slog":        "log/slog",
 	"os":          "os",
 	"signal":      "os/signal",
 	"strconv":     "strconv",
+	"strings":     "strings",
 	"time":        "time",
 	"tls":         "crypto/tls",
 	"sql":         "database/sql",
@@ -252,6 +255,7 @@ var docsPrelude = []struct{ name, decl string }{
 	{"sender", "var sender outbox.Sender"},
 	{"store", "var store *outbox.GormStore"},
 	{"Order", "type Order struct {\n\tID       uint\n\tCustomer string\n\tStatus   string\n}"},
+	{"Invoice", "type Invoice struct {\n\tID      uint\n\tOrderID string\n\tCents   int64\n}"},
 }
 
 // docsPreludeFor returns docsPrelude without the names f declares.
