@@ -238,7 +238,7 @@ func runInbox(t *testing.T, dialect string) {
 			t.Errorf("%d of %d events applied, none for %v (err %v)", best, published, stall, err)
 			break
 		}
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(250 * time.Millisecond) // the count reads every posting: not too often
 	}
 	caughtUp := time.Since(drained)
 	cons.stop()
