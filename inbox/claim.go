@@ -381,6 +381,9 @@ func (p *partition) applyRetries(ctx context.Context) error {
 // false if it was parked again.
 func (p *partition) applyWaiting(ctx context.Context, r inboxstore.Row) (bool, error) {
 	m := Message{ID: r.MessageID, Topic: r.Topic, Partition: r.Partition, Offset: r.Offset, Key: r.Key, Value: r.Payload}
+	if r.Timestamp != nil {
+		m.Timestamp = *r.Timestamp
+	}
 	if r.Headers != "" {
 		_ = json.Unmarshal([]byte(r.Headers), &m.Headers)
 	}
@@ -437,12 +440,25 @@ func (p *partition) applyWaiting(ctx context.Context, r inboxstore.Row) (bool, e
 	return false, nil
 }
 
-// call runs the handler on ms in tx, with a span per message; a panic is
+// call runs the handler on ms in tx, with a span per message: a Handler
+// runs in its message's span, a BatchHandler beside them. A panic is
 // returned as an error.
-func (p *partition) call(ctx context.Context, tx *gorm.DB, ms []Message) (err error) {
+func (p *partition) call(ctx context.Context, tx *gorm.DB, ms []Message) error {
+	if h := p.c.cfg.handler; h != nil {
+		for _, m := range ms {
+			if err := p.callSpanned(ctx, []Message{m}, func(hctx context.Context) error { return h(tx.WithContext(hctx), m) }); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	if len(ms) == 0 {
 		return nil
 	}
+	return p.callSpanned(ctx, ms, func(hctx context.Context) error { return p.c.cfg.batchHandler(tx.WithContext(hctx), ms) })
+}
+
+func (p *partition) callSpanned(ctx context.Context, ms []Message, fn func(context.Context) error) (err error) {
 	hctx, end := p.c.tel.startSpans(ctx, p.c.group, ms)
 	defer func() {
 		if r := recover(); r != nil {
@@ -453,13 +469,18 @@ func (p *partition) call(ctx context.Context, tx *gorm.DB, ms []Message) (err er
 			err = &handlerError{id: ms[0].ID, err: err}
 		}
 	}()
-	return p.c.cfg.batchHandler(tx.WithContext(hctx), ms)
+	return fn(hctx)
 }
 
 // row is m's record in state.
 func (p *partition) row(m Message, state string, attempts int, lastErr string, now time.Time) *inboxstore.Row {
 	r := &inboxstore.Row{ConsumerGroup: p.c.group, MessageID: m.ID, Topic: m.Topic, Partition: m.Partition,
-		Offset: m.Offset, Key: m.Key, State: state, Attempts: attempts, LastError: lastErr, ReceivedAt: now, ProcessedAt: now}
+		Offset: m.Offset, Key: m.Key, State: state, Attempts: attempts, LastError: lastErr, ReceivedAt: now,
+		ProcessedAt: now}
+	if !m.Timestamp.IsZero() {
+		ts := m.Timestamp.UTC()
+		r.Timestamp = &ts
+	}
 	if state != inboxstore.Applied {
 		r.Payload = m.Value
 		if r.Payload == nil {
@@ -471,18 +492,6 @@ func (p *partition) row(m Message, state string, attempts int, lastErr string, n
 		}
 	}
 	return r
-}
-
-// perMessage makes a BatchHandler of a Handler.
-func perMessage(h Handler) BatchHandler {
-	return func(tx *gorm.DB, ms []Message) error {
-		for _, m := range ms {
-			if err := h(tx, m); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
 }
 
 // errorText is cause as recorded, cut to what a text column keeps everywhere.

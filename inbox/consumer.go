@@ -49,7 +49,12 @@ func NewConsumer(db *gorm.DB, brokers []string, group string, topics []string, h
 	if handler == nil {
 		return nil, errors.New("inbox: the handler is nil")
 	}
-	return newConsumer(db, brokers, group, topics, perMessage(handler), opts)
+	c, err := newConsumer(db, brokers, group, topics, nil, opts)
+	if err != nil {
+		return nil, err
+	}
+	c.cfg.handler = handler
+	return c, nil
 }
 
 // NewBatchConsumer is NewConsumer with a handler of batches (see

@@ -40,6 +40,7 @@ type config struct {
 	logger             *slog.Logger
 	meterProvider      metric.MeterProvider
 	tracerProvider     trace.TracerProvider
+	handler            Handler // or batchHandler
 	batchHandler       BatchHandler
 }
 

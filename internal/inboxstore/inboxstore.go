@@ -31,19 +31,20 @@ const (
 
 // Row is one consumed message as the inbox table records it.
 type Row struct {
-	ConsumerGroup string    `gorm:"column:consumer_group;primaryKey"`
-	MessageID     string    `gorm:"column:message_id;primaryKey"`
-	Topic         string    `gorm:"column:topic"`
-	Partition     int32     `gorm:"column:kafka_partition"`
-	Offset        int64     `gorm:"column:kafka_offset"`
-	Key           []byte    `gorm:"column:message_key"`
-	State         string    `gorm:"column:state"`
-	Attempts      int       `gorm:"column:attempts"`
-	LastError     string    `gorm:"column:last_error"`
-	Payload       []byte    `gorm:"column:payload"` // kept only while not applied
-	Headers       string    `gorm:"column:headers"` // JSON object; kept only while not applied
-	ReceivedAt    time.Time `gorm:"column:received_at"`
-	ProcessedAt   time.Time `gorm:"column:processed_at"` // applied, or parked, at
+	ConsumerGroup string     `gorm:"column:consumer_group;primaryKey"`
+	MessageID     string     `gorm:"column:message_id;primaryKey"`
+	Topic         string     `gorm:"column:topic"`
+	Partition     int32      `gorm:"column:kafka_partition"`
+	Offset        int64      `gorm:"column:kafka_offset"`
+	Key           []byte     `gorm:"column:message_key"`
+	State         string     `gorm:"column:state"`
+	Attempts      int        `gorm:"column:attempts"`
+	LastError     string     `gorm:"column:last_error"`
+	Payload       []byte     `gorm:"column:payload"`         // kept only while not applied
+	Headers       string     `gorm:"column:headers"`         // JSON object; kept only while not applied
+	Timestamp     *time.Time `gorm:"column:kafka_timestamp"` // the record's, if it has one
+	ReceivedAt    time.Time  `gorm:"column:received_at"`
+	ProcessedAt   time.Time  `gorm:"column:processed_at"` // applied, or parked, at
 }
 
 // Column is one column of the inbox table; each database's Schema gives
@@ -53,7 +54,8 @@ type Column struct {
 	Constraint string
 }
 
-// Columns are the inbox table's columns.
+// Columns are the inbox table's columns. None has a default: every write
+// sets them all, and MySQL 8 refuses a literal default on a TEXT column.
 var Columns = []Column{
 	{"consumer_group", "NOT NULL"},
 	{"message_id", "NOT NULL"},
@@ -62,10 +64,11 @@ var Columns = []Column{
 	{"kafka_offset", "NOT NULL"},
 	{"message_key", ""},
 	{"state", "NOT NULL"},
-	{"attempts", "NOT NULL DEFAULT 0"},
-	{"last_error", "NOT NULL DEFAULT ''"},
+	{"attempts", "NOT NULL"},
+	{"last_error", "NOT NULL"},
 	{"payload", ""},
 	{"headers", ""},
+	{"kafka_timestamp", ""},
 	{"received_at", "NOT NULL"},
 	{"processed_at", "NOT NULL"},
 }

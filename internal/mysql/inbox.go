@@ -8,6 +8,11 @@ import (
 	"github.com/gorm-outbox/outbox/internal/inboxstore"
 )
 
+// binaryText compares ids byte by byte: under the server's usual
+// case-insensitive collation, topics "Orders" and "orders" would give two
+// messages one id.
+const binaryText = "varchar(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+
 // Inbox is the inbox table's dialect on MySQL and MariaDB.
 var Inbox inboxstore.Dialect = inboxDialect{}
 
@@ -15,10 +20,10 @@ type inboxDialect struct{}
 
 func (inboxDialect) Schema() inboxstore.Schema {
 	return inboxstore.Schema{Quote: '`', InlineIndexes: true, Types: map[string]string{
-		"consumer_group": "varchar(255)", "message_id": "varchar(255)", "topic": "varchar(249)",
+		"consumer_group": binaryText, "message_id": binaryText, "topic": "varchar(249)",
 		"kafka_partition": "int", "kafka_offset": "bigint", "message_key": "longblob", "state": "varchar(16)",
 		"attempts": "int", "last_error": "text", "payload": "longblob", "headers": "text",
-		"received_at": "datetime(6)", "processed_at": "datetime(6)"}}
+		"kafka_timestamp": "datetime(6)", "received_at": "datetime(6)", "processed_at": "datetime(6)"}}
 }
 
 // Migrate needs no lock: the one statement, with its index inline, either

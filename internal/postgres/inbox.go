@@ -18,7 +18,7 @@ func (inboxDialect) Schema() inboxstore.Schema {
 		"consumer_group": "varchar(255)", "message_id": "varchar(255)", "topic": "varchar(249)",
 		"kafka_partition": "integer", "kafka_offset": "bigint", "message_key": "bytea", "state": "varchar(16)",
 		"attempts": "integer", "last_error": "text", "payload": "bytea", "headers": "text",
-		"received_at": "timestamptz", "processed_at": "timestamptz"}}
+		"kafka_timestamp": "timestamptz", "received_at": "timestamptz", "processed_at": "timestamptz"}}
 }
 
 // Migrate runs the DDL in one transaction behind an advisory lock: two

@@ -18,7 +18,7 @@ func (inboxDialect) Schema() inboxstore.Schema {
 		"consumer_group": "text", "message_id": "text", "topic": "text",
 		"kafka_partition": "integer", "kafka_offset": "integer", "message_key": "blob", "state": "text",
 		"attempts": "integer", "last_error": "text", "payload": "blob", "headers": "text",
-		"received_at": "datetime", "processed_at": "datetime"}}
+		"kafka_timestamp": "datetime", "received_at": "datetime", "processed_at": "datetime"}}
 }
 
 func (inboxDialect) Migrate(_ context.Context, db *gorm.DB, _ string, ddl []string) error {
