@@ -165,6 +165,7 @@ func (p *partition) apply(ctx context.Context, batch []*sarama.ConsumerMessage) 
 // applyLane applies ms in one transaction; if the handler fails, one
 // message at a time.
 func (p *partition) applyLane(ctx context.Context, ms []Message) error {
+	var failed *handlerError
 	for failures := 0; ; failures++ {
 		err := p.applyTogether(ctx, ms)
 		if err == nil {
@@ -173,18 +174,42 @@ func (p *partition) applyLane(ctx context.Context, ms []Message) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		var he *handlerError
-		if errors.As(err, &he) {
+		if errors.As(err, &failed) && p.c.databaseUp(ctx) {
 			break
 		}
 		p.databaseFailed(ctx, failures, err)
 	}
 	for _, m := range ms {
-		if err := p.applyOne(ctx, m); err != nil {
+		first := firstTry{attempt: 1}
+		// A Handler's failure names its message: that was its first
+		// attempt. A BatchHandler's names none, so each message starts over.
+		if p.c.cfg.handler != nil && failed.id == m.ID {
+			p.handlerFailed(ctx, m, 1, failed.err)
+			first = firstTry{attempt: 2, lastErr: failed.err}
+		}
+		if err := p.applyOne(ctx, m, first); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// firstTry is where applyOne starts: the attempt, and the error of the
+// attempt before it.
+type firstTry struct {
+	attempt int
+	lastErr error
+}
+
+// handlerFailed counts and logs a failed attempt, and waits the retry
+// policy's backoff if another attempt follows.
+func (p *partition) handlerFailed(ctx context.Context, m Message, attempt int, err error) {
+	p.c.tel.failedOnce(ctx, p.topic)
+	p.c.cfg.logger.Warn("inbox: handler failed", "consumer_group", p.c.group, "topic", p.topic,
+		"partition", p.partition, "offset", m.Offset, "message_id", m.ID, "attempt", attempt, "error", err)
+	if attempt < p.c.cfg.retry.MaxAttempts {
+		sleep(ctx, p.c.cfg.retry.Backoff(attempt))
+	}
 }
 
 // databaseFailed logs a failure that was not the handler's and waits
@@ -249,9 +274,9 @@ func (p *partition) applyTogether(ctx context.Context, ms []Message) error {
 
 // applyOne applies one message, trying the handler up to the retry
 // policy's attempts, then parks it.
-func (p *partition) applyOne(ctx context.Context, m Message) error {
-	var lastErr error
-	for attempt, failures := 1, 0; ; {
+func (p *partition) applyOne(ctx context.Context, m Message, first firstTry) error {
+	lastErr := first.lastErr
+	for attempt, failures := first.attempt, 0; ; {
 		if attempt > p.c.cfg.retry.MaxAttempts {
 			return p.park(ctx, m, attempt-1, lastErr)
 		}
@@ -288,14 +313,9 @@ func (p *partition) applyOne(ctx context.Context, m Message) error {
 			continue
 		}
 		lastErr = he.err
-		p.c.tel.failedOnce(ctx, p.topic)
-		p.c.cfg.logger.Warn("inbox: handler failed", "consumer_group", p.c.group, "topic", p.topic,
-			"partition", p.partition, "offset", m.Offset, "message_id", m.ID, "attempt", attempt, "error", he.err)
-		if attempt < p.c.cfg.retry.MaxAttempts {
-			sleep(ctx, p.c.cfg.retry.Backoff(attempt))
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
+		p.handlerFailed(ctx, m, attempt, he.err)
+		if ctx.Err() != nil {
+			return ctx.Err()
 		}
 		attempt++
 	}
@@ -353,12 +373,18 @@ func (p *partition) applyRetries(ctx context.Context) error {
 		}
 		byKey[k] = append(byKey[k], r)
 	}
+	// Under KeyWait a key's messages go in order, and a parked one stops
+	// those after it; under KeySkip each stands alone.
+	wait := p.c.cfg.keyPolicy == outbox.KeyWait
 	for _, k := range order {
 		rs := byKey[k]
 		cleared := true
 		for _, r := range rs {
 			if r.State == inboxstore.Parked {
 				cleared = false
+				if !wait {
+					continue
+				}
 				break
 			}
 			ok, err := p.applyWaiting(ctx, r)
@@ -367,6 +393,9 @@ func (p *partition) applyRetries(ctx context.Context) error {
 			}
 			if !ok {
 				cleared = false
+				if !wait {
+					continue
+				}
 				break
 			}
 		}
@@ -415,10 +444,7 @@ func (p *partition) applyWaiting(ctx context.Context, r inboxstore.Row) (bool, e
 			continue
 		}
 		lastErr = he.err
-		p.c.tel.failedOnce(ctx, p.topic)
-		if attempt < p.c.cfg.retry.MaxAttempts {
-			sleep(ctx, p.c.cfg.retry.Backoff(attempt))
-		}
+		p.handlerFailed(ctx, m, attempt, he.err)
 		attempt++
 	}
 	row := r

@@ -10,8 +10,9 @@ import (
 
 // binaryText compares ids byte by byte: under the server's usual
 // case-insensitive collation, topics "Orders" and "orders" would give two
-// messages one id.
-const binaryText = "varchar(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+// messages one id, and under a PAD SPACE one (utf8mb4_bin), so would ids
+// differing in trailing spaces.
+const binaryText = "varbinary(255)"
 
 // Inbox is the inbox table's dialect on MySQL and MariaDB.
 var Inbox inboxstore.Dialect = inboxDialect{}
