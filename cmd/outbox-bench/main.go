@@ -23,7 +23,12 @@
 //
 //  5. mariadb: the drain on MariaDB beside the simplest correct relay and
 //     MariaDB alone (the relay's loop without the send), published rows
-//     deleted and kept, and the drain of 1M pending beside 10k.
+//     deleted and kept, and the drain of 1M pending beside 10k;
+//
+//  6. inbox: messages a second that the inbox applies from a preloaded
+//     topic, with a batch handler and with a per-message one, beside a bare
+//     sarama consumer group writing the same rows in the same batches
+//     without deduplication, on PostgreSQL and on MariaDB.
 //
 //     go run ./cmd/outbox-bench                    # parts 1-3, 4 to 5 minutes
 //     go run ./cmd/outbox-bench -scaling           # part 4 alone, 2.5 to 15 minutes
@@ -31,7 +36,8 @@
 //     go run ./cmd/outbox-bench -only drain -n 1000000
 //     go run ./cmd/outbox-bench -only drain -quick  # the ceilings and one publisher line, to compare changes
 //     go run ./cmd/outbox-bench -only mariadb                 # part 5 alone, about 5 minutes
-//     go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling,mariadb -markdown docs/performance.md
+//     go run ./cmd/outbox-bench -only inbox                   # part 6 alone, about 4 minutes
+//     go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling,mariadb,inbox -markdown docs/performance.md
 //     cmd/outbox-bench/pgbench/run.sh              # part 3's SQL through pgbench, without Go
 //
 // It prints its conditions first. Every part works in a schema of its own,
@@ -58,6 +64,7 @@ import (
 	"gorm.io/gorm/logger"
 
 	"github.com/gorm-outbox/outbox"
+	"github.com/gorm-outbox/outbox/inbox"
 )
 
 type settings struct {
@@ -78,6 +85,8 @@ type settings struct {
 	mariadbDSN    string
 	mariadbN      int   // the MariaDB part's backlog
 	mariadbDepths []int // the MariaDB part's scaling backlogs, the first its base
+	inboxN        int   // messages the inbox part's consumers apply a run
+	inboxBatch    int   // the inbox part's batch size, both sides
 }
 
 func main() {
@@ -95,13 +104,15 @@ func main() {
 	flag.IntVar(&s.rounds, "rounds", 3, "rounds of the drain and latency parts, interleaved (the drain prints medians, the latency percentiles over every round)")
 	flag.BoolVar(&s.quick, "quick", false, "drain part: only the two ceilings and the publisher with -workers workers and WithDeleteOnPublish (for comparing changes back to back)")
 	flag.IntVar(&s.writers, "writers", 8, "concurrent writers (latency and enqueue parts)")
-	only := flag.String("only", "drain,latency,enqueue", "parts to run: drain, latency, enqueue, scaling, mariadb")
+	only := flag.String("only", "drain,latency,enqueue", "parts to run: drain, latency, enqueue, scaling, mariadb, inbox")
 	scaling := flag.Bool("scaling", false, "run the backlog-scaling part (10k, 100k, 1M pending; 10M published)")
 	depths := flag.String("depths", "10000,100000,1000000", "scaling part: pending backlogs drained; the first is the base of the ratios, the second is drained again behind -published rows")
 	flag.IntVar(&s.published, "published", 10_000_000, "published rows retained in the last scaling step")
 	flag.StringVar(&s.mariadbDSN, "mariadb-dsn", envOr("OUTBOX_BENCH_MARIADB_DSN", "root@tcp(127.0.0.1:3306)/test?parseTime=true"), "MariaDB DSN (the part works in a database of its own, created and dropped on this server)")
 	flag.IntVar(&s.mariadbN, "mariadb-n", 50_000, "mariadb part: messages in the drained backlog")
 	mariadbDepths := flag.String("mariadb-depths", "10000,1000000", "mariadb part: pending backlogs the publisher drains for the scaling figures; the first is the base of the ratios")
+	flag.IntVar(&s.inboxN, "inbox-n", 50_000, "inbox part: messages in the topic, applied by every run")
+	flag.IntVar(&s.inboxBatch, "inbox-batch", inbox.DefaultBatchSize, "inbox part: messages a transaction at most (inbox.WithBatchSize), the ceiling's too")
 	ddl := flag.Bool("ddl", false, "print the outbox table's PostgreSQL DDL and exit (for pgbench/run.sh)")
 	markdown := flag.String("markdown", "", "also write the figures, with this run's command and conditions, to this markdown file (docs/performance.md)")
 	flag.Parse()
@@ -120,6 +131,9 @@ func main() {
 	}
 	if s.rounds < 1 {
 		log.Fatalf("-rounds must be at least 1, got %d", s.rounds)
+	}
+	if s.inboxN < 1 || s.inboxBatch < 1 {
+		log.Fatalf("-inbox-n and -inbox-batch must be positive, got %d and %d", s.inboxN, s.inboxBatch)
 	}
 	if s.enqueueRounds < 1 {
 		log.Fatalf("-enqueue-rounds must be at least 1, got %d", s.enqueueRounds)
@@ -222,6 +236,11 @@ func runParts(ctx context.Context, admin *gorm.DB, s settings, parts map[string]
 	if parts["mariadb"] {
 		if err := mariadbPart(ctx, s); err != nil {
 			return fmt.Errorf("mariadb: %w", err)
+		}
+	}
+	if parts["inbox"] {
+		if err := inboxPart(ctx, admin, s); err != nil {
+			return fmt.Errorf("inbox: %w", err)
 		}
 	}
 	return nil

@@ -52,7 +52,7 @@ func TestBenchmarkRunsEveryPart(t *testing.T) {
 	// it, this run's command without its DSN, the conditions, a row per
 	// figure, and a warning that a run with small sizes is not the benchmark.
 	expect(readFile(t, markdown),
-		"# Performance\n", "Regenerate it with:", "go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling,mariadb -markdown docs/performance.md",
+		"# Performance\n", "Regenerate it with:", "go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling,mariadb,inbox -markdown docs/performance.md",
 		"go run ./cmd/outbox-bench -n 3000 -quick -rounds 1 -seconds 2 -rates 200,1500 -enqueue-rounds 1 -markdown "+markdown+"\n",
 		"**Not the full benchmark:** this run set -enqueue-rounds 1, -n 3000, -quick true, -rates 200,1500, -rounds 1, -seconds 2.",
 		"| date | ", "| cores | ", "| Go | go1.", "| PostgreSQL | ", "| machine speed | sha256 ", "| settings | backlog 3000, batch 500",
@@ -77,6 +77,17 @@ func TestBenchmarkRunsEveryPart(t *testing.T) {
 	if out := readFile(t, markdown); strings.Contains(out, mariadbDSN) {
 		t.Errorf("the markdown names the MariaDB DSN:\n%s", out)
 	}
+
+	expect(run("-only", "inbox", "-mariadb-dsn", mariadbDSN, "-inbox-n", "2000", "-rounds", "1", "-markdown", markdown),
+		"6. inbox: 2000 messages of 200 B in 6 partitions, batch 100", "   PostgreSQL ", "   MariaDB ",
+		"ceiling, bare consumer group, one multi-row INSERT a batch:", "inbox, NewBatchConsumer, one multi-row INSERT a batch:",
+		"inbox, NewConsumer, one INSERT a message:", "× the ceiling (target: at least 0.7×); each round to its own ceiling: ",
+		"× the ceiling (for information: the same rows, one statement each)")
+	expect(readFile(t, markdown),
+		"| inbox, PostgreSQL, 2k messages | setup | PostgreSQL ", "| inbox, MariaDB, 2k messages | setup | MariaDB ",
+		"| inbox, PostgreSQL, 2k messages | ceiling, bare consumer group, one multi-row INSERT a batch | ",
+		"| inbox, PostgreSQL, 2k messages | inbox, NewBatchConsumer, one multi-row INSERT a batch, ratio to the ceiling | ",
+		"| inbox, MariaDB, 2k messages | inbox, NewConsumer, one INSERT a message, ratio to the ceiling | ")
 
 	expect(run("-scaling", "-depths", "2000,4000", "-published", "3000", "-markdown", markdown),
 		"the 2k drain 5 times", "2k rate, median of 5:",

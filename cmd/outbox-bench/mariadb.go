@@ -49,17 +49,11 @@ func mariadbPart(ctx context.Context, s settings) error {
 		version, bufferPool>>20, n, s.batch, s.rounds)
 	part := fmt.Sprintf("MariaDB drain, %s pending", count(n))
 	record(part, "server", "the MariaDB server the part ran on", "%s, innodb_buffer_pool_size %d MiB", version, bufferPool>>20)
-	name := "bench_" + strings.ReplaceAll(uuid.NewString(), "-", "")[:12]
-	if err := admin.Exec("CREATE DATABASE " + name).Error; err != nil {
+	dsn, drop, err := newMariaDBDatabase(admin, s.mariadbDSN)
+	if err != nil {
 		return err
 	}
-	defer admin.Exec("DROP DATABASE " + name)
-	cfg, err := mysqldriver.ParseDSN(s.mariadbDSN)
-	if err != nil {
-		return fmt.Errorf("-mariadb-dsn: %w", err)
-	}
-	cfg.DBName, cfg.ParseTime = name, true
-	dsn := cfg.FormatDSN()
+	defer drop()
 	keep, closeKeep, err := openWith(mysql.Open(dsn))
 	if err != nil {
 		return err
@@ -244,6 +238,21 @@ func mariadbScaling(ctx context.Context, deleting, keep *gorm.DB, addrs []string
 			"each drain's rate beside its own base's (target for the publisher: at least 80%)", "%s", strings.Join(parts, "; "))
 	}
 	return nil
+}
+
+// newMariaDBDatabase creates a database of its own on admin's server and
+// returns its DSN (baseDSN's, in that database) and what drops it.
+func newMariaDBDatabase(admin *gorm.DB, baseDSN string) (string, func(), error) {
+	cfg, err := mysqldriver.ParseDSN(baseDSN)
+	if err != nil {
+		return "", nil, fmt.Errorf("-mariadb-dsn: %w", err)
+	}
+	name := "bench_" + strings.ReplaceAll(uuid.NewString(), "-", "")[:12]
+	if err := admin.Exec("CREATE DATABASE " + name).Error; err != nil {
+		return "", nil, err
+	}
+	cfg.DBName, cfg.ParseTime = name, true
+	return cfg.FormatDSN(), func() { admin.Exec("DROP DATABASE " + name) }, nil
 }
 
 func modeWords(mode string) string {

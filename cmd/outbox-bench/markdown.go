@@ -14,7 +14,7 @@ import (
 const fullCommand = "go run ./cmd/outbox-bench -only " + allParts + " -markdown docs/performance.md"
 
 // allParts are every part of the benchmark, as -only names them.
-const allParts = "drain,latency,enqueue,scaling,mariadb"
+const allParts = "drain,latency,enqueue,scaling,mariadb,inbox"
 
 // figure is one result of the run, as -markdown writes it: the part that
 // measured it, its name, its value and what it is, in one line.
@@ -103,8 +103,8 @@ func writeMarkdown(path string, c conditions, command string, changed []string, 
 	p("This file is written by the benchmark, `cmd/outbox-bench`; do not edit it by hand. Regenerate it with:\n\n")
 	p("```sh\n%s\n```\n\n", fullCommand)
 	p("It needs a PostgreSQL server (`-dsn`, or `OUTBOX_BENCH_DSN`; by default the tests' server at\n")
-	p("`127.0.0.1:5432`) and, for its MariaDB part, a MariaDB server (`-mariadb-dsn`, or\n")
-	p("`OUTBOX_BENCH_MARIADB_DSN`; by default `127.0.0.1:3306`), and takes about ten minutes on two cores.\n")
+	p("`127.0.0.1:5432`) and, for its MariaDB and inbox parts, a MariaDB server (`-mariadb-dsn`, or\n")
+	p("`OUTBOX_BENCH_MARIADB_DSN`; by default `127.0.0.1:3306`), and takes about a quarter of an hour on two cores.\n")
 	p("The broker is kfake, in the benchmark's process, over TCP. The figures describe this library's\n")
 	p("overhead and behaviour beside references measured in the same run on the same machine, not a\n")
 	p("production Kafka cluster: compare ratios within a run, not rates across machines.\n\n")
@@ -136,11 +136,15 @@ func writeMarkdown(path string, c conditions, command string, changed []string, 
 	p("runs short rounds of each variant, every other round in reverse order (`-enqueue-rounds`). A drain\n")
 	p("ends when every message is acknowledged and the stopped publisher has recorded every result. The\n")
 	p("MariaDB part works in a database of its own; every measurement drains once before the rounds, not\n")
-	p("counted, and every drain starts from a new table.\n\n")
+	p("counted, and every drain starts from a new table. The inbox part fills a topic of its own once; every\n")
+	p("run reads all of it from its start with a new consumer group into emptied tables, timed from the\n")
+	p("consumer's start (the group's join included) until the domain table holds every message's row, and\n")
+	p("each consumer runs once before the rounds, not counted.\n\n")
 	p("## Other measurements\n\n")
 	p("| command | what it measures |\n|---|---|\n")
 	p("| `go run ./cmd/outbox-bench -only drain -quick` | the two ceilings and one publisher line: to compare two versions of the code back to back |\n")
 	p("| `go run ./cmd/outbox-bench -only mariadb` | the MariaDB part alone |\n")
+	p("| `go run ./cmd/outbox-bench -only inbox -inbox-n 10000` | the inbox beside its ceiling, quickly |\n")
 	p("| `go test -run x -bench CommitToAck -benchtime 100x .` | commit to Kafka acknowledgement, one message at a time, on each database, with and without a wake-up |\n")
 	p("| `go test -run x -bench HeldClaim -benchtime 200x -benchmem ./internal/postgres` | one held claim of 500 messages and its delete on PostgreSQL, with its allocations |\n")
 	p("| `go test -run x -bench TelemetryWithoutProvider .` | what the metrics cost without a meter provider |\n")
