@@ -235,33 +235,36 @@ func (p *partition) applyTogether(ctx context.Context, ms []Message) error {
 	now := time.Now().UTC()
 	err := p.c.store.Transaction(ctx, p.c.db, func(tx *gorm.DB) error {
 		applied, skipped, held = 0, 0, 0
-		ids := make([]string, len(ms))
-		for i, m := range ms {
-			ids[i] = m.ID
-		}
-		seen, err := p.c.store.Seen(tx, p.c.group, ids)
-		if err != nil {
-			return err
-		}
 		rows := make([]*inboxstore.Row, 0, len(ms))
-		todo := make([]Message, 0, len(ms))
+		once := make(map[string]bool, len(ms))
 		for _, m := range ms {
 			switch {
-			case seen[m.ID]:
-				skipped++
+			case once[m.ID]: // the same message twice in the batch
 				continue
 			case p.held(m.Key):
 				rows = append(rows, p.row(m, inboxstore.Held, 0, "", now))
-				held++
 			default:
-				m.Attempt = 1
 				rows = append(rows, p.row(m, inboxstore.Applied, 1, "", now))
-				todo = append(todo, m)
 			}
-			seen[m.ID] = true
+			once[m.ID] = true
 		}
-		if err := p.c.store.Insert(tx, rows); err != nil {
+		recorded, err := p.c.store.Record(tx, rows)
+		if err != nil {
 			return err
+		}
+		todo := make([]Message, 0, len(ms))
+		for _, m := range ms {
+			if !recorded[m.ID] {
+				skipped++
+				continue
+			}
+			delete(recorded, m.ID) // a second copy in the batch is a duplicate
+			if p.held(m.Key) {
+				held++
+				continue
+			}
+			m.Attempt = 1
+			todo = append(todo, m)
 		}
 		applied = len(todo)
 		return p.call(ctx, tx, todo)
@@ -284,18 +287,17 @@ func (p *partition) applyOne(ctx context.Context, m Message, first firstTry) err
 		var skipped, held bool
 		now := time.Now().UTC()
 		err := p.c.store.Transaction(ctx, p.c.db, func(tx *gorm.DB) error {
-			skipped, held = false, false
-			seen, err := p.c.store.Seen(tx, p.c.group, []string{m.ID})
-			if err != nil || seen[m.ID] {
-				skipped = err == nil
+			held = p.held(m.Key)
+			row := p.row(m, inboxstore.Applied, attempt, "", now)
+			if held {
+				row = p.row(m, inboxstore.Held, 0, "", now)
+			}
+			recorded, err := p.c.store.Record(tx, []*inboxstore.Row{row})
+			if err != nil {
 				return err
 			}
-			if p.held(m.Key) {
-				held = true
-				return p.c.store.Insert(tx, []*inboxstore.Row{p.row(m, inboxstore.Held, 0, "", now)})
-			}
-			if err := p.c.store.Insert(tx, []*inboxstore.Row{p.row(m, inboxstore.Applied, attempt, "", now)}); err != nil {
-				return err
+			if skipped = !recorded[m.ID]; skipped || held {
+				return nil
 			}
 			return p.call(ctx, tx, []Message{m})
 		})
@@ -327,11 +329,8 @@ func (p *partition) park(ctx context.Context, m Message, attempts int, cause err
 	row := p.row(m, inboxstore.Parked, attempts, errorText(cause), now)
 	for failures := 0; ; failures++ {
 		err := p.c.store.Transaction(ctx, p.c.db, func(tx *gorm.DB) error {
-			seen, err := p.c.store.Seen(tx, p.c.group, []string{m.ID})
-			if err != nil || seen[m.ID] {
-				return err
-			}
-			return p.c.store.Insert(tx, []*inboxstore.Row{row})
+			_, err := p.c.store.Record(tx, []*inboxstore.Row{row}) // recorded already: nothing to park
+			return err
 		})
 		if err == nil {
 			break

@@ -111,7 +111,8 @@ func ExampleDDL() {
 	// Output:
 	// CREATE TABLE IF NOT EXISTS "inbox_messages" (
 	//   PRIMARY KEY ("consumer_group", "message_id")
-	// CREATE INDEX IF NOT EXISTS "idx_inbox_messages_state" ON "inbox_messages" ("consumer_group", "state", "processed_at")
+	// CREATE INDEX IF NOT EXISTS "idx_inbox_messages_unapplied" ON "inbox_messages" ("consumer_group", "topic", "kafka_partition") WHERE state <> 'applied'
+	// CREATE INDEX IF NOT EXISTS "idx_inbox_messages_processed" ON "inbox_messages" USING brin ("processed_at")
 }
 
 // The handler writes on tx, the transaction that also records the message:

@@ -121,7 +121,7 @@ func validateTableName(name string) error {
 	if !identifier.MatchString(name) {
 		return fmt.Errorf("inbox: table name %q is not a plain SQL identifier (letters, digits and _, optionally schema.table)", name)
 	}
-	if idx := inboxstore.IndexName(name); len(idx) > 63 {
+	if idx := inboxstore.IndexName(name, inboxstore.LongestIndexSuffix); len(idx) > 63 {
 		return fmt.Errorf("inbox: table name %q is too long: its index name %s is longer than 63 characters", name, idx)
 	}
 	return nil

@@ -75,16 +75,31 @@ var Columns = []Column{
 
 // Schema is the inbox table as one database spells it.
 type Schema struct {
-	Quote byte              // identifier quote
-	Types map[string]string // by column name
-	// InlineIndexes: the index is declared in CREATE TABLE.
+	Quote   byte              // identifier quote
+	Types   map[string]string // by column name
+	Indexes []Index
+	// InlineIndexes: the indexes are declared in CREATE TABLE.
 	InlineIndexes bool
-	TableOptions  string
 }
 
-// stateIndex serves retention (applied rows by age) and finding the
-// parked, held and retried messages of a group.
-const stateIndexColumns = "consumer_group, state, processed_at"
+// Index is one of the table's indexes on one database. An applied
+// message's record is written once and read only by a redelivery, through
+// the primary key, so a database that can leave applied rows out of an
+// index (a partial index) should.
+type Index struct {
+	Suffix  string // the name's end (IndexName)
+	Using   string // access method, if not the default
+	Columns string // comma-separated, unquoted
+	Where   string // partial index's condition, if any
+}
+
+// Unapplied is the condition that finds the messages not yet applied,
+// written out in the statements that read them, so that a partial index
+// with the same condition serves them.
+const Unapplied = "state <> 'applied'"
+
+// LongestIndexSuffix is the longest Suffix of any database's indexes.
+const LongestIndexSuffix = "unapplied"
 
 func (sc Schema) quote(s string) string {
 	q := string(sc.Quote)
@@ -95,31 +110,41 @@ func (sc Schema) quote(s string) string {
 	return strings.Join(parts, ".")
 }
 
-// IndexName is the name of the inbox table's state index.
-func IndexName(table string) string {
-	return "idx_" + strings.ReplaceAll(table, ".", "_") + "_state"
+// IndexName is the name of one of the inbox table's indexes.
+func IndexName(table, suffix string) string {
+	return "idx_" + strings.ReplaceAll(table, ".", "_") + "_" + suffix
 }
 
-// DDL returns the statements that create the table and its index.
+// DDL returns the statements that create the table and its indexes.
 func (sc Schema) DDL(table string) []string {
 	var cols []string
 	for _, c := range Columns {
 		cols = append(cols, strings.TrimSpace(sc.quote(c.Name)+" "+sc.Types[c.Name]+" "+c.Constraint))
 	}
 	cols = append(cols, "PRIMARY KEY ("+sc.quote("consumer_group")+", "+sc.quote("message_id")+")")
-	var idxCols []string
-	for _, c := range strings.Split(stateIndexColumns, ", ") {
-		idxCols = append(idxCols, sc.quote(c))
+	var indexes []string
+	for _, ix := range sc.Indexes {
+		var ic []string
+		for _, c := range strings.Split(ix.Columns, ", ") {
+			ic = append(ic, sc.quote(c))
+		}
+		name := sc.quote(IndexName(table, ix.Suffix))
+		if sc.InlineIndexes {
+			cols = append(cols, "INDEX "+name+" ("+strings.Join(ic, ", ")+")")
+			continue
+		}
+		q := "CREATE INDEX IF NOT EXISTS " + name + " ON " + sc.quote(table)
+		if ix.Using != "" {
+			q += " USING " + ix.Using
+		}
+		q += " (" + strings.Join(ic, ", ") + ")"
+		if ix.Where != "" {
+			q += " WHERE " + ix.Where
+		}
+		indexes = append(indexes, q)
 	}
-	index := sc.quote(IndexName(table))
-	if sc.InlineIndexes {
-		cols = append(cols, "INDEX "+index+" ("+strings.Join(idxCols, ", ")+")")
-	}
-	out := []string{"CREATE TABLE IF NOT EXISTS " + sc.quote(table) + " (\n  " + strings.Join(cols, ",\n  ") + "\n)" + sc.TableOptions}
-	if !sc.InlineIndexes {
-		out = append(out, "CREATE INDEX IF NOT EXISTS "+index+" ON "+sc.quote(table)+" ("+strings.Join(idxCols, ", ")+")")
-	}
-	return out
+	create := "CREATE TABLE IF NOT EXISTS " + sc.quote(table) + " (\n  " + strings.Join(cols, ",\n  ") + "\n)"
+	return append([]string{create}, indexes...)
 }
 
 // Dialect is one database's part of the inbox.
@@ -135,6 +160,9 @@ type Dialect interface {
 	// inbox's transactions then take turns in the process instead of
 	// failing as busy.
 	OneWriter() bool
+	// InsertReturning reports INSERT ... ON CONFLICT DO NOTHING RETURNING:
+	// records are then written and duplicates found in one statement.
+	InsertReturning() bool
 }
 
 // Store is the inbox table of one database.
@@ -209,6 +237,86 @@ func (s *Store) Insert(tx *gorm.DB, rows []*Row) error {
 	return nil
 }
 
+// Record records the rows whose message their group has not recorded yet,
+// and returns their ids; the others are redeliveries or duplicates. A
+// message that another transaction is recording is waited for.
+func (s *Store) Record(tx *gorm.DB, rows []*Row) (map[string]bool, error) {
+	recorded := make(map[string]bool, len(rows))
+	if len(rows) == 0 {
+		return recorded, nil
+	}
+	if !s.dialect.InsertReturning() {
+		ids := make([]string, len(rows))
+		for i, r := range rows {
+			ids[i] = r.MessageID
+		}
+		seen, err := s.Seen(tx, rows[0].ConsumerGroup, ids)
+		if err != nil {
+			return nil, err
+		}
+		fresh := rows[:0:0]
+		for _, r := range rows {
+			if !seen[r.MessageID] {
+				fresh = append(fresh, r)
+				recorded[r.MessageID] = true
+			}
+		}
+		return recorded, s.Insert(tx, fresh)
+	}
+	for start := 0; start < len(rows); start += recordChunk {
+		chunk := rows[start:min(start+recordChunk, len(rows))]
+		if err := s.insertReturning(tx, chunk, recorded); err != nil {
+			return nil, err
+		}
+	}
+	return recorded, nil
+}
+
+// recordChunk bounds one INSERT's rows: 15 arguments each, under
+// PostgreSQL's 65,535 and SQLite's 32,766.
+const recordChunk = 1000
+
+func (s *Store) insertReturning(tx *gorm.DB, rows []*Row, recorded map[string]bool) error {
+	sc := s.dialect.Schema()
+	names := make([]string, len(Columns))
+	for i, c := range Columns {
+		names[i] = sc.quote(c.Name)
+	}
+	one := "(" + strings.TrimSuffix(strings.Repeat("?,", len(Columns)), ",") + ")"
+	var b strings.Builder
+	b.WriteString("INSERT INTO " + sc.quote(s.table) + " (" + strings.Join(names, ", ") + ") VALUES ")
+	args := make([]any, 0, len(rows)*len(Columns))
+	for i, r := range rows {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(one)
+		var headers any
+		if r.Headers != "" {
+			headers = r.Headers
+		}
+		args = append(args, r.ConsumerGroup, r.MessageID, r.Topic, r.Partition, r.Offset, r.Key, r.State,
+			r.Attempts, r.LastError, r.Payload, headers, r.Timestamp, r.ReceivedAt, r.ProcessedAt)
+	}
+	b.WriteString(" ON CONFLICT (" + sc.quote("consumer_group") + ", " + sc.quote("message_id") + ") DO NOTHING RETURNING " + sc.quote("message_id"))
+	got, err := tx.Session(&gorm.Session{NewDB: true}).Raw(b.String(), args...).Rows()
+	if err != nil {
+		return fmt.Errorf("inbox: recording in %s: %w", s.table, err)
+	}
+	defer got.Close()
+	for got.Next() {
+		var id string
+		if err := got.Scan(&id); err != nil {
+			return fmt.Errorf("inbox: recording in %s: %w", s.table, err)
+		}
+		recorded[id] = true
+	}
+	if err := got.Err(); err != nil {
+		return fmt.Errorf("inbox: recording in %s: %w", s.table, err)
+	}
+	return nil
+}
+
 // Update writes row's state, attempts, error and processing time, and its
 // payload and headers (cleared once applied), if the row is still in state
 // from; false if it is not (another consumer settled it first).
@@ -226,15 +334,12 @@ func (s *Store) Update(tx *gorm.DB, row *Row, from string) (bool, error) {
 	return res.RowsAffected == 1, nil
 }
 
-// unapplied are the states of a message not yet applied.
-var unapplied = []string{Parked, Held, Retry}
-
 // HeldKeys returns the keys of a partition that have a message not yet
 // applied: the keys whose later messages wait behind it.
 func (s *Store) HeldKeys(ctx context.Context, group, topic string, partition int32) ([][]byte, error) {
 	var keys [][]byte
 	err := s.from(s.db.WithContext(ctx)).Distinct("message_key").
-		Where("consumer_group = ? AND state IN ? AND topic = ? AND kafka_partition = ?", group, unapplied, topic, partition).
+		Where("consumer_group = ? AND topic = ? AND kafka_partition = ? AND "+Unapplied, group, topic, partition).
 		Pluck("message_key", &keys).Error
 	if err != nil {
 		return nil, fmt.Errorf("inbox: reading the parked keys of %s: %w", s.table, err)
@@ -247,7 +352,7 @@ func (s *Store) HeldKeys(ctx context.Context, group, topic string, partition int
 func (s *Store) Waiting(ctx context.Context, group, topic string, partition int32) ([]Row, error) {
 	db := s.db.WithContext(ctx)
 	var n int64
-	if err := s.from(db).Where("consumer_group = ? AND state = ? AND topic = ? AND kafka_partition = ?", group, Retry, topic, partition).
+	if err := s.from(db).Where("consumer_group = ? AND topic = ? AND kafka_partition = ? AND "+Unapplied+" AND state = ?", group, topic, partition, Retry).
 		Limit(1).Count(&n).Error; err != nil {
 		return nil, fmt.Errorf("inbox: reading %s: %w", s.table, err)
 	}
@@ -255,7 +360,7 @@ func (s *Store) Waiting(ctx context.Context, group, topic string, partition int3
 		return nil, nil
 	}
 	var rows []Row
-	if err := s.from(db).Where("consumer_group = ? AND state IN ? AND topic = ? AND kafka_partition = ?", group, unapplied, topic, partition).
+	if err := s.from(db).Where("consumer_group = ? AND topic = ? AND kafka_partition = ? AND "+Unapplied, group, topic, partition).
 		Order("kafka_offset").Find(&rows).Error; err != nil {
 		return nil, fmt.Errorf("inbox: reading %s: %w", s.table, err)
 	}

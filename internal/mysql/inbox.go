@@ -24,7 +24,10 @@ func (inboxDialect) Schema() inboxstore.Schema {
 		"consumer_group": binaryText, "message_id": binaryText, "topic": "varchar(249)",
 		"kafka_partition": "int", "kafka_offset": "bigint", "message_key": "longblob", "state": "varchar(16)",
 		"attempts": "int", "last_error": "text", "payload": "longblob", "headers": "text",
-		"kafka_timestamp": "datetime(6)", "received_at": "datetime(6)", "processed_at": "datetime(6)"}}
+		"kafka_timestamp": "datetime(6)", "received_at": "datetime(6)", "processed_at": "datetime(6)"},
+		// No partial indexes: one index serves retention and the messages
+		// not applied.
+		Indexes: []inboxstore.Index{{Suffix: "state", Columns: "consumer_group, state, processed_at"}}}
 }
 
 // Migrate needs no lock: the one statement, with its index inline, either
@@ -43,3 +46,7 @@ func (inboxDialect) DeleteApplied(table, where string) string {
 }
 
 func (inboxDialect) OneWriter() bool { return false }
+
+// InsertReturning: MySQL has neither ON CONFLICT nor RETURNING; the
+// lookup before the INSERT goes by primary key.
+func (inboxDialect) InsertReturning() bool { return false }

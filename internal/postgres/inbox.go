@@ -18,7 +18,14 @@ func (inboxDialect) Schema() inboxstore.Schema {
 		"consumer_group": "varchar(255)", "message_id": "varchar(255)", "topic": "varchar(249)",
 		"kafka_partition": "integer", "kafka_offset": "bigint", "message_key": "bytea", "state": "varchar(16)",
 		"attempts": "integer", "last_error": "text", "payload": "bytea", "headers": "text",
-		"kafka_timestamp": "timestamptz", "received_at": "timestamptz", "processed_at": "timestamptz"}}
+		"kafka_timestamp": "timestamptz", "received_at": "timestamptz", "processed_at": "timestamptz"},
+		Indexes: []inboxstore.Index{
+			// The few messages not applied, for the consumers and the admin.
+			{Suffix: "unapplied", Columns: "consumer_group, topic, kafka_partition", Where: inboxstore.Unapplied},
+			// Retention's range of old records: a BRIN index is a few pages
+			// whatever the table's size, and records arrive in time order.
+			{Suffix: "processed", Using: "brin", Columns: "processed_at"},
+		}}
 }
 
 // Migrate runs the DDL in one transaction behind an advisory lock: two
@@ -43,4 +50,5 @@ func (inboxDialect) DeleteApplied(table, where string) string {
 	return "DELETE FROM " + table + " WHERE ctid = ANY(ARRAY(SELECT ctid FROM " + table + " WHERE " + where + " LIMIT ?))"
 }
 
-func (inboxDialect) OneWriter() bool { return false }
+func (inboxDialect) OneWriter() bool       { return false }
+func (inboxDialect) InsertReturning() bool { return true }

@@ -18,7 +18,11 @@ func (inboxDialect) Schema() inboxstore.Schema {
 		"consumer_group": "text", "message_id": "text", "topic": "text",
 		"kafka_partition": "integer", "kafka_offset": "integer", "message_key": "blob", "state": "text",
 		"attempts": "integer", "last_error": "text", "payload": "blob", "headers": "text",
-		"kafka_timestamp": "datetime", "received_at": "datetime", "processed_at": "datetime"}}
+		"kafka_timestamp": "datetime", "received_at": "datetime", "processed_at": "datetime"},
+		Indexes: []inboxstore.Index{
+			{Suffix: "unapplied", Columns: "consumer_group, topic, kafka_partition", Where: inboxstore.Unapplied},
+			{Suffix: "processed", Columns: "processed_at"},
+		}}
 }
 
 func (inboxDialect) Migrate(_ context.Context, db *gorm.DB, _ string, ddl []string) error {
@@ -39,3 +43,5 @@ func (inboxDialect) DeleteApplied(table, where string) string {
 // OneWriter: SQLite has one writer, and a transaction that reads before it
 // writes fails as busy, without waiting, when another wrote in between.
 func (inboxDialect) OneWriter() bool { return true }
+
+func (inboxDialect) InsertReturning() bool { return true }
