@@ -166,8 +166,11 @@ func (p *partition) apply(ctx context.Context, batch []*sarama.ConsumerMessage) 
 // message at a time.
 func (p *partition) applyLane(ctx context.Context, ms []Message) error {
 	var failed *handlerError
-	for failures := 0; ; failures++ {
-		err := p.applyTogether(ctx, ms)
+	// The first try records the batch with a plain INSERT, which fails if
+	// one of its messages was recorded before (rare: a redelivery or a
+	// duplicate); the tries after it skip those.
+	for failures, optimistic := 0, true; ; optimistic = false {
+		err := p.applyTogether(ctx, ms, optimistic)
 		if err == nil {
 			return nil
 		}
@@ -177,7 +180,10 @@ func (p *partition) applyLane(ctx context.Context, ms []Message) error {
 		if errors.As(err, &failed) && p.c.databaseUp(ctx) {
 			break
 		}
-		p.databaseFailed(ctx, failures, err)
+		if !optimistic {
+			p.databaseFailed(ctx, failures, err)
+			failures++
+		}
 	}
 	for _, m := range ms {
 		first := firstTry{attempt: 1}
@@ -230,7 +236,7 @@ func (e *handlerError) Error() string { return e.err.Error() }
 func (e *handlerError) Unwrap() error { return e.err }
 
 // applyTogether applies ms in one transaction with their records.
-func (p *partition) applyTogether(ctx context.Context, ms []Message) error {
+func (p *partition) applyTogether(ctx context.Context, ms []Message, optimistic bool) error {
 	var applied, skipped, held int
 	now := time.Now().UTC()
 	err := p.c.store.Transaction(ctx, p.c.db, func(tx *gorm.DB) error {
@@ -248,7 +254,7 @@ func (p *partition) applyTogether(ctx context.Context, ms []Message) error {
 			}
 			once[m.ID] = true
 		}
-		recorded, err := p.c.store.Record(tx, rows)
+		recorded, err := p.c.store.Record(tx, rows, optimistic)
 		if err != nil {
 			return err
 		}
@@ -292,7 +298,7 @@ func (p *partition) applyOne(ctx context.Context, m Message, first firstTry) err
 			if held {
 				row = p.row(m, inboxstore.Held, 0, "", now)
 			}
-			recorded, err := p.c.store.Record(tx, []*inboxstore.Row{row})
+			recorded, err := p.c.store.Record(tx, []*inboxstore.Row{row}, false)
 			if err != nil {
 				return err
 			}
@@ -329,7 +335,7 @@ func (p *partition) park(ctx context.Context, m Message, attempts int, cause err
 	row := p.row(m, inboxstore.Parked, attempts, errorText(cause), now)
 	for failures := 0; ; failures++ {
 		err := p.c.store.Transaction(ctx, p.c.db, func(tx *gorm.DB) error {
-			_, err := p.c.store.Record(tx, []*inboxstore.Row{row}) // recorded already: nothing to park
+			_, err := p.c.store.Record(tx, []*inboxstore.Row{row}, false) // recorded already: nothing to park
 			return err
 		})
 		if err == nil {

@@ -226,23 +226,33 @@ func (s *Store) Seen(tx *gorm.DB, group string, ids []string) (map[string]bool, 
 	return seen, nil
 }
 
-// Insert records rows; a row another transaction recorded first fails it.
+// Insert records rows; a row recorded before fails it.
 func (s *Store) Insert(tx *gorm.DB, rows []*Row) error {
-	if len(rows) == 0 {
-		return nil
-	}
-	if err := s.from(tx).CreateInBatches(rows, 500).Error; err != nil {
-		return fmt.Errorf("inbox: recording in %s: %w", s.table, err)
-	}
-	return nil
+	_, err := s.Record(tx, rows, true)
+	return err
 }
 
 // Record records the rows whose message their group has not recorded yet,
 // and returns their ids; the others are redeliveries or duplicates. A
 // message that another transaction is recording is waited for.
-func (s *Store) Record(tx *gorm.DB, rows []*Row) (map[string]bool, error) {
+//
+// Optimistic records them all with a plain INSERT, the cheapest write,
+// which fails (and with it the transaction) if one was recorded before:
+// the caller then tries again without it.
+func (s *Store) Record(tx *gorm.DB, rows []*Row, optimistic bool) (map[string]bool, error) {
 	recorded := make(map[string]bool, len(rows))
 	if len(rows) == 0 {
+		return recorded, nil
+	}
+	if optimistic {
+		for start := 0; start < len(rows); start += recordChunk {
+			if err := s.insert(tx, rows[start:min(start+recordChunk, len(rows))], false, recorded); err != nil {
+				return nil, err
+			}
+		}
+		for _, r := range rows {
+			recorded[r.MessageID] = true
+		}
 		return recorded, nil
 	}
 	if !s.dialect.InsertReturning() {
@@ -261,11 +271,16 @@ func (s *Store) Record(tx *gorm.DB, rows []*Row) (map[string]bool, error) {
 				recorded[r.MessageID] = true
 			}
 		}
-		return recorded, s.Insert(tx, fresh)
+		for start := 0; start < len(fresh); start += recordChunk {
+			if err := s.insert(tx, fresh[start:min(start+recordChunk, len(fresh))], false, recorded); err != nil {
+				return nil, err
+			}
+		}
+		return recorded, nil
 	}
 	for start := 0; start < len(rows); start += recordChunk {
 		chunk := rows[start:min(start+recordChunk, len(rows))]
-		if err := s.insertReturning(tx, chunk, recorded); err != nil {
+		if err := s.insert(tx, chunk, true, recorded); err != nil {
 			return nil, err
 		}
 	}
@@ -276,7 +291,9 @@ func (s *Store) Record(tx *gorm.DB, rows []*Row) (map[string]bool, error) {
 // PostgreSQL's 65,535 and SQLite's 32,766.
 const recordChunk = 1000
 
-func (s *Store) insertReturning(tx *gorm.DB, rows []*Row, recorded map[string]bool) error {
+// insert writes rows in one statement; with returning, skipping those
+// recorded before and adding the ids it wrote to recorded.
+func (s *Store) insert(tx *gorm.DB, rows []*Row, returning bool, recorded map[string]bool) error {
 	sc := s.dialect.Schema()
 	names := make([]string, len(Columns))
 	for i, c := range Columns {
@@ -297,6 +314,12 @@ func (s *Store) insertReturning(tx *gorm.DB, rows []*Row, recorded map[string]bo
 		}
 		args = append(args, r.ConsumerGroup, r.MessageID, r.Topic, r.Partition, r.Offset, r.Key, r.State,
 			r.Attempts, r.LastError, r.Payload, headers, r.Timestamp, r.ReceivedAt, r.ProcessedAt)
+	}
+	if !returning {
+		if err := tx.Session(&gorm.Session{NewDB: true}).Exec(b.String(), args...).Error; err != nil {
+			return fmt.Errorf("inbox: recording in %s: %w", s.table, err)
+		}
+		return nil
 	}
 	b.WriteString(" ON CONFLICT (" + sc.quote("consumer_group") + ", " + sc.quote("message_id") + ") DO NOTHING RETURNING " + sc.quote("message_id"))
 	got, err := tx.Session(&gorm.Session{NewDB: true}).Raw(b.String(), args...).Rows()
