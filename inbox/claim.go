@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"hash/fnv"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/IBM/sarama"
 	"gorm.io/gorm"
@@ -177,19 +179,27 @@ func (p *partition) applyLane(ctx context.Context, ms []Message) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		if errors.As(err, &failed) && p.c.databaseUp(ctx) {
+		up := p.c.databaseUp(ctx)
+		if errors.As(err, &failed) && up {
 			break
 		}
-		if !optimistic {
-			p.databaseFailed(ctx, failures, err)
-			failures++
+		if optimistic {
+			continue
 		}
+		// A database that answers but keeps refusing the batch refuses
+		// something in it: one message at a time finds which.
+		if up && failures >= refusalsBeforeSplit {
+			failed = nil
+			break
+		}
+		p.databaseFailed(ctx, failures, err)
+		failures++
 	}
 	for _, m := range ms {
 		first := firstTry{attempt: 1}
 		// A Handler's failure names its message: that was its first
 		// attempt. A BatchHandler's names none, so each message starts over.
-		if p.c.cfg.handler != nil && failed.id == m.ID {
+		if p.c.cfg.handler != nil && failed != nil && failed.id == m.ID {
 			p.handlerFailed(ctx, m, 1, failed.err)
 			first = firstTry{attempt: 2, lastErr: failed.err}
 		}
@@ -199,6 +209,10 @@ func (p *partition) applyLane(ctx context.Context, ms []Message) error {
 	}
 	return nil
 }
+
+// refusalsBeforeSplit is how many times a batch is tried again, while the
+// database answers, before its messages are tried one by one.
+const refusalsBeforeSplit = 3
 
 // firstTry is where applyOne starts: the attempt, and the error of the
 // attempt before it.
@@ -314,14 +328,21 @@ func (p *partition) applyOne(ctx context.Context, m Message, first firstTry) err
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		var he *handlerError
-		if !errors.As(err, &he) || !p.c.databaseUp(ctx) {
+		// While the database answers, a failure is the message's, the
+		// handler's or not (a value the table refuses, a commit the
+		// handler's own error aborted): it costs an attempt, so that the
+		// message ends parked instead of stopping its partition.
+		if !p.c.databaseUp(ctx) {
 			p.databaseFailed(ctx, failures, err)
 			failures++
 			continue
 		}
-		lastErr = he.err
-		p.handlerFailed(ctx, m, attempt, he.err)
+		var he *handlerError
+		if errors.As(err, &he) {
+			err = he.err
+		}
+		lastErr = err
+		p.handlerFailed(ctx, m, attempt, err)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -333,9 +354,11 @@ func (p *partition) applyOne(ctx context.Context, m Message, first firstTry) err
 func (p *partition) park(ctx context.Context, m Message, attempts int, cause error) error {
 	now := time.Now().UTC()
 	row := p.row(m, inboxstore.Parked, attempts, errorText(cause), now)
+	var parked bool
 	for failures := 0; ; failures++ {
 		err := p.c.store.Transaction(ctx, p.c.db, func(tx *gorm.DB) error {
-			_, err := p.c.store.Record(tx, []*inboxstore.Row{row}, false) // recorded already: nothing to park
+			recorded, err := p.c.store.Record(tx, []*inboxstore.Row{row}, false)
+			parked = recorded[m.ID]
 			return err
 		})
 		if err == nil {
@@ -345,6 +368,9 @@ func (p *partition) park(ctx context.Context, m Message, attempts int, cause err
 			return ctx.Err()
 		}
 		p.databaseFailed(ctx, failures, err)
+	}
+	if !parked {
+		return nil // another consumer recorded it meanwhile: nothing to park, nothing to hold
 	}
 	p.setHeld(m.Key, true)
 	p.c.tel.parked(ctx, p.topic)
@@ -435,21 +461,29 @@ func (p *partition) applyWaiting(ctx context.Context, r inboxstore.Row) (bool, e
 			}
 			return p.call(ctx, tx, []Message{m})
 		})
+		if err == nil && gone {
+			// Another consumer settled it (a rebalance's overlap): the key
+			// goes on at the next check, from what the table then says.
+			return false, nil
+		}
 		if err == nil {
-			p.c.tel.settled(ctx, p.topic, b2i(!gone), b2i(gone), 0)
+			p.c.tel.settled(ctx, p.topic, 1, 0, 0)
 			return true, nil
 		}
 		if ctx.Err() != nil {
 			return false, ctx.Err()
 		}
-		var he *handlerError
-		if !errors.As(err, &he) || !p.c.databaseUp(ctx) {
+		if !p.c.databaseUp(ctx) { // as in applyOne
 			p.databaseFailed(ctx, failures, err)
 			failures++
 			continue
 		}
-		lastErr = he.err
-		p.handlerFailed(ctx, m, attempt, he.err)
+		var he *handlerError
+		if errors.As(err, &he) {
+			err = he.err
+		}
+		lastErr = err
+		p.handlerFailed(ctx, m, attempt, err)
 		attempt++
 	}
 	row := r
@@ -513,10 +547,7 @@ func (p *partition) row(m Message, state string, attempts int, lastErr string, n
 		r.Timestamp = &ts
 	}
 	if state != inboxstore.Applied {
-		r.Payload = m.Value
-		if r.Payload == nil {
-			r.Payload = []byte{}
-		}
+		r.Payload = m.Value // nil stays NULL: a tombstone stays one
 		if len(m.Headers) > 0 {
 			b, _ := json.Marshal(m.Headers)
 			r.Headers = string(b)
@@ -526,15 +557,27 @@ func (p *partition) row(m Message, state string, attempts int, lastErr string, n
 }
 
 // errorText is cause as recorded, cut to what a text column keeps everywhere.
+// The text is made valid UTF-8 without NUL bytes, which a text column
+// refuses on PostgreSQL and strict MySQL: an error quoting a binary
+// payload must not keep its message from being parked.
 func errorText(cause error) string {
 	if cause == nil {
 		return ""
 	}
-	s := cause.Error()
-	if len(s) > 4000 {
-		s = s[:4000]
+	return cleanText(cause.Error(), 4000)
+}
+
+// cleanText is s as valid UTF-8 without NUL bytes, cut to at most n bytes
+// on a character's boundary.
+func cleanText(s string, n int) string {
+	s = strings.ReplaceAll(strings.ToValidUTF8(s, "\uFFFD"), "\x00", "")
+	if len(s) <= n {
+		return s
 	}
-	return s
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
 }
 
 func b2i(b bool) int {

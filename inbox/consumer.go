@@ -280,15 +280,14 @@ func sleep(ctx context.Context, d time.Duration) {
 	}
 }
 
-// databaseUp tells whether the database answers: a handler that failed
-// while it does not failed because of the outage, and the message is
-// not charged an attempt.
+// databaseUp tells whether the database answers and its inbox table can be
+// read: a message that failed while it does not failed because of the
+// outage, and is not charged an attempt.
 func (c *Consumer) databaseUp(ctx context.Context) bool {
-	sqlDB, err := c.db.DB()
-	if err != nil {
-		return true // not a *sql.DB pool: nothing to ask
-	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	return sqlDB.PingContext(ctx) == nil
+	if sqlDB, err := c.db.DB(); err == nil && sqlDB.PingContext(ctx) != nil {
+		return false
+	}
+	return c.store.Readable(ctx) == nil
 }

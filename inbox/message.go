@@ -1,8 +1,11 @@
 package inbox
 
 import (
+	"crypto/sha256"
 	"fmt"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/IBM/sarama"
 	"gorm.io/gorm"
@@ -39,6 +42,15 @@ type Message struct {
 // message's span and ends when the consumer stops.
 type Handler func(tx *gorm.DB, m Message) error
 
+// maxID is the longest id the inbox table keeps.
+const maxID = 255
+
+// usableID reports whether a header's id can be the message's record:
+// what another producer wrote there may be too long, or not text.
+func usableID(id string) bool {
+	return id != "" && len(id) <= maxID && utf8.ValidString(id) && !strings.ContainsRune(id, 0)
+}
+
 func fromKafka(r *sarama.ConsumerMessage) Message {
 	m := Message{Topic: r.Topic, Partition: r.Partition, Offset: r.Offset, Key: r.Key, Value: r.Value, Timestamp: r.Timestamp}
 	if len(r.Headers) > 0 {
@@ -50,8 +62,12 @@ func fromKafka(r *sarama.ConsumerMessage) Message {
 		}
 	}
 	m.ID = m.Headers[MessageIDHeader]
-	if m.ID == "" || len(m.ID) > 255 {
+	if !usableID(m.ID) {
 		m.ID = fmt.Sprintf("%s/%d/%d", m.Topic, m.Partition, m.Offset)
+		if len(m.ID) > maxID { // a topic name near Kafka's 249 characters
+			sum := sha256.Sum256([]byte(m.ID))
+			m.ID = fmt.Sprintf("sha256:%x/%d/%d", sum[:16], m.Partition, m.Offset)
+		}
 	}
 	return m
 }

@@ -14,8 +14,12 @@ import (
 
 // Defaults of the Consumer's options.
 const (
-	DefaultBatchSize          = 100
-	DefaultRetention          = 7 * 24 * time.Hour // Kafka's default log.retention.hours
+	DefaultBatchSize = 100
+	// DefaultRetention outlasts a record's life in Kafka's default
+	// configuration: a segment is deleted once its newest record is older
+	// than log.retention.hours (168), and a segment rolls after
+	// log.roll.hours (168), so a record can be read for up to 14 days.
+	DefaultRetention          = 15 * 24 * time.Hour
 	DefaultRetentionInterval  = time.Minute
 	DefaultRetryCheckInterval = 5 * time.Second
 )
@@ -148,6 +152,14 @@ func newConfig(opts []Option) (config, error) {
 	if c.sarama != nil {
 		copied := *c.sarama
 		base = &copied
+	}
+	for _, s := range base.Consumer.Group.Rebalance.GroupStrategies {
+		if s != nil && s.Name() == sarama.CooperativeStickyBalanceStrategyName {
+			// A cooperative revoke closes the claim's channel without
+			// ending its context, which a paused or retrying partition would
+			// not see until the rebalance timed out.
+			return c, fmt.Errorf("inbox: the cooperative-sticky rebalance strategy is not supported; use range, round robin or sticky")
+		}
 	}
 	base.Consumer.Offsets.AutoCommit.Enable = true
 	if base.Consumer.Offsets.AutoCommit.Interval <= 0 {

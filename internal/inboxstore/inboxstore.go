@@ -80,6 +80,9 @@ type Schema struct {
 	Indexes []Index
 	// InlineIndexes: the indexes are declared in CREATE TABLE.
 	InlineIndexes bool
+	// IndexInTableSchema: an index of a schema-qualified table is named in
+	// the table's schema, and the table after ON is not qualified (SQLite).
+	IndexInTableSchema bool
 }
 
 // Index is one of the table's indexes on one database. An applied
@@ -128,12 +131,15 @@ func (sc Schema) DDL(table string) []string {
 		for _, c := range strings.Split(ix.Columns, ", ") {
 			ic = append(ic, sc.quote(c))
 		}
-		name := sc.quote(IndexName(table, ix.Suffix))
+		name, on := sc.quote(IndexName(table, ix.Suffix)), sc.quote(table)
 		if sc.InlineIndexes {
 			cols = append(cols, "INDEX "+name+" ("+strings.Join(ic, ", ")+")")
 			continue
 		}
-		q := "CREATE INDEX IF NOT EXISTS " + name + " ON " + sc.quote(table)
+		if schema, bare, ok := strings.Cut(table, "."); ok && sc.IndexInTableSchema {
+			name, on = sc.quote(schema+"."+IndexName(table, ix.Suffix)), sc.quote(bare)
+		}
+		q := "CREATE INDEX IF NOT EXISTS " + name + " ON " + on
 		if ix.Using != "" {
 			q += " USING " + ix.Using
 		}
@@ -208,6 +214,12 @@ func (s *Store) Transaction(ctx context.Context, db *gorm.DB, fn func(tx *gorm.D
 
 func (s *Store) from(tx *gorm.DB) *gorm.DB {
 	return tx.Session(&gorm.Session{NewDB: true}).Table(s.table)
+}
+
+// Readable returns an error if the table cannot be read.
+func (s *Store) Readable(ctx context.Context) error {
+	var n []int
+	return s.from(s.db.WithContext(ctx)).Select("1").Where("1 = 0").Scan(&n).Error
 }
 
 // Seen returns which of ids group has already recorded, in any state.

@@ -23,7 +23,7 @@ func (inboxDialect) Schema() inboxstore.Schema {
 	return inboxstore.Schema{Quote: '`', InlineIndexes: true, Types: map[string]string{
 		"consumer_group": binaryText, "message_id": binaryText, "topic": "varchar(249)",
 		"kafka_partition": "int", "kafka_offset": "bigint", "message_key": "longblob", "state": "varchar(16)",
-		"attempts": "int", "last_error": "text", "payload": "longblob", "headers": "text",
+		"attempts": "int", "last_error": "text", "payload": "longblob", "headers": "longtext",
 		"kafka_timestamp": "datetime(6)", "received_at": "datetime(6)", "processed_at": "datetime(6)"},
 		// No partial indexes: one index serves retention and the messages
 		// not applied.

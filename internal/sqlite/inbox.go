@@ -22,7 +22,8 @@ func (inboxDialect) Schema() inboxstore.Schema {
 		Indexes: []inboxstore.Index{
 			{Suffix: "unapplied", Columns: "consumer_group, topic, kafka_partition", Where: inboxstore.Unapplied},
 			{Suffix: "processed", Columns: "processed_at"},
-		}}
+		},
+		IndexInTableSchema: true}
 }
 
 func (inboxDialect) Migrate(_ context.Context, db *gorm.DB, _ string, ddl []string) error {
