@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -256,6 +257,7 @@ func (p *partition) applyTogether(ctx context.Context, ms []Message, optimistic 
 	err := p.c.store.Transaction(ctx, p.c.db, func(tx *gorm.DB) error {
 		applied, skipped, held = 0, 0, 0
 		rows := make([]*inboxstore.Row, 0, len(ms))
+		todo := make([]Message, 0, len(ms)) // the messages of the applied rows, in order
 		once := make(map[string]bool, len(ms))
 		for _, m := range ms {
 			switch {
@@ -264,7 +266,9 @@ func (p *partition) applyTogether(ctx context.Context, ms []Message, optimistic 
 			case p.held(m.Key):
 				rows = append(rows, p.row(m, inboxstore.Held, 0, "", now))
 			default:
+				m.Attempt = 1
 				rows = append(rows, p.row(m, inboxstore.Applied, 1, "", now))
+				todo = append(todo, m)
 			}
 			once[m.ID] = true
 		}
@@ -272,20 +276,9 @@ func (p *partition) applyTogether(ctx context.Context, ms []Message, optimistic 
 		if err != nil {
 			return err
 		}
-		todo := make([]Message, 0, len(ms))
-		for _, m := range ms {
-			if !recorded[m.ID] {
-				skipped++
-				continue
-			}
-			delete(recorded, m.ID) // a second copy in the batch is a duplicate
-			if p.held(m.Key) {
-				held++
-				continue
-			}
-			m.Attempt = 1
-			todo = append(todo, m)
-		}
+		todo = slices.DeleteFunc(todo, func(m Message) bool { return !recorded[m.ID] })
+		held = len(recorded) - len(todo)
+		skipped = len(ms) - len(recorded)
 		applied = len(todo)
 		return p.call(ctx, tx, todo)
 	})

@@ -157,8 +157,8 @@ func (sc Schema) DDL(table string) []string {
 type Dialect interface {
 	// Schema is the table as the database spells it.
 	Schema() Schema
-	// Migrate runs the DDL one process at a time.
-	Migrate(ctx context.Context, db *gorm.DB, table string, ddl []string) error
+	// Migrate calls run, which creates the table, one process at a time.
+	Migrate(ctx context.Context, db *gorm.DB, table string, run func(tx *gorm.DB) error) error
 	// DeleteApplied is one retention batch: it deletes at most the
 	// statement's last argument of the rows that match where.
 	DeleteApplied(table, where string) string
@@ -196,7 +196,15 @@ func (s *Store) DDL() []string { return s.dialect.Schema().DDL(s.table) }
 
 // Migrate creates the table and its index if they do not exist.
 func (s *Store) Migrate(ctx context.Context) error {
-	if err := s.dialect.Migrate(ctx, s.db.WithContext(ctx), s.table, s.DDL()); err != nil {
+	run := func(tx *gorm.DB) error {
+		for _, q := range s.DDL() {
+			if err := tx.Exec(q).Error; err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	if err := s.dialect.Migrate(ctx, s.db.WithContext(ctx), s.table, run); err != nil {
 		return fmt.Errorf("inbox: migrating table %s: %w", s.table, err)
 	}
 	return nil

@@ -32,13 +32,8 @@ func (inboxDialect) Schema() inboxstore.Schema {
 
 // Migrate needs no lock: the one statement, with its index inline, either
 // creates the table whole or finds it.
-func (inboxDialect) Migrate(_ context.Context, db *gorm.DB, _ string, ddl []string) error {
-	for _, q := range ddl {
-		if err := db.Exec(q).Error; err != nil {
-			return err
-		}
-	}
-	return nil
+func (inboxDialect) Migrate(_ context.Context, db *gorm.DB, _ string, run func(tx *gorm.DB) error) error {
+	return run(db)
 }
 
 func (inboxDialect) DeleteApplied(table, where string) string {

@@ -34,17 +34,12 @@ func (inboxDialect) Schema() inboxstore.Schema {
 // Migrate runs the DDL in one transaction behind an advisory lock: two
 // processes' CREATE TABLE IF NOT EXISTS at once can otherwise both create
 // the table's type, and one fails.
-func (inboxDialect) Migrate(ctx context.Context, db *gorm.DB, table string, ddl []string) error {
+func (inboxDialect) Migrate(_ context.Context, db *gorm.DB, table string, run func(tx *gorm.DB) error) error {
 	return db.Transaction(func(tx *gorm.DB) error {
 		if err := tx.Exec("SELECT pg_advisory_xact_lock(?)", migrationKey("inbox:"+table)).Error; err != nil {
 			return err
 		}
-		for _, q := range ddl {
-			if err := tx.Exec(q).Error; err != nil {
-				return err
-			}
-		}
-		return nil
+		return run(tx)
 	})
 }
 

@@ -26,15 +26,8 @@ func (inboxDialect) Schema() inboxstore.Schema {
 		IndexInTableSchema: true}
 }
 
-func (inboxDialect) Migrate(_ context.Context, db *gorm.DB, _ string, ddl []string) error {
-	return db.Transaction(func(tx *gorm.DB) error {
-		for _, q := range ddl {
-			if err := tx.Exec(q).Error; err != nil {
-				return err
-			}
-		}
-		return nil
-	})
+func (inboxDialect) Migrate(_ context.Context, db *gorm.DB, _ string, run func(tx *gorm.DB) error) error {
+	return db.Transaction(run)
 }
 
 func (inboxDialect) DeleteApplied(table, where string) string {
