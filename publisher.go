@@ -29,7 +29,8 @@ type Publisher struct {
 	sender Sender
 	cfg    publisherConfig
 	tel    *telemetry
-	system string // messaging.system of the sender, for spans
+	system string   // messaging.system of the sender, for spans
+	txn    *txnMode // exactly-once mode; nil when at least once
 
 	wake chan struct{}
 	soon chan struct{} // see nudge
@@ -207,6 +208,13 @@ func NewPublisher(db *gorm.DB, sender Sender, opts ...PublisherOption) (*Publish
 	}
 	if sys, ok := sender.(interface{ System() string }); ok {
 		p.system = sys.System()
+	}
+	if ts, ok := sender.(TransactionalSender); ok {
+		m, err := newTxnMode(ts, store, cfg.lease, p.tel)
+		if err != nil {
+			return nil, err
+		}
+		p.txn = m
 	}
 	return p, nil
 }
@@ -431,6 +439,13 @@ func (p *Publisher) loop(ctx context.Context) {
 			p.watchPool(ctx, s)
 		}()
 	}
+	if p.txn != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p.sweepSlots(ctx)
+		}()
+	}
 	for range p.cfg.workers {
 		wg.Add(1)
 		go func() {
@@ -499,8 +514,13 @@ func (p *Publisher) work(ctx, abortCtx context.Context) {
 	// nudging transaction may not have committed within followUp (a
 	// loaded machine), and nothing else would wake this worker for it.
 	var recheck time.Duration
+	var slot *slotHolder // the worker's slot in exactly-once mode
+	if p.txn != nil {
+		slot = p.txn.holder()
+		defer slot.release(context.WithoutCancel(abortCtx))
+	}
 	for ctx.Err() == nil {
-		res, err := p.publishBatch(ctx, abortCtx)
+		res, err := p.publishBatch(ctx, abortCtx, slot)
 		if err != nil && ctx.Err() == nil {
 			p.noteOutage(err)
 			pause = min(max(2*pause, p.cfg.pollInterval), p.cfg.maxPause)
@@ -685,7 +705,12 @@ func (p *Publisher) PublishOnce(ctx context.Context) (BatchResult, error) {
 	if p.sender == nil || p.store == nil {
 		return BatchResult{}, errors.New("outbox: the Publisher was not made by NewPublisher")
 	}
-	return p.publishBatch(ctx, ctx)
+	var slot *slotHolder
+	if p.txn != nil {
+		slot = p.txn.holder()
+		defer slot.release(context.WithoutCancel(ctx))
+	}
+	return p.publishBatch(ctx, ctx, slot)
 }
 
 // PublishFromOutbox is the design document's call: it claims up to limit
@@ -710,7 +735,11 @@ func PublishFromOutbox(ctx context.Context, store Store, sender Sender, limit in
 
 // publishBatch claims with ctx (a stop before the claim claims nothing) and
 // sends and records with work (a stop after the claim still finishes).
-func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error) {
+// In exactly-once mode, slot is the worker's.
+func (p *Publisher) publishBatch(ctx, work context.Context, slot *slotHolder) (BatchResult, error) {
+	if slot != nil {
+		return p.publishTxn(ctx, work, slot)
+	}
 	var res BatchResult
 	opts := ClaimOptions{Limit: p.cfg.batchSize, Lease: p.cfg.lease, SkipFailedKeys: p.cfg.keyPolicy == KeySkip}
 	batch, err := claimBatch(p.store, ctx, work, opts)
@@ -752,12 +781,7 @@ func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error)
 				unavailable = err
 			}
 		default:
-			attempts := m.Attempts + 1
-			f := Failure{ID: m.ID, Err: errorText(err), Dead: attempts >= p.cfg.retry.MaxAttempts}
-			f.NextAttemptAt = now
-			if !f.Dead {
-				f.NextAttemptAt = now.Add(p.cfg.retry.Backoff(attempts))
-			}
+			f := p.failure(m, err, now)
 			failures = append(failures, f)
 			if f.Dead {
 				res.Dead++
@@ -774,6 +798,17 @@ func (p *Publisher) publishBatch(ctx, work context.Context) (BatchResult, error)
 		return res, &outage{"broker", fmt.Errorf("%d messages handed back: %w", len(released), unavailable)}
 	}
 	return res, nil
+}
+
+// failure is a refused send of m: an attempt counted, and a retry after
+// the backoff or, at the last attempt, dead.
+func (p *Publisher) failure(m *OutboxMessage, err error, now time.Time) Failure {
+	attempts := m.Attempts + 1
+	f := Failure{ID: m.ID, Err: errorText(err), Dead: attempts >= p.cfg.retry.MaxAttempts, NextAttemptAt: now}
+	if !f.Dead {
+		f.NextAttemptAt = now.Add(p.cfg.retry.Backoff(attempts))
+	}
+	return f
 }
 
 func isUnavailable(err error) bool {

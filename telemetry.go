@@ -24,6 +24,7 @@ const (
 	attrBatchCount  = attribute.Key("messaging.batch.message_count")
 	attrErrorType   = attribute.Key("error.type")
 	attrOutageCause = attribute.Key("outbox.outage.cause")
+	attrTxnOutcome  = attribute.Key("outbox.transaction.outcome")
 )
 
 // traceContext is the W3C propagator: traceparent and tracestate headers,
@@ -48,6 +49,7 @@ type telemetry struct {
 	oldestPending  metric.Float64ObservableGauge
 	deadNow        metric.Int64ObservableGauge
 	paused         metric.Int64UpDownCounter
+	transactions   metric.Int64Counter
 }
 
 func newTelemetry(mp metric.MeterProvider, tp trace.TracerProvider) *telemetry {
@@ -82,7 +84,14 @@ func newTelemetry(mp metric.MeterProvider, tp trace.TracerProvider) *telemetry {
 		metric.WithDescription("Dead messages in the table, waiting for a requeue."))
 	t.paused, _ = m.Int64UpDownCounter("outbox.publisher.paused", metric.WithUnit("{publisher}"),
 		metric.WithDescription("Publishers paused because the broker or the database is unreachable, by outbox.outage.cause (broker, database)."))
+	t.transactions, _ = m.Int64Counter("outbox.transactions", metric.WithUnit("{transaction}"),
+		metric.WithDescription("Broker transactions of exactly-once mode, by outbox.transaction.outcome: committed, aborted, in_doubt, fenced, and settled_commits or settled_aborts for one settled from its marker after its outcome was unknown."))
 	return t
+}
+
+// noteTransaction counts one broker transaction of exactly-once mode by its outcome.
+func (t *telemetry) noteTransaction(outcome string) {
+	t.transactions.Add(context.Background(), 1, metric.WithAttributes(attrTxnOutcome.String(outcome)))
 }
 
 // notePaused counts a publisher into (delta 1) or out of (-1) an outage of cause.

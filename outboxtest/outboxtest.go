@@ -209,7 +209,7 @@ func Kafka(t testing.TB, partitions int32, topics ...string) (*kfake.Cluster, []
 	return c, c.ListenAddrs()
 }
 
-// Consume reads topic from the beginning with franz-go until it has n
+// Consume reads topic from the beginning with franz-go (read_committed) until it has n
 // records or timeout passes, and returns what it read.
 func Consume(t testing.TB, addrs []string, topic string, n int, timeout time.Duration) []*kgo.Record {
 	t.Helper()
@@ -223,7 +223,7 @@ func Consume(t testing.TB, addrs []string, topic string, n int, timeout time.Dur
 // ConsumeRecords is Consume for code without a testing.TB (examples, commands).
 func ConsumeRecords(addrs []string, topic string, n int, timeout time.Duration) ([]*kgo.Record, error) {
 	cl, err := kgo.NewClient(kgo.SeedBrokers(addrs...), kgo.ConsumeTopics(topic),
-		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.FetchIsolationLevel(kgo.ReadCommitted()))
 	if err != nil {
 		return nil, err
 	}
@@ -254,7 +254,8 @@ func Header(r *kgo.Record, key string) (string, bool) {
 	return "", false
 }
 
-// ReadAll reads topic from the start until it has at least n records and
+// ReadAll reads topic from the start, with isolation.level=read_committed
+// as exactly-once consumers do, until it has at least n records and
 // then no new one arrives for quiet: it tells that nothing more than
 // expected reached the broker. (Offsets cannot tell: a producer's epoch bump
 // and transaction markers take offsets that hold no record.)
@@ -270,7 +271,7 @@ func ReadAll(t testing.TB, addrs []string, topic string, n int, quiet time.Durat
 // ReadAllRecords is ReadAll without a testing.TB; it gives up after timeout.
 func ReadAllRecords(addrs []string, topic string, n int, quiet, timeout time.Duration) ([]*kgo.Record, error) {
 	cl, err := kgo.NewClient(kgo.SeedBrokers(addrs...), kgo.ConsumeTopics(topic),
-		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.FetchMaxBytes(64<<20))
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.FetchMaxBytes(64<<20), kgo.FetchIsolationLevel(kgo.ReadCommitted()))
 	if err != nil {
 		return nil, err
 	}

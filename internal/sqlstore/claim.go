@@ -38,16 +38,32 @@ func (s *Store) Claim(ctx context.Context, opts core.ClaimOptions) (string, []*c
 		return "", nil, fmt.Errorf("outbox: claim lease must be positive, got %v", opts.Lease)
 	}
 	token := uuid.NewString()
+	msgs, err := s.ClaimGuarded(ctx, token, opts, nil)
+	return token, msgs, err
+}
+
+// ClaimGuarded is Claim with the caller's token, and a guard that runs in
+// the claim's transaction once rows were picked and before they are
+// stamped: an error of the guard rolls the claim back whole, so that the
+// stamp and what the guard wrote commit together or not at all.
+func (s *Store) ClaimGuarded(ctx context.Context, token string, opts core.ClaimOptions, guard func(tx *gorm.DB) error) ([]*core.OutboxMessage, error) {
+	ctx = orBackground(ctx)
+	if opts.Limit <= 0 {
+		return nil, fmt.Errorf("outbox: claim limit must be positive, got %d", opts.Limit)
+	}
+	if opts.Lease <= 0 {
+		return nil, fmt.Errorf("outbox: claim lease must be positive, got %v", opts.Lease)
+	}
 	var msgs []*core.OutboxMessage
 	err := s.dialect.Serialized(ctx, s.db.WithContext(ctx), ClaimTurn, s.LockKey(ClaimTurn), func(tx *gorm.DB) error {
 		var err error
-		msgs, err = s.claim(tx, token, opts)
+		msgs, err = s.claim(tx, token, opts, guard)
 		return err
 	})
 	if err != nil {
-		return "", nil, fmt.Errorf("outbox: claiming messages from %s: %w", s.cfg.Table, err)
+		return nil, fmt.Errorf("outbox: claiming messages from %s: %w", s.cfg.Table, err)
 	}
-	return token, msgs, nil
+	return msgs, nil
 }
 
 // Now is a claim's clock: in milliseconds, which every database stores
@@ -69,7 +85,7 @@ func (s *Store) claimWindow(limit int) int {
 }
 
 // claim stamps the rows it picks with the token and returns them, in id order.
-func (s *Store) claim(tx *gorm.DB, token string, opts core.ClaimOptions) ([]*core.OutboxMessage, error) {
+func (s *Store) claim(tx *gorm.DB, token string, opts core.ClaimOptions, guard func(tx *gorm.DB) error) ([]*core.OutboxMessage, error) {
 	now := Now()
 	picked, err := s.Pick(s.GormWalk(tx, now, true), true, now, opts, nil, nil)
 	if err == nil {
@@ -77,6 +93,11 @@ func (s *Store) claim(tx *gorm.DB, token string, opts core.ClaimOptions) ([]*cor
 	}
 	if err != nil || len(picked) == 0 {
 		return nil, err
+	}
+	if guard != nil {
+		if err := guard(tx); err != nil {
+			return nil, err
+		}
 	}
 	q := s.Quote
 	ids := make([]uuid.UUID, len(picked))

@@ -98,3 +98,20 @@ func (s *Store) Release(ctx context.Context, token string, ids []uuid.UUID) erro
 	}
 	return nil
 }
+
+// ResolveToken settles every message still held by token, whichever
+// process claimed them: published (or deleted) if the broker has them,
+// else handed back due now with no attempt counted. It is how a claim
+// whose publisher is gone is settled once the broker has told which.
+func (s *Store) ResolveToken(tx *gorm.DB, token string, published bool) error {
+	held := s.Quote("claim_token") + " = ?"
+	if published {
+		return s.MarkPublishedWhere(tx, 0, held, token)
+	}
+	err := tx.Table(s.cfg.Table).Where(held, token).
+		Updates(map[string]any{"next_attempt_at": time.Now().UTC(), "claim_token": nil}).Error
+	if err != nil {
+		return fmt.Errorf("outbox: releasing the messages of claim %s in %s: %w", token, s.cfg.Table, err)
+	}
+	return nil
+}

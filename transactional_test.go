@@ -1,0 +1,220 @@
+package outbox_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"gorm.io/gorm"
+
+	"github.com/gorm-outbox/outbox"
+	"github.com/gorm-outbox/outbox/kafka"
+	"github.com/gorm-outbox/outbox/outboxtest"
+)
+
+// Exactly-once mode, against kfake over TCP, on every database. A reader
+// with isolation.level=read_committed must see every committed event once
+// and in its key's order, whatever the publishers went through.
+
+func transactionalSender(t testing.TB, addrs []string, id string, opts ...kafka.TransactionalOption) *kafka.TransactionalSender {
+	t.Helper()
+	s, err := kafka.NewTransactionalSender(addrs, id, nil, opts...)
+	if err != nil {
+		t.Fatalf("kafka.NewTransactionalSender: %v", err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
+// enqueueTxnEvents commits n events over keys keys, a few a transaction,
+// and returns their payloads (unique) in enqueue order.
+func enqueueTxnEvents(t testing.TB, db *gorm.DB, topic string, n, keys int) []string {
+	t.Helper()
+	var payloads []string
+	for start := 0; start < n; start += 7 {
+		err := db.Transaction(func(tx *gorm.DB) error {
+			var msgs []outbox.Message
+			for i := start; i < min(start+7, n); i++ {
+				p := fmt.Sprint("event-", i)
+				msgs = append(msgs, outbox.Message{Topic: topic, Key: fmt.Sprint("key-", i%keys), Payload: p})
+				payloads = append(payloads, p)
+			}
+			return outbox.Enqueue(tx, msgs...)
+		})
+		if err != nil {
+			t.Fatalf("enqueue: %v", err)
+		}
+	}
+	return payloads
+}
+
+// checkExactlyOnce reads topic with read_committed and checks that it holds
+// each of payloads once, each key's in enqueue order.
+func checkExactlyOnce(t testing.TB, addrs []string, topic string, payloads []string) {
+	t.Helper()
+	recs, err := outboxtest.ReadAllRecords(addrs, topic, len(payloads), 2*time.Second, time.Minute)
+	if err != nil {
+		t.Fatalf("reading %s: %v", topic, err)
+	}
+	pos := map[string]int{}
+	for i, p := range payloads {
+		pos[p] = i
+	}
+	seen := map[string]int{}
+	last := map[string]int{}
+	var dup, unknown, order int
+	for _, r := range recs {
+		p, ok := pos[string(r.Value)]
+		if !ok {
+			unknown++
+			continue
+		}
+		seen[string(r.Value)]++
+		if seen[string(r.Value)] > 1 {
+			dup++
+		}
+		if l, ok := last[string(r.Key)]; ok && p < l {
+			order++
+		}
+		last[string(r.Key)] = p
+	}
+	lost := len(payloads) - len(seen)
+	if lost != 0 || dup != 0 || unknown != 0 || order != 0 {
+		t.Fatalf("read_committed: lost=%d duplicates=%d unknown=%d order_violations=%d (of %d events, %d records)",
+			lost, dup, unknown, order, len(payloads), len(recs))
+	}
+}
+
+func waitUntilPublished(t testing.TB, db *gorm.DB, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		n := count(t, db, outbox.DefaultTableName, "state <> ?", outbox.StatePublished)
+		if n == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d messages still not published after %v", n, within)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestExactlyOnceDeliversEachEventOnceInKeyOrder(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		_, addrs := outboxtest.Kafka(t, 3, "eo")
+		ids := enqueueTxnEvents(t, db, "eo", 300, 12)
+		sender := transactionalSender(t, addrs, "eo-"+uuid.NewString()[:8], kafka.WithSlots(4))
+		pub, err := outbox.NewPublisher(db, sender, outbox.WithWorkers(3), outbox.WithBatchSize(40), outbox.WithPollInterval(20*time.Millisecond))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := pub.Start(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		waitUntilPublished(t, db, 30*time.Second)
+		if err := pub.Stop(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		checkExactlyOnce(t, addrs, "eo", ids)
+		store, _ := outbox.StoreOf(db)
+		slots, err := store.Slots(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var commits int64
+		for _, s := range slots {
+			if s.Open || s.Owner != "" {
+				t.Errorf("slot %s after Stop: open=%v owner=%q, want settled and free", s.TransactionalID, s.Open, s.Owner)
+			}
+			commits += s.Commits
+		}
+		if len(slots) != 4 || commits < 300/40 {
+			t.Errorf("%d slots with %d commits, want 4 slots and at least %d commits", len(slots), commits, 300/40)
+		}
+	})
+}
+
+// A publisher that dies after its transaction committed, before it
+// recorded the result: whoever takes its slot over must find the batch
+// delivered, from the marker, and not send it again.
+func TestExactlyOnceSettlesACommittedBatchWhosePublisherDied(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		_, addrs := outboxtest.Kafka(t, 3, "eo")
+		ids := enqueueTxnEvents(t, db, "eo", 60, 5)
+		id := "eo-" + uuid.NewString()[:8]
+		// The first publisher's database goes away between the commit and
+		// the record: a sender that commits, then makes the store fail, as
+		// a crash at that instant would leave it.
+		sender := transactionalSender(t, addrs, id, kafka.WithSlots(1))
+		crashing := &crashAfterCommit{TransactionalSender: sender, db: db}
+		pub, err := outbox.NewPublisher(db, crashing, outbox.WithWorkers(1), outbox.WithBatchSize(100), outbox.WithLease(time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := pub.PublishOnce(t.Context()); err == nil {
+			t.Fatal("the batch recorded its result though the table was gone")
+		}
+		crashing.restore(t)
+		if n := count(t, db, outbox.DefaultTableName, "state = ?", outbox.StatePublished); n != 0 {
+			t.Fatalf("%d messages recorded published; the crash should have left none", n)
+		}
+		time.Sleep(1100 * time.Millisecond) // the dead publisher's slot lease
+		heir := transactionalSender(t, addrs, id, kafka.WithSlots(1))
+		pub2, err := outbox.NewPublisher(db, heir, outbox.WithWorkers(1), outbox.WithBatchSize(100))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range 3 {
+			if _, err := pub2.PublishOnce(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waitUntilPublished(t, db, 10*time.Second)
+		checkExactlyOnce(t, addrs, "eo", ids)
+	})
+}
+
+// crashAfterCommit lets its slot's first transaction commit and then
+// renames the outbox table away, so that the publisher cannot record it.
+type crashAfterCommit struct {
+	*kafka.TransactionalSender
+	db      *gorm.DB
+	renamed bool
+}
+
+func (c *crashAfterCommit) OpenSlot(ctx context.Context, slot int) (outbox.SlotProducer, error) {
+	p, err := c.TransactionalSender.OpenSlot(ctx, slot)
+	if err != nil {
+		return nil, err
+	}
+	return &crashingSlot{SlotProducer: p, c: c}, nil
+}
+
+type crashingSlot struct {
+	outbox.SlotProducer
+	c *crashAfterCommit
+}
+
+func (s *crashingSlot) SendInTransaction(ctx context.Context, token string, msgs []*outbox.OutboxMessage) error {
+	err := s.SlotProducer.SendInTransaction(ctx, token, msgs)
+	if err == nil && !s.c.renamed {
+		s.c.renamed = true
+		if err := s.c.db.Migrator().RenameTable(outbox.DefaultTableName, "eo_away"); err != nil {
+			return fmt.Errorf("renaming the table away: %w", err)
+		}
+	}
+	return err
+}
+
+func (c *crashAfterCommit) restore(t testing.TB) {
+	t.Helper()
+	if c.renamed {
+		if err := c.db.Migrator().RenameTable("eo_away", outbox.DefaultTableName); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
