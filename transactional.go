@@ -477,6 +477,18 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 		res.Released = len(msgs)
 		return res, h.settled(work, token, false, func(tx *gorm.DB) error { return m.store.engine.ResolveToken(tx, token, false) })
 	}
+	// A worker that was held up since its claim (a pause, a slow machine)
+	// makes sure the slot is still its own before it sends: one taken over
+	// meanwhile has its claim settled by the new holder. The broker's fence
+	// covers the moments after this check.
+	if kept, err := h.renew(work); err != nil || !kept {
+		if err != nil {
+			return res, &outage{"database", err}
+		}
+		p.cfg.logger.Warn("outbox: the slot was taken over while its batch waited to be sent; the new holder settles the batch",
+			"messages", len(msgs))
+		return res, nil
+	}
 	started := time.Now()
 	sendCtx, span := p.tel.startSend(work, p.system, msgs)
 	sendErr := h.producer.SendInTransaction(sendCtx, token, msgs)

@@ -3,10 +3,13 @@ package outbox_test
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox"
@@ -182,8 +185,10 @@ func TestExactlyOnceSettlesACommittedBatchWhosePublisherDied(t *testing.T) {
 type crashAfterCommit struct {
 	*kafka.TransactionalSender
 	db      *gorm.DB
-	renamed bool
+	renamed atomic.Bool
 }
+
+func (c *crashAfterCommit) hasRenamed() bool { return c.renamed.Load() }
 
 func (c *crashAfterCommit) OpenSlot(ctx context.Context, slot int) (outbox.SlotProducer, error) {
 	p, err := c.TransactionalSender.OpenSlot(ctx, slot)
@@ -200,8 +205,7 @@ type crashingSlot struct {
 
 func (s *crashingSlot) SendInTransaction(ctx context.Context, token string, msgs []*outbox.OutboxMessage) error {
 	err := s.SlotProducer.SendInTransaction(ctx, token, msgs)
-	if err == nil && !s.c.renamed {
-		s.c.renamed = true
+	if err == nil && s.c.renamed.CompareAndSwap(false, true) {
 		if err := s.c.db.Migrator().RenameTable(outbox.DefaultTableName, "eo_away"); err != nil {
 			return fmt.Errorf("renaming the table away: %w", err)
 		}
@@ -211,10 +215,84 @@ func (s *crashingSlot) SendInTransaction(ctx context.Context, token string, msgs
 
 func (c *crashAfterCommit) restore(t testing.TB) {
 	t.Helper()
-	if c.renamed {
+	if c.renamed.Load() {
 		if err := c.db.Migrator().RenameTable("eo_away", outbox.DefaultTableName); err != nil {
 			t.Fatal(err)
 		}
 	}
 }
 
+// A publisher whose database write fails after its transaction committed,
+// and which goes on running: before its slot sends anything else, it must
+// settle the committed batch, neither sending it again nor leaving it
+// claimed.
+func TestExactlyOnceSettlesACommittedBatchBeforeTheSlotMovesOn(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		_, addrs := outboxtest.Kafka(t, 3, "eo")
+		payloads := enqueueTxnEvents(t, db, "eo", 120, 6)
+		crashing := &crashAfterCommit{TransactionalSender: transactionalSender(t, addrs, "eo-"+uuid.NewString()[:8], kafka.WithSlots(1)), db: db}
+		pub, err := outbox.NewPublisher(db, crashing, outbox.WithWorkers(1), outbox.WithBatchSize(30),
+			outbox.WithPollInterval(20*time.Millisecond), outbox.WithMaxPause(100*time.Millisecond))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := pub.Start(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = pub.Stop(context.Background()) }()
+		waitFor(t, "the first commit", func() bool { return crashing.hasRenamed() })
+		time.Sleep(300 * time.Millisecond) // a few failed records and retries
+		crashing.restore(t)
+		waitUntilPublished(t, db, 20*time.Second)
+		if err := pub.Stop(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		checkExactlyOnce(t, addrs, "eo", payloads)
+	})
+}
+
+// The markers are bounded: one committed offset per slot, whatever the
+// number of transactions.
+func TestExactlyOnceKeepsOneMarkerPerSlot(t *testing.T) {
+	db := setup(t, outboxtest.Postgres(t, nil))
+	_, addrs := outboxtest.Kafka(t, 3, "eo")
+	enqueueTxnEvents(t, db, "eo", 200, 10)
+	id := "eo-" + uuid.NewString()[:8]
+	pub, err := outbox.NewPublisher(db, transactionalSender(t, addrs, id, kafka.WithSlots(2)), outbox.WithBatchSize(10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 25 {
+		if _, err := pub.PublishOnce(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitUntilPublished(t, db, 10*time.Second)
+	cl, err := kgo.NewClient(kgo.SeedBrokers(addrs...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	offsets := 0
+	for slot := range 2 {
+		req := kmsg.NewPtrOffsetFetchRequest()
+		req.Group = fmt.Sprintf("%s-%d", id, slot)
+		resp, err := req.RequestWith(t.Context(), cl)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, tp := range resp.Topics {
+			for _, p := range tp.Partitions {
+				if p.Offset >= 0 {
+					offsets++
+					if tp.Topic != id+"-markers" || p.Partition != 0 {
+						t.Errorf("a marker on %s/%d, want only %s-markers/0", tp.Topic, p.Partition, id)
+					}
+				}
+			}
+		}
+	}
+	if offsets < 1 || offsets > 2 {
+		t.Errorf("%d committed markers after 20 transactions over 2 slots, want one per slot used", offsets)
+	}
+}

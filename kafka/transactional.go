@@ -43,6 +43,8 @@ type TransactionalSender struct {
 	closed      bool
 	open        map[*slotProducer]bool
 	opening     sync.WaitGroup // OpenSlot's goroutines, which Close waits for
+
+	beforeCommit func() // a test's pause between a transaction's sends and its commit
 }
 
 var _ outbox.TransactionalSender = (*TransactionalSender)(nil)
@@ -343,6 +345,9 @@ func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs
 			return classify(fmt.Errorf("outbox/kafka: adding the marker to the transaction: %w", err))
 		})
 	}
+	if p.s.beforeCommit != nil {
+		p.s.beforeCommit()
+	}
 	if err := p.producer.CommitTxn(); err != nil {
 		return p.inDoubt("committing", err)
 	}
@@ -363,7 +368,7 @@ func (p *slotProducer) abort(err error, cause func() error) error {
 }
 
 func (p *slotProducer) inDoubt(what string, err error) error {
-	if errors.Is(err, sarama.ErrProducerFenced) || errors.Is(err, sarama.ErrInvalidProducerEpoch) {
+	if fenced(err) {
 		return fmt.Errorf("%w: %w: outbox/kafka: %s in slot %s: %w", outbox.ErrTransactionInDoubt, outbox.ErrFenced, what, p.id, err)
 	}
 	return fmt.Errorf("%w: outbox/kafka: %s in slot %s: %w", outbox.ErrTransactionInDoubt, what, p.id, err)
@@ -381,11 +386,17 @@ func (p *slotProducer) LastCommitted(context.Context) (string, error) {
 	if err != nil {
 		return "", classify(fmt.Errorf("outbox/kafka: reading the marker of %s: %w", p.id, err))
 	}
+	if errors.Is(resp.Err, sarama.ErrGroupIDNotFound) {
+		return "", nil // no transaction of the slot ever committed
+	}
 	if resp.Err != sarama.ErrNoError {
 		return "", classify(fmt.Errorf("outbox/kafka: reading the marker of %s: %w", p.id, resp.Err))
 	}
 	block := resp.GetBlock(p.s.markerTopic, 0)
 	if block == nil {
+		return "", nil
+	}
+	if errors.Is(block.Err, sarama.ErrGroupIDNotFound) {
 		return "", nil
 	}
 	if block.Err != sarama.ErrNoError {
@@ -428,4 +439,24 @@ func heldBehind(msgs []*outbox.OutboxMessage, refused *outbox.OutboxMessage, err
 		}
 	}
 	return failed
+}
+
+// fenced reports whether err, or the error of any message it reports,
+// says a newer producer of the transactional id fenced this one.
+func fenced(err error) bool {
+	isFenced := func(err error) bool {
+		return errors.Is(err, sarama.ErrProducerFenced) || errors.Is(err, sarama.ErrInvalidProducerEpoch)
+	}
+	if isFenced(err) {
+		return true
+	}
+	var perMsg sarama.ProducerErrors
+	if errors.As(err, &perMsg) {
+		for _, pe := range perMsg {
+			if isFenced(pe.Err) {
+				return true
+			}
+		}
+	}
+	return false
 }
