@@ -43,6 +43,13 @@ func status(ctx context.Context, a *app, asJSON bool, budget int) error {
 			return err
 		}
 	}
+	var slots []outbox.SlotStatus
+	if a.store != nil {
+		var err error
+		if slots, err = a.store.Slots(ctx); err != nil {
+			return err
+		}
+	}
 	var counts []inboxstore.Count
 	if a.inbox != nil {
 		var err error
@@ -61,6 +68,9 @@ func status(ctx context.Context, a *app, asJSON bool, budget int) error {
 			out["retrying"] = st.Retrying
 			out["over_attempt_budget"] = st.OverBudget
 			out["expired_claims"] = st.ExpiredClaims
+			if slots != nil {
+				out["transactional_slots"] = slotsJSON(slots)
+			}
 		}
 		if a.inbox != nil {
 			out["inbox"] = map[string]any{"table": a.inbox.Table(), "groups": inboxGroups(counts)}
@@ -75,6 +85,7 @@ func status(ctx context.Context, a *app, asJSON bool, budget int) error {
 			st.Counts[outbox.StatePending], st.OldestPendingAge.Round(time.Second), st.Retrying, st.ExpiredClaims)
 		fmt.Fprintf(a.stdout, "  published   %8d\n", st.Counts[outbox.StatePublished])
 		fmt.Fprintf(a.stdout, "  dead        %8d   %d over the attempt budget of %d\n", st.Counts[outbox.StateDead], st.OverBudget, budget)
+		slotStatus(a, slots)
 	}
 	if a.inbox != nil {
 		inboxStatus(a, counts)
@@ -387,4 +398,42 @@ func watch(ctx context.Context, a *app, interval time.Duration, times int) error
 		prev, prevAt = st, now
 	}
 	return nil
+}
+
+// slotStatus prints the exactly-once publishers' slots, if any ever ran:
+// who holds each, whether a transaction is open (in flight, or not yet
+// settled in the table), and how many committed, aborted or were taken over.
+func slotStatus(a *app, slots []outbox.SlotStatus) {
+	if len(slots) == 0 {
+		return
+	}
+	now := time.Now()
+	fmt.Fprintf(a.stdout, "exactly-once slots (%s)\n", outbox.SlotTableName(a.store.TableName()))
+	fmt.Fprintf(a.stdout, "  %-28s %-6s %8s %8s %9s  %s\n", "transactional id", "txn", "commits", "aborts", "takeovers", "holder")
+	for _, s := range slots {
+		txn := "-"
+		if s.Open {
+			txn = "open"
+		}
+		holder := "free"
+		switch {
+		case s.Owner != "" && s.LeaseUntil.After(now):
+			holder = fmt.Sprintf("%s (lease %s left)", s.Owner, s.LeaseUntil.Sub(now).Round(time.Second))
+		case s.Owner != "":
+			holder = fmt.Sprintf("%s (lease expired %s ago: gone, or paused)", s.Owner, now.Sub(s.LeaseUntil).Round(time.Second))
+		}
+		fmt.Fprintf(a.stdout, "  %-28s %-6s %8d %8d %9d  %s\n", s.TransactionalID, txn, s.Commits, s.Aborts, s.Takeovers, holder)
+		if s.LastError != "" {
+			fmt.Fprintf(a.stdout, "  %-28s last error: %s\n", "", s.LastError)
+		}
+	}
+}
+
+func slotsJSON(slots []outbox.SlotStatus) []map[string]any {
+	out := make([]map[string]any, len(slots))
+	for i, s := range slots {
+		out[i] = map[string]any{"transactional_id": s.TransactionalID, "holder": s.Owner, "lease_until": s.LeaseUntil,
+			"open": s.Open, "commits": s.Commits, "aborts": s.Aborts, "takeovers": s.Takeovers, "last_error": s.LastError}
+	}
+	return out
 }

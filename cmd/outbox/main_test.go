@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox"
+	"github.com/gorm-outbox/outbox/kafka"
 	"github.com/gorm-outbox/outbox/outboxtest"
 )
 
@@ -431,5 +433,43 @@ func TestCommandHonoursEdgeValues(t *testing.T) {
 		if r.code != 0 || !c.check(r) {
 			t.Errorf("%s: %v: exit %d, stdout %q, stderr %q", c.name, c.args, r.code, r.stdout, r.stderr)
 		}
+	}
+}
+
+// status shows the slots of an exactly-once publisher that ran on the
+// table: their transactional ids, commits, and that none is held or open
+// once the publisher stopped.
+func TestStatusShowsExactlyOnceSlots(t *testing.T) {
+	db, dsn := backends[0].open(t)
+	populate(t, db)
+	_, addrs := outboxtest.Kafka(t, 1, "a")
+	sender, err := kafka.NewTransactionalSender(addrs, "status-test", nil, kafka.WithSlots(2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sender.Close()
+	pub, err := outbox.NewPublisher(db, sender)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res, err := pub.PublishOnce(t.Context()); err != nil || res.Published != 3 {
+		t.Fatalf("PublishOnce: %+v %v", res, err)
+	}
+	r := runCmd(t, dsn, "", "status")
+	if r.code != 0 || !strings.Contains(r.stdout, "exactly-once slots") ||
+		!regexp.MustCompile(`status-test-0\s+-\s+1\s+0\s+0\s+free`).MatchString(r.stdout) ||
+		!regexp.MustCompile(`status-test-1\s+-\s+0\s+0\s+0\s+free`).MatchString(r.stdout) {
+		t.Fatalf("status after an exactly-once batch: %+v", r)
+	}
+	r = runCmd(t, dsn, "", "status", "--json")
+	var st struct {
+		Slots []struct {
+			ID      string `json:"transactional_id"`
+			Open    bool   `json:"open"`
+			Commits int64  `json:"commits"`
+		} `json:"transactional_slots"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil || len(st.Slots) != 2 || st.Slots[0].Commits != 1 || st.Slots[0].Open {
+		t.Fatalf("status --json: %v %+v", err, r)
 	}
 }
