@@ -263,3 +263,50 @@ func Example_lazyKafkaSender() {
 	// true <nil>
 	// outbox/kafka: no broker addresses
 }
+
+// Exactly-once mode: the same publisher, given a transactional sender,
+// sends each batch in one Kafka transaction. Consumers read with
+// isolation.level=read_committed (as outboxtest's reader does).
+func ExampleNewPublisher_exactlyOnce() {
+	db, cleanup := exampleDB()
+	defer cleanup()
+	if err := db.Use(outbox.Plugin()); err != nil {
+		panic(err)
+	}
+	cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "greetings"))
+	if err != nil {
+		panic(err)
+	}
+	defer cluster.Close()
+
+	// "greetings-outbox" names this table's producers on the cluster: the
+	// same for every publisher of the table, unique to it.
+	sender, err := kafka.NewTransactionalSender(cluster.ListenAddrs(), "greetings-outbox", nil)
+	if err != nil {
+		panic(err)
+	}
+	defer sender.Close()
+	pub, err := outbox.NewPublisher(db, sender, outbox.WithLogger(discardLogger()))
+	if err != nil {
+		panic(err)
+	}
+	if err := pub.Start(context.Background()); err != nil {
+		panic(err)
+	}
+	_ = db.Transaction(func(tx *gorm.DB) error {
+		return outbox.Enqueue(tx, outbox.Message{Topic: "greetings", Key: "fr", Payload: "bonjour"})
+	})
+	pub.Wake()
+
+	recs, err := outboxtest.ConsumeRecords(cluster.ListenAddrs(), "greetings", 1, 10*time.Second)
+	if err != nil {
+		panic(err)
+	}
+	if err := pub.Stop(context.Background()); err != nil {
+		panic(err)
+	}
+	for _, r := range recs {
+		fmt.Printf("%s=%s\n", r.Key, r.Value)
+	}
+	// Output: fr=bonjour
+}

@@ -10,7 +10,9 @@
 //	go run ./examples/quickstart -db 'postgres://postgres@127.0.0.1:5432/test' -brokers localhost:9092
 //	go run ./examples/quickstart -db 'root@tcp(127.0.0.1:3306)/test?parseTime=true'
 //
-// or the variables OUTBOX_DATABASE_URL and OUTBOX_KAFKA_BROKERS.
+// or the variables OUTBOX_DATABASE_URL and OUTBOX_KAFKA_BROKERS. With
+// -exactly-once the publisher sends each batch in a Kafka transaction, and
+// the consumer reads with isolation.level=read_committed.
 package main
 
 import (
@@ -79,13 +81,14 @@ func (o *Order) Pay() {
 func main() {
 	dsn := flag.String("db", os.Getenv("OUTBOX_DATABASE_URL"), "database: a postgres:// URL, a MariaDB/MySQL DSN (user@tcp(host:3306)/db?parseTime=true), or a SQLite file path (default: a temporary SQLite file)")
 	brokers := flag.String("brokers", os.Getenv("OUTBOX_KAFKA_BROKERS"), "comma-separated Kafka brokers (default: an in-process broker)")
+	exactlyOnce := flag.Bool("exactly-once", false, "deliver in Kafka transactions: no duplicate after any crash")
 	flag.Parse()
-	if err := run(*dsn, *brokers); err != nil {
+	if err := run(*dsn, *brokers, *exactlyOnce); err != nil {
 		log.Fatal(err)
 	}
 }
 
-func run(dsn, brokerList string) error {
+func run(dsn, brokerList string, exactlyOnce bool) error {
 	ctx := context.Background()
 	db, closeDB, err := openDB(dsn)
 	if err != nil {
@@ -134,7 +137,16 @@ func run(dsn, brokerList string) error {
 	})
 	fmt.Println("rolled back:", err)
 
-	sender, err := kafka.NewSender(addrs, nil)
+	var sender interface {
+		outbox.Sender
+		Close() error
+	}
+	if exactlyOnce {
+		// The transactional id names this table's producers on the cluster.
+		sender, err = kafka.NewTransactionalSender(addrs, "quickstart-orders", nil)
+	} else {
+		sender, err = kafka.NewSender(addrs, nil)
+	}
 	if err != nil {
 		return err
 	}
