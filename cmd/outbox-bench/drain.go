@@ -333,32 +333,39 @@ func machineCPU() (busy, stolen time.Duration) {
 // until no message is pending. span, if not nil, gets the time from the
 // first send's start to the last acknowledgement.
 func publisherDrain(ctx context.Context, db *gorm.DB, addrs []string, s settings, n int, span *time.Duration) (float64, error) {
-	sender, err := kafka.NewSender(addrs, nil)
+	return drainThrough(ctx, db, addrs, s, n, span, atLeastOnce)
+}
+
+// drainThrough is publisherDrain with the sender newSender makes: the
+// at-least-once one or the exactly-once one.
+func drainThrough(ctx context.Context, db *gorm.DB, addrs []string, s settings, n int, span *time.Duration, newSender senderMaker) (float64, error) {
+	sender, err := newSender(addrs, s)
 	if err != nil {
 		return 0, err
 	}
 	defer sender.Close()
-	// The end is found by counting acknowledgements, then by stopping the
-	// publisher, which returns once the results of every batch sent are
-	// recorded; the table is asked only after the clock stops. Asking it
-	// for a pending row while the clock runs steps over the index entries
-	// of every row drained so far, a cost the database ceiling, ending on
-	// its own empty DELETE, does not pay.
+	// The end is found by counting acknowledgements (in exactly-once mode,
+	// committed transactions), then by stopping the publisher, which
+	// returns once the results of every batch sent are recorded; the table
+	// is asked only after the clock stops. Asking it for a pending row
+	// while the clock runs steps over the index entries of every row
+	// drained so far, a cost the database ceiling, ending on its own empty
+	// DELETE, does not pay.
 	var acked atomic.Int64
 	var firstSend, lastAck atomic.Int64 // unix nanoseconds
-	counting := outbox.SenderFunc(func(ctx context.Context, msgs []*outbox.OutboxMessage) error {
-		firstSend.CompareAndSwap(0, time.Now().UnixNano())
-		err := sender.Send(ctx, msgs)
-		var partial *outbox.SendError
-		switch {
-		case err == nil:
-			acked.Add(int64(len(msgs)))
-		case errors.As(err, &partial):
-			acked.Add(int64(len(msgs) - len(partial.Failed)))
-		}
-		for now, last := time.Now().UnixNano(), lastAck.Load(); now > last && !lastAck.CompareAndSwap(last, now); last = lastAck.Load() {
-		}
-		return err
+	counting := observed(sender, sendHooks{
+		before: func([]*outbox.OutboxMessage) { firstSend.CompareAndSwap(0, time.Now().UnixNano()) },
+		after: func(msgs []*outbox.OutboxMessage, err error) {
+			var partial *outbox.SendError
+			switch {
+			case err == nil:
+				acked.Add(int64(len(msgs)))
+			case errors.As(err, &partial):
+				acked.Add(int64(len(msgs) - len(partial.Failed)))
+			}
+			for now, last := time.Now().UnixNano(), lastAck.Load(); now > last && !lastAck.CompareAndSwap(last, now); last = lastAck.Load() {
+			}
+		},
 	})
 	pub, err := outbox.NewPublisher(db, counting, outbox.WithBatchSize(s.batch), outbox.WithWorkers(s.workers),
 		outbox.WithLogger(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))))
@@ -397,10 +404,15 @@ func publisherDrain(ctx context.Context, db *gorm.DB, addrs []string, s settings
 // batches: a large share of a small drain's time, next to nothing of a
 // deep one's, so it would bend the scaling part's ratios.
 func warmUp(ctx context.Context, db *gorm.DB, addrs []string, s settings, payload []byte) error {
+	return warmUpWith(ctx, db, addrs, s, payload, atLeastOnce)
+}
+
+// warmUpWith is warmUp through the sender newSender makes.
+func warmUpWith(ctx context.Context, db *gorm.DB, addrs []string, s settings, payload []byte, newSender senderMaker) error {
 	if err := fill(db, outbox.DefaultTableName, warmUpMessages, s.keys, payload); err != nil {
 		return err
 	}
-	if _, err := publisherDrain(ctx, db, addrs, s, warmUpMessages, nil); err != nil {
+	if _, err := drainThrough(ctx, db, addrs, s, warmUpMessages, nil, newSender); err != nil {
 		return err
 	}
 	return db.Exec("TRUNCATE " + outbox.DefaultTableName).Error

@@ -15,24 +15,29 @@ import (
 	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox"
-	"github.com/gorm-outbox/outbox/kafka"
 )
 
 const seqHeader = "bench-seq"
 
-// ackTimes wraps the Kafka sender and notes when each message's first send
-// started and when it was acknowledged.
+// ackTimes notes, around each send of the publisher's (see observed), when
+// each message's first send started and when it was acknowledged.
 type ackTimes struct {
-	inner   outbox.Sender
 	mu      sync.Mutex
 	acked   map[int]time.Time
 	started map[int]time.Time
 	sends   int
 }
 
-func (a *ackTimes) Send(ctx context.Context, msgs []*outbox.OutboxMessage) error {
+func newAckTimes() *ackTimes {
+	return &ackTimes{acked: map[int]time.Time{}, started: map[int]time.Time{}}
+}
+
+func (a *ackTimes) hooks() sendHooks { return sendHooks{before: a.before, after: a.after} }
+
+func (a *ackTimes) before(msgs []*outbox.OutboxMessage) {
 	st := time.Now()
 	a.mu.Lock()
+	defer a.mu.Unlock()
 	a.sends++
 	for _, m := range msgs {
 		if seq, perr := strconv.Atoi(m.Headers[seqHeader]); perr == nil {
@@ -41,8 +46,9 @@ func (a *ackTimes) Send(ctx context.Context, msgs []*outbox.OutboxMessage) error
 			}
 		}
 	}
-	a.mu.Unlock()
-	err := a.inner.Send(ctx, msgs)
+}
+
+func (a *ackTimes) after(msgs []*outbox.OutboxMessage, err error) {
 	now := time.Now()
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -58,7 +64,6 @@ func (a *ackTimes) Send(ctx context.Context, msgs []*outbox.OutboxMessage) error
 			}
 		}
 	}
-	return err
 }
 
 // latencyPart measures commit-to-acknowledgement at steady rates. The
@@ -152,9 +157,23 @@ func quantile(ds []time.Duration, q float64) time.Duration {
 }
 
 func latencyRun(ctx context.Context, db *gorm.DB, dsn string, s settings, rate int, wake bool) (latencyResult, error) {
+	return latencyRunWith(ctx, db, dsn, s, rate, latencyHow{wake: wake, sender: atLeastOnce})
+}
+
+// latencyHow is what a latency run measures: with the wake-up or polling
+// only, through which sender, and to what: the producer's acknowledgement,
+// or, with toConsumer, a consumer reading with
+// isolation.level=read_committed receiving the event.
+type latencyHow struct {
+	wake       bool
+	sender     senderMaker
+	toConsumer bool
+}
+
+func latencyRunWith(ctx context.Context, db *gorm.DB, dsn string, s settings, rate int, how latencyHow) (latencyResult, error) {
 	var opts []outbox.PluginOption
 	var popts []outbox.PublisherOption
-	if !wake {
+	if !how.wake {
 		opts = append(opts, outbox.WithNotifyInterval(0))
 		popts = append(popts, outbox.WithoutListen())
 	}
@@ -175,13 +194,23 @@ func latencyRun(ctx context.Context, db *gorm.DB, dsn string, s settings, rate i
 		return latencyResult{}, err
 	}
 	defer cluster.Close()
-	sender, err := kafka.NewSender(cluster.ListenAddrs(), nil)
+	sender, err := how.sender(cluster.ListenAddrs(), s)
 	if err != nil {
 		return latencyResult{}, err
 	}
 	defer sender.Close()
-	acks := &ackTimes{inner: sender, acked: map[int]time.Time{}, started: map[int]time.Time{}}
-	pub, err := outbox.NewPublisher(pubDB, acks, append(popts, outbox.WithBatchSize(s.batch), outbox.WithWorkers(s.workers),
+	acks := newAckTimes()
+	arrived := acks.acked // under acks.mu
+	arrivedMu := &acks.mu
+	if how.toConsumer {
+		reader, err := startReader(ctx, cluster.ListenAddrs(), "latency")
+		if err != nil {
+			return latencyResult{}, err
+		}
+		defer reader.close()
+		arrived, arrivedMu = reader.seen, &reader.mu
+	}
+	pub, err := outbox.NewPublisher(pubDB, observed(sender, acks.hooks()), append(popts, outbox.WithBatchSize(s.batch), outbox.WithWorkers(s.workers),
 		outbox.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))...)
 	if err != nil {
 		return latencyResult{}, err
@@ -244,20 +273,26 @@ func latencyRun(ctx context.Context, db *gorm.DB, dsn string, s settings, rate i
 	}
 	deadline := time.Now().Add(60 * time.Second)
 	for {
-		acks.mu.Lock()
-		n := len(acks.acked)
-		acks.mu.Unlock()
-		if n == total {
+		arrivedMu.Lock()
+		n := len(arrived)
+		arrivedMu.Unlock()
+		if n >= total {
 			break
 		}
 		if time.Now().After(deadline) {
-			return latencyResult{}, fmt.Errorf("%d of %d messages acknowledged after 60s", n, total)
+			return latencyResult{}, fmt.Errorf("%d of %d messages %s after 60s", n, total, map[bool]string{false: "acknowledged", true: "read"}[how.toConsumer])
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	acks.mu.Lock()
+	defer acks.mu.Unlock()
+	if arrivedMu != &acks.mu {
+		arrivedMu.Lock()
+		defer arrivedMu.Unlock()
+	}
 	res := latencyResult{achieved: achieved, batches: acks.sends, perTx: perTx}
 	for seq := rate; seq < total; seq++ { // the first second warms up
-		res.lat = append(res.lat, acks.acked[seq].Sub(committed[seq]))
+		res.lat = append(res.lat, arrived[seq].Sub(committed[seq]))
 		res.toSend = append(res.toSend, acks.started[seq].Sub(committed[seq]))
 	}
 	return res, nil

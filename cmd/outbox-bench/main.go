@@ -28,7 +28,12 @@
 //  6. inbox: messages a second that the inbox applies from a preloaded
 //     topic, with a batch handler and with a per-message one, beside a bare
 //     sarama consumer group writing the same rows in the same batches
-//     without deduplication, on PostgreSQL and on MariaDB.
+//     without deduplication, on PostgreSQL and on MariaDB;
+//
+//  7. exactly-once: the drain of part 1's backlog and the latency at
+//     1,000 events a second, each by the at-least-once publisher and by the
+//     exactly-once one (kafka.NewTransactionalSender), interleaved; the
+//     latency to a consumer reading with isolation.level=read_committed.
 //
 //     go run ./cmd/outbox-bench                    # parts 1-3, 4 to 5 minutes
 //     go run ./cmd/outbox-bench -scaling           # part 4 alone, 2.5 to 15 minutes
@@ -37,7 +42,8 @@
 //     go run ./cmd/outbox-bench -only drain -quick  # the ceilings and one publisher line, to compare changes
 //     go run ./cmd/outbox-bench -only mariadb                 # part 5 alone, about 5 minutes
 //     go run ./cmd/outbox-bench -only inbox                   # part 6 alone, about 4 minutes
-//     go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling,mariadb,inbox -markdown docs/performance.md
+//     go run ./cmd/outbox-bench -only exactly-once            # part 7 alone, about 2 minutes
+//     go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling,mariadb,inbox,exactly-once -markdown docs/performance.md
 //     cmd/outbox-bench/pgbench/run.sh              # part 3's SQL through pgbench, without Go
 //
 // It prints its conditions first. Every part works in a schema of its own,
@@ -87,6 +93,9 @@ type settings struct {
 	mariadbDepths []int // the MariaDB part's scaling backlogs, the first its base
 	inboxN        int   // messages the inbox part's consumers apply a run
 	inboxBatch    int   // the inbox part's batch size, both sides
+	// exactlyOnceRate is the events a second of the exactly-once part's
+	// latency runs.
+	exactlyOnceRate int
 }
 
 func main() {
@@ -104,7 +113,7 @@ func main() {
 	flag.IntVar(&s.rounds, "rounds", 3, "rounds of the drain and latency parts, interleaved (the drain prints medians, the latency percentiles over every round)")
 	flag.BoolVar(&s.quick, "quick", false, "drain part: only the two ceilings and the publisher with -workers workers and WithDeleteOnPublish (for comparing changes back to back)")
 	flag.IntVar(&s.writers, "writers", 8, "concurrent writers (latency and enqueue parts)")
-	only := flag.String("only", "drain,latency,enqueue", "parts to run: drain, latency, enqueue, scaling, mariadb, inbox")
+	only := flag.String("only", "drain,latency,enqueue", "parts to run: drain, latency, enqueue, scaling, mariadb, inbox, exactly-once")
 	scaling := flag.Bool("scaling", false, "run the backlog-scaling part (10k, 100k, 1M pending; 10M published)")
 	depths := flag.String("depths", "10000,100000,1000000", "scaling part: pending backlogs drained; the first is the base of the ratios, the second is drained again behind -published rows")
 	flag.IntVar(&s.published, "published", 10_000_000, "published rows retained in the last scaling step")
@@ -113,6 +122,7 @@ func main() {
 	mariadbDepths := flag.String("mariadb-depths", "10000,1000000", "mariadb part: pending backlogs the publisher drains for the scaling figures; the first is the base of the ratios")
 	flag.IntVar(&s.inboxN, "inbox-n", 50_000, "inbox part: messages in the topic, applied by every run")
 	flag.IntVar(&s.inboxBatch, "inbox-batch", inbox.DefaultBatchSize, "inbox part: messages a transaction at most (inbox.WithBatchSize), the ceiling's too")
+	flag.IntVar(&s.exactlyOnceRate, "exactly-once-rate", 1000, "exactly-once part: steady enqueue rate of its latency runs, per second")
 	ddl := flag.Bool("ddl", false, "print the outbox table's PostgreSQL DDL and exit (for pgbench/run.sh)")
 	markdown := flag.String("markdown", "", "also write the figures, with this run's command and conditions, to this markdown file (docs/performance.md)")
 	flag.Parse()
@@ -134,6 +144,9 @@ func main() {
 	}
 	if s.inboxN < 1 || s.inboxBatch < 1 {
 		log.Fatalf("-inbox-n and -inbox-batch must be positive, got %d and %d", s.inboxN, s.inboxBatch)
+	}
+	if s.exactlyOnceRate < 1 {
+		log.Fatalf("-exactly-once-rate must be positive, got %d", s.exactlyOnceRate)
 	}
 	if s.enqueueRounds < 1 {
 		log.Fatalf("-enqueue-rounds must be at least 1, got %d", s.enqueueRounds)
@@ -241,6 +254,11 @@ func runParts(ctx context.Context, admin *gorm.DB, s settings, parts map[string]
 	if parts["inbox"] {
 		if err := inboxPart(ctx, admin, s); err != nil {
 			return fmt.Errorf("inbox: %w", err)
+		}
+	}
+	if parts["exactly-once"] {
+		if err := exactlyOncePart(ctx, admin, s); err != nil {
+			return fmt.Errorf("exactly-once: %w", err)
 		}
 	}
 	return nil

@@ -52,7 +52,7 @@ func TestBenchmarkRunsEveryPart(t *testing.T) {
 	// it, this run's command without its DSN, the conditions, a row per
 	// figure, and a warning that a run with small sizes is not the benchmark.
 	expect(readFile(t, markdown),
-		"# Performance\n", "Regenerate it with:", "go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling,mariadb,inbox -markdown docs/performance.md",
+		"# Performance\n", "Regenerate it with:", "go run ./cmd/outbox-bench -only drain,latency,enqueue,scaling,mariadb,inbox,exactly-once -markdown docs/performance.md",
 		"go run ./cmd/outbox-bench -n 3000 -quick -rounds 1 -seconds 2 -rates 200,1500 -enqueue-rounds 1 -markdown "+markdown+"\n",
 		"**Not the full benchmark:** this run set -enqueue-rounds 1, -n 3000, -quick true, -rates 200,1500, -rounds 1, -seconds 2.",
 		"| date | ", "| cores | ", "| Go | go1.", "| PostgreSQL | ", "| machine speed | sha256 ", "| settings | backlog 3000, batch 500",
@@ -88,6 +88,18 @@ func TestBenchmarkRunsEveryPart(t *testing.T) {
 		"| inbox, PostgreSQL, 2k messages | ceiling, bare consumer group, one multi-row INSERT a batch | ",
 		"| inbox, PostgreSQL, 2k messages | inbox, NewBatchConsumer, one multi-row INSERT a batch, ratio to the ceiling | ",
 		"| inbox, MariaDB, 2k messages | inbox, NewConsumer, one INSERT a message, ratio to the ceiling | ")
+
+	expect(run("-only", "exactly-once", "-n", "2000", "-rounds", "1", "-seconds", "2", "-exactly-once-rate", "200", "-markdown", markdown),
+		"7. exactly-once: at-least-once (kafka.NewSender) beside exactly-once (kafka.NewTransactionalSender, 4 slots)",
+		"drain of 2000 pending messages", "   at-least-once: ", "   exactly-once: ", " msg/s  (",
+		"exactly-once / at-least-once: ", "(target: at least 0.6×); each round's pair: ",
+		"latency at 200/s: commit to a consumer reading with isolation.level=read_committed", "p50 ", "(achieved ",
+		"exactly-once p99 / at-least-once p99: ", "(target: at most 2×)")
+	expect(readFile(t, markdown),
+		"| exactly-once, drain of 2k pending | at-least-once | ", "| exactly-once, drain of 2k pending | exactly-once | ",
+		"| exactly-once, drain of 2k pending | exactly-once / at-least-once | ",
+		"| exactly-once, latency at 200/s | at-least-once | p50 ", "| exactly-once, latency at 200/s | exactly-once | p50 ",
+		"| exactly-once, latency at 200/s | exactly-once p99 / at-least-once p99 | ")
 
 	expect(run("-scaling", "-depths", "2000,4000", "-published", "3000", "-markdown", markdown),
 		"the 2k drain 5 times", "2k rate, median of 5:",

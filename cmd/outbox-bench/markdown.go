@@ -14,7 +14,7 @@ import (
 const fullCommand = "go run ./cmd/outbox-bench -only " + allParts + " -markdown docs/performance.md"
 
 // allParts are every part of the benchmark, as -only names them.
-const allParts = "drain,latency,enqueue,scaling,mariadb,inbox"
+const allParts = "drain,latency,enqueue,scaling,mariadb,inbox,exactly-once"
 
 // figure is one result of the run, as -markdown writes it: the part that
 // measured it, its name, its value and what it is, in one line.
@@ -139,12 +139,17 @@ func writeMarkdown(path string, c conditions, command string, changed []string, 
 	p("counted, and every drain starts from a new table. The inbox part fills a topic of its own once; every\n")
 	p("run reads all of it from its start with a new consumer group into emptied tables, timed from the\n")
 	p("consumer's start (the group's join included) until the domain table holds every message's row, and\n")
-	p("each consumer runs once before the rounds, not counted.\n\n")
+	p("each consumer runs once before the rounds, not counted. The exactly-once part drains the drain part's\n")
+	p("backlog with the at-least-once publisher and with the exactly-once one in every round, in alternating\n")
+	p("order, each after a drain of 10,000 not counted; its latency runs time each event from its commit to its\n")
+	p("arrival at a franz-go consumer reading with `isolation.level=read_committed`, in both modes, as the\n")
+	p("latency part's lines time it to the producer's acknowledgement.\n\n")
 	p("## Other measurements\n\n")
 	p("| command | what it measures |\n|---|---|\n")
 	p("| `go run ./cmd/outbox-bench -only drain -quick` | the two ceilings and one publisher line: to compare two versions of the code back to back |\n")
 	p("| `go run ./cmd/outbox-bench -only mariadb` | the MariaDB part alone |\n")
 	p("| `go run ./cmd/outbox-bench -only inbox -inbox-n 10000` | the inbox beside its ceiling, quickly |\n")
+	p("| `go run ./cmd/outbox-bench -only exactly-once` | the exactly-once publisher beside the at-least-once one alone |\n")
 	p("| `go test -run x -bench CommitToAck -benchtime 100x .` | commit to Kafka acknowledgement, one message at a time, on each database, with and without a wake-up |\n")
 	p("| `go test -run x -bench HeldClaim -benchtime 200x -benchmem ./internal/postgres` | one held claim of 500 messages and its delete on PostgreSQL, with its allocations |\n")
 	p("| `go test -run x -bench TelemetryWithoutProvider .` | what the metrics cost without a meter provider |\n")
