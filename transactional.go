@@ -12,6 +12,8 @@ import (
 	"github.com/google/uuid"
 	"gorm.io/gorm"
 	"gorm.io/gorm/clause"
+
+	"github.com/gorm-outbox/outbox/internal/sqlstore"
 )
 
 // TransactionalSender is a Sender that delivers in broker transactions:
@@ -475,7 +477,9 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 	h.pending, h.committed = token, false
 	if ctx.Err() != nil { // stopping: hand the claim back unsent
 		res.Released = len(msgs)
-		return res, h.settled(work, token, false, func(tx *gorm.DB) error { return m.store.engine.ResolveToken(tx, token, false) })
+		return res, h.settled(work, token, false, func(tx *gorm.DB) error {
+			return m.store.engine.SettleIDs(tx, token, sqlstore.IDs(msgs), false)
+		})
 	}
 	// A worker that was held up since its claim (a pause, a slow machine)
 	// makes sure the slot is still its own before it sends: one taken over
@@ -561,12 +565,12 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 	}
 	err = h.settled(work, token, committed, func(tx *gorm.DB) error {
 		if committed {
-			return m.store.engine.ResolveToken(tx, token, true)
+			return m.store.engine.SettleIDs(tx, token, published, true)
 		}
 		if err := m.store.engine.MarkFailedOn(tx, &token, failures); err != nil {
 			return err
 		}
-		return m.store.engine.ResolveToken(tx, token, false)
+		return m.store.engine.SettleIDs(tx, token, released, false)
 	})
 	if err != nil {
 		// The slot keeps its pending claim: the next batch settles it first.

@@ -96,8 +96,8 @@ func NewTransactionalSender(brokers []string, transactionalID string, cfg *saram
 	cfg.Net.MaxOpenRequests = 1
 	cfg.Producer.Return.Successes = true
 	cfg.Producer.Return.Errors = true
-	if !cfg.Version.IsAtLeast(sarama.V2_5_0_0) {
-		return nil, fmt.Errorf("outbox/kafka: transactions need a Kafka protocol version of at least 2.5.0 in the config, got %v", cfg.Version)
+	if !cfg.Version.IsAtLeast(sarama.V0_11_0_0) {
+		return nil, fmt.Errorf("outbox/kafka: transactions need a Kafka protocol version of at least 0.11 in the config (Version), got %v", cfg.Version)
 	}
 	s := &TransactionalSender{brokers: slices.Clone(brokers), cfg: cfg, id: transactionalID, slots: DefaultSlots,
 		markerTopic: transactionalID + "-markers", open: map[*slotProducer]bool{}}

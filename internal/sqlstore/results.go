@@ -99,6 +99,25 @@ func (s *Store) Release(ctx context.Context, token string, ids []uuid.UUID) erro
 	return nil
 }
 
+// SettleIDs is ResolveToken for a claim whose messages the caller holds:
+// found by primary key, not by a scan for the token.
+func (s *Store) SettleIDs(tx *gorm.DB, token string, ids []uuid.UUID, published bool) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	in, arg := s.dialect.InIDs(s.Quote("id"), ids)
+	held := in + " AND " + s.Quote("claim_token") + " = ?"
+	if published {
+		return s.MarkPublishedWhere(tx, len(ids), held, arg, token)
+	}
+	err := tx.Table(s.cfg.Table).Where(held, arg, token).
+		Updates(map[string]any{"next_attempt_at": time.Now().UTC(), "claim_token": nil}).Error
+	if err != nil {
+		return fmt.Errorf("outbox: releasing %d claimed messages in %s: %w", len(ids), s.cfg.Table, err)
+	}
+	return nil
+}
+
 // ResolveToken settles every message still held by token, whichever
 // process claimed them: published (or deleted) if the broker has them,
 // else handed back due now with no attempt counted. It is how a claim
