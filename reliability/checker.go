@@ -13,7 +13,6 @@ import (
 	"github.com/gorm-outbox/outbox"
 	"github.com/gorm-outbox/outbox/inbox"
 	"github.com/gorm-outbox/outbox/kafka"
-	"github.com/gorm-outbox/outbox/outboxtest"
 )
 
 // Report compares what reached Kafka with what the database committed.
@@ -30,21 +29,36 @@ type Report struct {
 	// their committed events (1..version, each once): a transaction that
 	// wrote one without the other.
 	Partial int
+	// Takeovers counts, in exactly-once mode (-1 otherwise), the times a
+	// slot was taken over from a holder whose lease had run out (killed,
+	// stopped or cut off), fencing its producer.
+	Takeovers int
 }
 
 // String is the one line each scenario ends with.
 func (r Report) String() string {
-	return fmt.Sprintf("scenario=%s committed=%d delivered=%d lost=%d duplicates=%d order_violations=%d dead=%d",
+	line := fmt.Sprintf("scenario=%s committed=%d delivered=%d lost=%d duplicates=%d order_violations=%d dead=%d",
 		r.Scenario, r.Committed, r.Delivered, r.Lost, r.Duplicates, r.OrderViolations, r.Dead)
+	if r.Takeovers >= 0 {
+		line += fmt.Sprintf(" takeovers=%d", r.Takeovers)
+	}
+	return line
 }
 
 // Check reads the whole topic with franz-go (not the producer's client)
 // and compares it with the outbox table.
 func Check(ctx context.Context, db *gorm.DB, addrs []string, topic string) (Report, error) {
-	var rep Report
+	rep := Report{Takeovers: -1}
 	var rows []outbox.OutboxMessage
 	if err := db.WithContext(ctx).Table(outbox.DefaultTableName).Where("topic = ?", topic).Find(&rows).Error; err != nil {
 		return rep, err
+	}
+	if slots := outbox.SlotTableName(outbox.DefaultTableName); db.Migrator().HasTable(slots) {
+		var n int64
+		if err := db.WithContext(ctx).Table(slots).Select("COALESCE(SUM(takeovers), 0)").Scan(&n).Error; err != nil {
+			return rep, err
+		}
+		rep.Takeovers = int(n)
 	}
 	committed := make(map[string]outbox.OutboxMessage, len(rows))
 	for _, m := range rows {
@@ -63,7 +77,7 @@ func Check(ctx context.Context, db *gorm.DB, addrs []string, topic string) (Repo
 	}
 	// Every published message is in Kafka at least once; read them all,
 	// then until nothing more comes.
-	recs, err := outboxtest.ReadAllRecords(addrs, topic, published, time.Second, 30*time.Second)
+	recs, err := readCommitted(addrs, topic, published, time.Second, 30*time.Second)
 	if err != nil && len(recs) == 0 {
 		return rep, err
 	} // a shortfall is reported below as lost messages
@@ -127,6 +141,47 @@ func Check(ctx context.Context, db *gorm.DB, addrs []string, topic string) (Repo
 		}
 	}
 	return rep, nil
+}
+
+// readCommitted reads topic from the start, as a consumer with
+// isolation.level=read_committed does: records of aborted transactions
+// (a fenced or cut exactly-once publisher's) are not delivered, and
+// reading stops at the first transaction still open. It returns once it
+// has n records and nothing more came for quiet, or after timeout.
+func readCommitted(addrs []string, topic string, n int, quiet, timeout time.Duration) ([]*kgo.Record, error) {
+	cl, err := kgo.NewClient(kgo.SeedBrokers(addrs...), kgo.ConsumeTopics(topic),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.FetchMaxBytes(64<<20),
+		kgo.FetchIsolationLevel(kgo.ReadCommitted()))
+	if err != nil {
+		return nil, err
+	}
+	defer cl.Close()
+	deadline := time.Now().Add(timeout)
+	var out []*kgo.Record
+	for {
+		wait := time.Until(deadline)
+		if len(out) >= n {
+			wait = min(wait, quiet)
+		}
+		if wait <= 0 {
+			break
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		fs := cl.PollFetches(ctx)
+		cancel()
+		if errs := fs.Errors(); len(errs) > 0 && ctx.Err() == nil {
+			return out, fmt.Errorf("fetch: %w", errs[0].Err)
+		}
+		got := fs.Records()
+		if len(got) == 0 && (len(out) >= n || time.Now().After(deadline)) {
+			break
+		}
+		out = append(out, got...)
+	}
+	if len(out) < n {
+		return out, fmt.Errorf("read %d records of %s, want at least %d", len(out), topic, n)
+	}
+	return out, nil
 }
 
 func header(r *kgo.Record, key string) string {

@@ -13,6 +13,8 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // Proxy forwards TCP connections to a target and can cut them: while down,
@@ -26,6 +28,8 @@ type Proxy struct {
 	down  bool
 	conns map[net.Conn]struct{}
 	wg    sync.WaitGroup
+
+	latency atomic.Int64 // nanoseconds each chunk waits before it is forwarded
 }
 
 // NewProxy listens on a free loopback port and forwards to target.
@@ -54,6 +58,10 @@ func (p *Proxy) SetDown(down bool) {
 		}
 	}
 }
+
+// SetLatency delays every chunk of data forwarded, either way, by d (0:
+// none), as a broker further away would answer.
+func (p *Proxy) SetLatency(d time.Duration) { p.latency.Store(int64(d)) }
 
 // Close stops the proxy and waits for its goroutines.
 func (p *Proxy) Close() {
@@ -95,7 +103,7 @@ func (p *Proxy) forward(client net.Conn) {
 	wg.Add(2)
 	pipe := func(dst, src net.Conn) {
 		defer wg.Done()
-		_, err := io.Copy(dst, src)
+		err := p.copy(dst, src)
 		if err != nil && !errors.Is(err, net.ErrClosed) {
 			_ = err // a cut connection; both ends are closed below
 		}
@@ -109,6 +117,28 @@ func (p *Proxy) forward(client net.Conn) {
 	delete(p.conns, client)
 	delete(p.conns, server)
 	p.mu.Unlock()
+}
+
+// copy is io.Copy, each chunk delayed by the proxy's latency.
+func (p *Proxy) copy(dst, src net.Conn) error {
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if d := time.Duration(p.latency.Load()); d > 0 {
+				time.Sleep(d)
+			}
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return werr
+			}
+		}
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
 }
 
 func (p *Proxy) track(cs ...net.Conn) bool {

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -85,14 +86,29 @@ func publisherProcess() int {
 	cfg := kafka.NewConfig()
 	cfg.Net.DialTimeout, cfg.Net.ReadTimeout, cfg.Net.WriteTimeout = time.Second, 5*time.Second, 5*time.Second
 	cfg.Metadata.Retry.Backoff = 100 * time.Millisecond
-	var sender *kafka.Sender
+	brokers := strings.Split(os.Getenv("OUTBOX_REL_BROKERS"), ",")
+	var sender interface {
+		outbox.Sender
+		Close() error
+	}
+	if os.Getenv("OUTBOX_REL_EXACTLY_ONCE") == "1" {
+		// Exactly-once mode: every process of the scenario shares the
+		// slots of one transactional id. The sender needs no broker yet.
+		if sender, err = kafka.NewTransactionalSender(brokers, "reliability", cfg, kafka.WithSlots(envInt("OUTBOX_REL_SLOTS", kafka.DefaultSlots))); err != nil {
+			log.Error("transactional sender", "error", err)
+			return 2
+		}
+	}
 	for sender == nil { // the broker may be away when this process starts
-		if sender, err = kafka.NewSender(strings.Split(os.Getenv("OUTBOX_REL_BROKERS"), ","), cfg); err != nil {
-			select {
-			case <-ctx.Done():
-				return 0
-			case <-time.After(200 * time.Millisecond):
-			}
+		s, err := kafka.NewSender(brokers, cfg)
+		if err == nil {
+			sender = s
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return 0
+		case <-time.After(200 * time.Millisecond):
 		}
 	}
 	defer sender.Close()
@@ -123,6 +139,8 @@ type fleet struct {
 	mu      sync.Mutex
 	running []*exec.Cmd
 	kills   int
+	pauses  int // processes stopped with a claim in flight
+	missed  int // processes stopped and continued at once: their claim had settled
 }
 
 func (f *fleet) start() {
@@ -166,12 +184,52 @@ func (f *fleet) killOneOf(may func(pid int) bool) bool {
 	return true
 }
 
+// pauseInFlight SIGSTOPs, for d, a process that holds a claim in flight
+// (one of the pids holders reads: a batch between its claim and its
+// settlement), then SIGCONTs it. A process that, once stopped, no longer
+// holds one is continued at once and another is tried, for up to within.
+// false: no process was caught with a claim in flight.
+func (f *fleet) pauseInFlight(d, within time.Duration, holders func() map[int]bool) bool {
+	for deadline := time.Now().Add(within); time.Now().Before(deadline); {
+		var target *exec.Cmd
+		held := holders()
+		f.mu.Lock()
+		for _, cmd := range f.running {
+			if held[cmd.Process.Pid] {
+				target = cmd
+				break
+			}
+		}
+		f.mu.Unlock()
+		if target == nil {
+			time.Sleep(2 * time.Millisecond)
+			continue
+		}
+		_ = target.Process.Signal(syscall.SIGSTOP)
+		if !holders()[target.Process.Pid] { // settled in the meantime
+			_ = target.Process.Signal(syscall.SIGCONT)
+			f.mu.Lock()
+			f.missed++
+			f.mu.Unlock()
+			continue
+		}
+		time.Sleep(d)
+		_ = target.Process.Signal(syscall.SIGCONT)
+		f.mu.Lock()
+		f.pauses++
+		f.mu.Unlock()
+		return true
+	}
+	return false
+}
+
 // stop stops every process gracefully (SIGTERM) and waits for it.
 func (f *fleet) stop() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, cmd := range f.running {
 		_ = cmd.Process.Signal(syscall.SIGTERM)
+		_ = cmd.Process.Signal(syscall.SIGCONT) // one left stopped by a failed test
 	}
 	for _, cmd := range f.running {
 		done := make(chan struct{})
@@ -247,17 +305,56 @@ func drain(t *testing.T, db *gorm.DB) {
 
 type scenario struct {
 	name       string
-	dialect    string // postgres or mariadb
+	dialects   []string // the databases it runs on; nil: both
+	dialect    string   // postgres or mariadb
 	publishers int
 	workers    int
 	batch      int
 	killEvery  time.Duration
+	// pauseFor SIGSTOPs, one after another, publishers caught with a
+	// claim in flight, for that long each.
+	pauseFor   time.Duration
 	outage     bool // cut the broker off for a few seconds
-	pgRestart  bool // restart PostgreSQL (a private instance)
+	dbRestart  bool // restart the database (a private instance)
 	poison     bool // mix in messages over the broker's maximum size
 	lateCommit bool // a transaction that commits long after later ones were published
 	pipelined  bool // the writers enqueue through pgxpipeline.DriverName (PostgreSQL)
+	// exactlyOnce runs the publishers with a kafka.TransactionalSender,
+	// holding their slots under lease; the suite then fails on any
+	// duplicate.
+	exactlyOnce bool
+	lease       time.Duration // the publishers' WithLease; 0: the suite's default
+	// brokerLatency delays each chunk through the broker's proxy, either
+	// way, while the faults run.
+	brokerLatency time.Duration
 }
+
+// claimHolders are the pids of the publisher processes that hold a slot
+// with a claim in flight (a batch between its claim and its settlement),
+// read from the slots table, whose owners are "<host>/<pid>/<worker>".
+func claimHolders(db *gorm.DB) map[int]bool {
+	var owners []string
+	db.Table(outbox.SlotTableName(outbox.DefaultTableName)).Where("pending IS NOT NULL AND owner IS NOT NULL").Pluck("owner", &owners)
+	pids := map[int]bool{}
+	for _, o := range owners {
+		if parts := strings.Split(o, "/"); len(parts) >= 3 {
+			if pid, err := strconv.Atoi(parts[len(parts)-2]); err == nil {
+				pids[pid] = true
+			}
+		}
+	}
+	return pids
+}
+
+// exactlyOnceLease is the slot lease of the exactly-once scenarios: short,
+// so that a slot whose holder was killed or stopped is taken over, and its
+// claim settled, within the scenario.
+const exactlyOnceLease = time.Second
+
+// postgresOnly marks the scenarios of PostgreSQL's own features: the
+// pipelined pgx driver, and postgres-restart (which exactly-once-database-restart
+// runs on both databases).
+var postgresOnly = []string{"postgres"}
 
 func TestReliability(t *testing.T) {
 	scenarios := []scenario{
@@ -265,23 +362,62 @@ func TestReliability(t *testing.T) {
 		{name: "publishers-4", publishers: 4, workers: 2, batch: 50},
 		{name: "kill-loop", publishers: 3, workers: 2, batch: 20, killEvery: 300 * time.Millisecond},
 		{name: "broker-outage", publishers: 2, workers: 2, batch: 50, outage: true},
-		{name: "postgres-restart", publishers: 2, workers: 2, batch: 50, pgRestart: true},
+		{name: "postgres-restart", dialects: postgresOnly, publishers: 2, workers: 2, batch: 50, dbRestart: true},
 		{name: "poison", publishers: 2, workers: 2, batch: 50, poison: true},
 		{name: "late-commit", publishers: 2, workers: 2, batch: 50, lateCommit: true},
 		// The events' INSERTs sent with the COMMITs: a commit that fails
 		// (the restart) must take its events with it.
-		{name: "pipelined-enqueuers", publishers: 2, workers: 2, batch: 50, pipelined: true},
-		{name: "pipelined-restart", publishers: 2, workers: 2, batch: 50, pgRestart: true, pipelined: true},
+		{name: "pipelined-enqueuers", dialects: postgresOnly, publishers: 2, workers: 2, batch: 50, pipelined: true},
+		{name: "pipelined-restart", dialects: postgresOnly, publishers: 2, workers: 2, batch: 50, dbRestart: true, pipelined: true},
+		// Exactly-once mode: each batch in one Kafka transaction, whose
+		// slot a taker-over fences and settles from its marker.
+		{name: "exactly-once-kill-loop", publishers: 3, workers: 2, batch: 20, killEvery: 300 * time.Millisecond,
+			exactlyOnce: true, lease: exactlyOnceLease},
+		// Stopped for longer than its lease, a publisher wakes as a zombie
+		// whose slots were taken over: its transactions must be fenced.
+		{name: "exactly-once-pause-loop", publishers: 3, workers: 2, batch: 20, pauseFor: 3 * time.Second,
+			brokerLatency: 3 * time.Millisecond, exactlyOnce: true, lease: exactlyOnceLease},
+		{name: "exactly-once-broker-outage", publishers: 2, workers: 2, batch: 50, outage: true,
+			exactlyOnce: true, lease: exactlyOnceLease},
+		{name: "exactly-once-database-restart", publishers: 2, workers: 2, batch: 50, dbRestart: true,
+			exactlyOnce: true, lease: exactlyOnceLease},
 	}
 	for _, dialect := range []string{"postgres", "mariadb"} {
 		for _, sc := range scenarios {
-			if (sc.pgRestart || sc.pipelined) && dialect != "postgres" {
-				continue // the restart scenarios start a private PostgreSQL; PipelinedPgx is pgx's
+			if sc.dialects != nil && !slices.Contains(sc.dialects, dialect) {
+				continue
 			}
 			sc.dialect = dialect
 			t.Run(dialect+"/"+sc.name, func(t *testing.T) { run(t, sc) })
 		}
 	}
+}
+
+// privateServer is a database instance of the scenario's own, which it
+// may stop and start again without disturbing the shared servers.
+type privateServer interface {
+	DSN() string
+	Stop() error
+	Start() error
+}
+
+// startPrivateServer starts a private instance of dialect's server,
+// removed when the test ends.
+func startPrivateServer(t *testing.T, dialect string) privateServer {
+	if dialect == "mariadb" {
+		s, err := StartMariaDB()
+		if err != nil {
+			outboxtest.Unavailable(t, "a private MariaDB (mariadb-install-db, mariadbd)", err)
+		}
+		t.Cleanup(s.Remove)
+		return s
+	}
+	s, err := StartPostgres()
+	if err != nil {
+		outboxtest.Unavailable(t, "a private PostgreSQL (initdb, pg_ctl)", err)
+	}
+	t.Cleanup(s.Remove)
+	return s
 }
 
 // report prints a scenario's line, and appends it to the file named by
@@ -305,20 +441,26 @@ func run(t *testing.T, sc scenario) {
 	}
 	const topic = "reliability"
 	var (
-		db  *gorm.DB
-		dsn string
-		pg  *PostgresServer
+		db     *gorm.DB
+		dsn    string
+		server privateServer
 	)
-	if sc.pgRestart {
-		var err error
-		if pg, err = StartPostgres(); err != nil {
-			outboxtest.Unavailable(t, "a private PostgreSQL (initdb, pg_ctl)", err)
+	if sc.dbRestart {
+		server = startPrivateServer(t, sc.dialect)
+		dsn = server.DSN()
+		dialector := postgres.Open(dsn)
+		if sc.dialect == "mariadb" {
+			dialector = mysql.Open(dsn)
 		}
-		t.Cleanup(pg.Remove)
-		dsn = pg.DSN()
-		if db, err = gorm.Open(postgres.Open(dsn), &gorm.Config{Logger: logger.Discard}); err != nil {
+		var err error
+		if db, err = gorm.Open(dialector, &gorm.Config{Logger: logger.Discard}); err != nil {
 			t.Fatal(err)
 		}
+		t.Cleanup(func() {
+			if sqlDB, err := db.DB(); err == nil {
+				sqlDB.Close()
+			}
+		})
 	} else {
 		db, dsn = openDatabase(t, sc.dialect)
 	}
@@ -356,6 +498,15 @@ func run(t *testing.T, sc scenario) {
 		"OUTBOX_REL_ROLE=publisher", "OUTBOX_REL_DSN=" + dsn, "OUTBOX_REL_DIALECT=" + sc.dialect, "OUTBOX_REL_BROKERS=" + proxy.Addr(),
 		"OUTBOX_REL_WORKERS=" + strconv.Itoa(sc.workers), "OUTBOX_REL_BATCH=" + strconv.Itoa(sc.batch),
 	}}
+	if sc.lease > 0 {
+		f.env = append(f.env, "OUTBOX_REL_LEASE_MS="+strconv.FormatInt(sc.lease.Milliseconds(), 10))
+	}
+	if sc.exactlyOnce {
+		// A slot per worker and two more: a restarted process finds one
+		// free at once only while its predecessor's leases have not all
+		// run out, so that takeovers happen.
+		f.env = append(f.env, "OUTBOX_REL_EXACTLY_ONCE=1", "OUTBOX_REL_SLOTS="+strconv.Itoa(sc.publishers*sc.workers+2))
+	}
 	for range sc.publishers {
 		f.start()
 	}
@@ -379,6 +530,19 @@ func run(t *testing.T, sc scenario) {
 				f.killOne()
 			}
 		}()
+	case sc.pauseFor > 0:
+		// A broker a few milliseconds away: a batch's broker transaction
+		// takes long enough that a pause often stops a process inside it.
+		proxy.SetLatency(sc.brokerLatency)
+		faults.Add(1)
+		go func() {
+			defer faults.Done()
+			defer proxy.SetLatency(0)
+			for time.Since(start) < duration {
+				time.Sleep(200 * time.Millisecond)
+				f.pauseInFlight(sc.pauseFor, time.Second, func() map[int]bool { return claimHolders(db) })
+			}
+		}()
 	case sc.outage:
 		faults.Add(1)
 		go func() {
@@ -400,16 +564,16 @@ func run(t *testing.T, sc scenario) {
 			}
 			resumedIn = time.Since(up)
 		}()
-	case sc.pgRestart:
+	case sc.dbRestart:
 		faults.Add(1)
 		go func() {
 			defer faults.Done()
 			time.Sleep(duration / 3)
-			if err := pg.Stop(); err != nil {
+			if err := server.Stop(); err != nil {
 				t.Error(err)
 			}
 			time.Sleep(time.Second)
-			if err := pg.Start(); err != nil {
+			if err := server.Start(); err != nil {
 				t.Error(err)
 			}
 		}()
@@ -445,16 +609,32 @@ func run(t *testing.T, sc scenario) {
 	}
 	rep.Scenario = sc.dialect + "/" + sc.name
 	report(rep.String())
-	t.Logf("transactions: %d committed, %d rolled back, %d failed; publisher kills: %d", result.Committed, result.RolledBack, result.Failed, f.kills)
+	t.Logf("transactions: %d committed, %d rolled back, %d failed; publisher kills: %d; pauses with a claim in flight: %d (%d more stopped and continued at once)",
+		result.Committed, result.RolledBack, result.Failed, f.kills, f.pauses, f.missed)
 
 	if rep.Lost != 0 || rep.Phantoms != 0 || rep.OrderViolations != 0 || rep.Partial != 0 {
 		t.Errorf("lost=%d phantoms=%d order_violations=%d partial=%d: all must be 0", rep.Lost, rep.Phantoms, rep.OrderViolations, rep.Partial)
 	}
 	// A duplicate is a message whose send had begun when its publisher died
-	// or its connection was cut: at most a batch per worker per fault.
+	// or its connection was cut: at most a batch per worker per fault. In
+	// exactly-once mode there is none.
 	bound := f.kills * sc.workers * sc.batch
-	if sc.outage || sc.pgRestart {
+	if sc.outage || sc.dbRestart {
 		bound = sc.publishers * sc.workers * sc.batch
+	}
+	if sc.exactlyOnce {
+		bound = 0
+		if rep.Takeovers < 0 {
+			t.Error("the publishers ran in exactly-once mode, yet there is no slots table")
+		}
+		// The loops must have done what they are for: slots taken over
+		// from a killed or stopped holder, its producer fenced.
+		if sc.pauseFor > 0 && f.pauses == 0 {
+			t.Error("no publisher was stopped with a claim in flight")
+		}
+		if (sc.killEvery > 0 || f.pauses > 0) && rep.Takeovers == 0 {
+			t.Errorf("no slot was taken over in %d kills and %d pauses", f.kills, f.pauses)
+		}
 	}
 	if rep.Duplicates > bound {
 		t.Errorf("duplicates=%d over the bound of %d", rep.Duplicates, bound)
