@@ -1,8 +1,9 @@
 // Package reliability is the outbox's fault suite: it runs publisher
-// processes against PostgreSQL and a Kafka broker (kfake) behind a
-// fault-injecting TCP proxy, kills them, cuts the broker off, restarts the
-// database, mixes in poison messages, and checks what reached Kafka against
-// what the database committed. Its inbox scenario adds a second service,
+// processes, at least once and exactly once, against PostgreSQL and
+// MariaDB and a Kafka broker (kfake) behind a fault-injecting TCP proxy,
+// kills them, stops them past their lease, cuts the broker off, restarts
+// the database, mixes in poison messages, and checks what reached Kafka
+// against what the database committed. Its inbox scenario adds a second service,
 // inbox consumer processes that are killed too, and checks what they
 // applied against what the first committed. See reliability_test.go and
 // inbox_test.go for the scenarios.
