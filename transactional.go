@@ -230,13 +230,8 @@ func (h *slotHolder) slotOf(id string) int {
 // it) and settles its pending claim: published if the broker's last
 // committed marker names it, handed back otherwise.
 func (h *slotHolder) settle(ctx context.Context) error {
-	if h.producer == nil {
-		p, err := h.m.sender.OpenSlot(ctx, h.slot)
-		if err != nil {
-			return fmt.Errorf("opening slot %s: %w", h.id, err)
-		}
-		h.producer, h.committed = p, false
-	}
+	// Ownership first: opening a slot that another worker took over would
+	// fence that worker's transaction in flight.
 	db := h.m.db.WithContext(ctx)
 	var row slotRow
 	where, args := h.where()
@@ -247,6 +242,13 @@ func (h *slotHolder) settle(ctx context.Context) error {
 	if res.RowsAffected == 0 {
 		h.drop()
 		return nil
+	}
+	if h.producer == nil {
+		p, err := h.m.sender.OpenSlot(ctx, h.slot)
+		if err != nil {
+			return fmt.Errorf("opening slot %s: %w", h.id, err)
+		}
+		h.producer, h.committed = p, false
 	}
 	if row.Pending == nil {
 		h.pending = ""

@@ -82,6 +82,15 @@ type dialect struct {
 const claimLock = "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true), set_config('plan_cache_mode', 'force_custom_plan', true)," +
 	" set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)) l"
 
+// durableClaimLock is claimLock for an exactly-once claim: its commit
+// waits for the WAL as the server's synchronous_commit says, since a
+// broker transaction is committed on the strength of it, and a claim lost
+// in a crash would send that batch again. A claim transaction that waits
+// on its client for 10 seconds (a process frozen mid-claim) is ended by
+// the server, so that it does not hold every other claim's turn.
+const durableClaimLock = "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('idle_in_transaction_session_timeout', '10s', true), set_config('plan_cache_mode', 'force_custom_plan', true)," +
+	" set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)) l"
+
 // cleanupLock returns 0 when another process is cleaning the same table.
 const cleanupLock = "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)"
 
@@ -167,8 +176,11 @@ func (d *dialect) DeleteOld(table, id, where string) string {
 // which its commit releases.
 func (d *dialect) Serialized(_ context.Context, db *gorm.DB, turn sqlstore.Turn, key int64, fn func(tx *gorm.DB) error) error {
 	lock := claimLock
-	if turn == sqlstore.CleanupTurn {
+	switch turn {
+	case sqlstore.CleanupTurn:
 		lock = cleanupLock
+	case sqlstore.DurableClaimTurn:
+		lock = durableClaimLock
 	}
 	return db.Transaction(func(tx *gorm.DB) error {
 		var got sql.NullInt64

@@ -45,7 +45,8 @@ func (s *Store) Claim(ctx context.Context, opts core.ClaimOptions) (string, []*c
 // ClaimGuarded is Claim with the caller's token, and a guard that runs in
 // the claim's transaction once rows were picked and before they are
 // stamped: an error of the guard rolls the claim back whole, so that the
-// stamp and what the guard wrote commit together or not at all.
+// stamp and what the guard wrote commit together or not at all. A guarded
+// claim's commit is durable (DurableClaimTurn).
 func (s *Store) ClaimGuarded(ctx context.Context, token string, opts core.ClaimOptions, guard func(tx *gorm.DB) error) ([]*core.OutboxMessage, error) {
 	ctx = orBackground(ctx)
 	if opts.Limit <= 0 {
@@ -55,7 +56,11 @@ func (s *Store) ClaimGuarded(ctx context.Context, token string, opts core.ClaimO
 		return nil, fmt.Errorf("outbox: claim lease must be positive, got %v", opts.Lease)
 	}
 	var msgs []*core.OutboxMessage
-	err := s.dialect.Serialized(ctx, s.db.WithContext(ctx), ClaimTurn, s.LockKey(ClaimTurn), func(tx *gorm.DB) error {
+	turn := ClaimTurn
+	if guard != nil {
+		turn = DurableClaimTurn
+	}
+	err := s.dialect.Serialized(ctx, s.db.WithContext(ctx), turn, s.LockKey(ClaimTurn), func(tx *gorm.DB) error {
 		var err error
 		msgs, err = s.claim(tx, token, opts, guard)
 		return err

@@ -71,6 +71,10 @@ type Turn int
 const (
 	ClaimTurn   Turn = iota // a lease claim: waits for the claim before it
 	CleanupTurn             // a retention batch: gives up if another runs
+	// DurableClaimTurn is a lease claim that takes ClaimTurn's turn and
+	// whose commit must be on disk before it returns: an exactly-once
+	// claim, which a broker transaction may commit on the strength of.
+	DurableClaimTurn
 )
 
 // Notifier tells the publishers of other processes that an enqueue has
