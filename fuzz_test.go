@@ -408,7 +408,7 @@ func TestTableNamesWhoseIndexNamesDoNotFitAreRefused(t *testing.T) {
 	if err := db.Raw("SELECT count(*) FROM pg_indexes WHERE tablename = ? AND schemaname = current_schema()", fits).Scan(&n).Error; err != nil {
 		t.Fatal(err)
 	}
-	if n != 4 { // the primary key, pending, published, dead
-		t.Fatalf("the table has %d indexes, want 4", n)
+	if n != 5 { // the primary key, pending, published, dead, tx_group
+		t.Fatalf("the table has %d indexes, want 5", n)
 	}
 }

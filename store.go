@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"slices"
 	"time"
 
 	"github.com/google/uuid"
@@ -74,6 +75,7 @@ type GormStore struct {
 	engine  *sqlstore.Store
 	cfg     config
 	wakeups *wakeups
+	groups  txGroups
 }
 
 // PostgresOutboxStore is the design document's name for the store on
@@ -194,8 +196,13 @@ func inTransaction(tx *gorm.DB) bool {
 // Save implements Store. It writes all messages with multi-row INSERTs on
 // tx's connection, in the caller's transaction; GORM's logger sees each
 // statement, callbacks registered on Raw do not. In a DryRun session it
-// writes nothing.
+// writes nothing. It ties the messages of one transaction (TxGroup): the
+// first one tx's transaction saves leads the group.
 func (s *GormStore) Save(ctx context.Context, tx *gorm.DB, msgs ...*OutboxMessage) error {
+	if slices.Contains(msgs, nil) {
+		return s.engine.Save(ctx, tx, msgs...) // which names the nil message
+	}
+	s.groups.assign(tx, msgs)
 	return s.engine.Save(ctx, tx, msgs...)
 }
 

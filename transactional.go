@@ -466,6 +466,8 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 	case errors.Is(err, errSlotLost):
 		h.drop()
 		return res, nil
+	case errors.Is(err, sqlstore.ErrClaimRace):
+		return res, nil
 	case err != nil:
 		return res, &outage{"database", err}
 	}

@@ -3,6 +3,7 @@ package outbox_test
 import (
 	"context"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -295,4 +296,165 @@ func TestExactlyOnceKeepsOneMarkerPerSlot(t *testing.T) {
 	if offsets < 1 || offsets > 2 {
 		t.Errorf("%d committed markers after 20 transactions over 2 slots, want one per slot used", offsets)
 	}
+}
+
+// recordingSender records which messages each committed broker
+// transaction held.
+type recordingSender struct {
+	*kafka.TransactionalSender
+	mu  sync.Mutex
+	txn map[string]int // payload -> transaction number
+	n   int
+}
+
+func (r *recordingSender) OpenSlot(ctx context.Context, slot int) (outbox.SlotProducer, error) {
+	p, err := r.TransactionalSender.OpenSlot(ctx, slot)
+	if err != nil {
+		return nil, err
+	}
+	return &recordingSlot{SlotProducer: p, r: r}, nil
+}
+
+type recordingSlot struct {
+	outbox.SlotProducer
+	r *recordingSender
+}
+
+func (s *recordingSlot) SendInTransaction(ctx context.Context, token string, msgs []*outbox.OutboxMessage) error {
+	err := s.SlotProducer.SendInTransaction(ctx, token, msgs)
+	if err == nil {
+		s.r.mu.Lock()
+		s.r.n++
+		for _, m := range msgs {
+			s.r.txn[string(m.Payload)] = s.r.n
+		}
+		s.r.mu.Unlock()
+	}
+	return err
+}
+
+// One database transaction, one Kafka transaction: the events a
+// transaction enqueued over several keys go in one broker transaction,
+// even when there are more of them than a batch holds.
+func TestExactlyOnceSendsADatabaseTransactionInOneKafkaTransaction(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		_, addrs := outboxtest.Kafka(t, 3, "eo")
+		var payloads []string
+		for i := range 12 {
+			err := db.Transaction(func(tx *gorm.DB) error {
+				for j := range 5 { // one Enqueue call per event: grouped by the transaction, not the call
+					p := fmt.Sprintf("tx-%02d-event-%d", i, j)
+					payloads = append(payloads, p)
+					if err := outbox.Enqueue(tx, outbox.Message{Topic: "eo", Key: fmt.Sprint("key-", (i+j)%4), Payload: p}); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		rec := &recordingSender{TransactionalSender: transactionalSender(t, addrs, "eo-"+uuid.NewString()[:8], kafka.WithSlots(3)), txn: map[string]int{}}
+		pub, err := outbox.NewPublisher(db, rec, outbox.WithWorkers(2), outbox.WithBatchSize(3), outbox.WithPollInterval(20*time.Millisecond))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := pub.Start(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		waitUntilPublished(t, db, 30*time.Second)
+		if err := pub.Stop(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		checkExactlyOnce(t, addrs, "eo", payloads)
+		rec.mu.Lock()
+		defer rec.mu.Unlock()
+		for i := range 12 {
+			first := rec.txn[fmt.Sprintf("tx-%02d-event-0", i)]
+			for j := 1; j < 5; j++ {
+				if got := rec.txn[fmt.Sprintf("tx-%02d-event-%d", i, j)]; got != first {
+					t.Errorf("database transaction %d: event 0 in Kafka transaction %d, event %d in %d", i, first, j, got)
+				}
+			}
+		}
+	})
+}
+
+// Two database transactions whose keys interleave (the first enqueues a
+// on k1 then b on k2, the second c on k2 then d on k1, so that each key's
+// order puts one transaction before the other) cannot go one after the
+// other: they go together, in one Kafka transaction, each key in order,
+// even with a batch of one message.
+func TestExactlyOnceSendsInterleavedTransactionsTogether(t *testing.T) {
+	eachDBWith(t, func(f features) bool { return f.processes }, func(t *testing.T, db *gorm.DB) {
+		_, addrs := outboxtest.Kafka(t, 3, "eo")
+		step := make([]chan struct{}, 4)
+		for i := range step {
+			step[i] = make(chan struct{})
+		}
+		enqueue := func(tx *gorm.DB, key, payload string) error {
+			return outbox.Enqueue(tx, outbox.Message{Topic: "eo", Key: key, Payload: payload})
+		}
+		errs := make(chan error, 2)
+		go func() {
+			errs <- db.Transaction(func(tx *gorm.DB) error {
+				if err := enqueue(tx, "k1", "a"); err != nil {
+					return err
+				}
+				close(step[0])
+				<-step[1]
+				if err := enqueue(tx, "k2", "b"); err != nil {
+					return err
+				}
+				close(step[2])
+				<-step[3]
+				return nil
+			})
+		}()
+		go func() {
+			errs <- db.Transaction(func(tx *gorm.DB) error {
+				<-step[0]
+				if err := enqueue(tx, "k2", "c"); err != nil {
+					return err
+				}
+				close(step[1])
+				<-step[2]
+				if err := enqueue(tx, "k1", "d"); err != nil {
+					return err
+				}
+				close(step[3])
+				return nil
+			})
+		}()
+		for range 2 {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+		rec := &recordingSender{TransactionalSender: transactionalSender(t, addrs, "eo-"+uuid.NewString()[:8], kafka.WithSlots(1)), txn: map[string]int{}}
+		pub, err := outbox.NewPublisher(db, rec, outbox.WithBatchSize(1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range 5 {
+			if _, err := pub.PublishOnce(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waitUntilPublished(t, db, 5*time.Second)
+		recs := outboxtest.ReadAll(t, addrs, "eo", 4, 2*time.Second)
+		byKey := map[string]string{}
+		for _, r := range recs {
+			byKey[string(r.Key)] += string(r.Value)
+		}
+		if byKey["k1"] != "ad" || byKey["k2"] != "cb" {
+			t.Errorf("per key: %v, want k1=ad and k2=cb", byKey)
+		}
+		rec.mu.Lock()
+		defer rec.mu.Unlock()
+		if rec.n != 1 {
+			t.Errorf("%d Kafka transactions (%v), want the two database transactions in one", rec.n, rec.txn)
+		}
+	})
 }

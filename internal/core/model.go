@@ -59,6 +59,11 @@ type OutboxMessage struct {
 	ClaimToken  *string    `gorm:"size:36"`
 	CreatedAt   time.Time  `gorm:"not null"`
 	PublishedAt *time.Time ``
+	// TxGroup ties the messages one database transaction enqueued: each
+	// of them but the first holds the first's ID; nil on the first, and on
+	// a message its transaction enqueued alone. Exactly-once mode delivers
+	// a group in one Kafka transaction.
+	TxGroup *uuid.UUID `gorm:"type:uuid"`
 }
 
 // Value implements driver.Valuer, so that every database driver sees a plain string.

@@ -30,10 +30,12 @@ var Schema = sqlstore.Schema{
 	Quote: '`',
 	Types: map[string]string{"id": "uuid", "topic": "varchar(249)", "message_key": "varchar(255)", "payload": "longblob",
 		"headers": "text", "state": "varchar(16)", "attempts": "bigint", "last_error": "text",
-		"next_attempt_at": "datetime(3)", "claim_token": "varchar(36)", "created_at": "datetime(3)", "published_at": "datetime(3)"},
+		"next_attempt_at": "datetime(3)", "claim_token": "varchar(36)", "created_at": "datetime(3)", "published_at": "datetime(3)",
+		"tx_group": "uuid"},
 	Indexes: []sqlstore.Index{
 		{Suffix: "pending", Columns: "state, id, message_key"},
 		{Suffix: "state", Columns: "state, created_at"},
+		{Suffix: "tx_group", Columns: "tx_group"},
 	},
 	InlineIndexes: true,
 }

@@ -40,11 +40,13 @@ var Schema = sqlstore.Schema{
 	Quote: '"',
 	Types: map[string]string{"id": "uuid", "topic": "varchar(249)", "message_key": "varchar(255)", "payload": "bytea",
 		"headers": "text", "state": "varchar(16)", "attempts": "bigint", "last_error": "text",
-		"next_attempt_at": "timestamptz", "claim_token": "varchar(36)", "created_at": "timestamptz", "published_at": "timestamptz"},
+		"next_attempt_at": "timestamptz", "claim_token": "varchar(36)", "created_at": "timestamptz", "published_at": "timestamptz", "tx_group": "uuid"},
 	Indexes: []sqlstore.Index{
 		{Suffix: "pending", Columns: "id", Where: "state = 'pending'"},
 		{Suffix: "published", Columns: "published_at", Where: "state = 'published'"},
 		{Suffix: "dead", Columns: "created_at", Where: "state = 'dead'"},
+		// The other messages of a transaction that enqueued several.
+		{Suffix: "tx_group", Columns: "tx_group", Where: "tx_group IS NOT NULL"},
 	},
 	TableOptions: fmt.Sprintf(" WITH (fillfactor = %d)", fillfactor),
 }

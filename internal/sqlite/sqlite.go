@@ -19,11 +19,12 @@ var Schema = sqlstore.Schema{
 	Quote: '"',
 	Types: map[string]string{"id": "uuid", "topic": "text", "message_key": "text", "payload": "blob", "headers": "text",
 		"state": "text", "attempts": "integer", "last_error": "text", "next_attempt_at": "datetime", "claim_token": "text",
-		"created_at": "datetime", "published_at": "datetime"},
+		"created_at": "datetime", "published_at": "datetime", "tx_group": "uuid"},
 	Indexes: []sqlstore.Index{
 		{Suffix: "pending", Columns: "id", Where: "state = 'pending'"},
 		{Suffix: "published", Columns: "published_at", Where: "state = 'published'"},
 		{Suffix: "dead", Columns: "created_at", Where: "state = 'dead'"},
+		{Suffix: "tx_group", Columns: "tx_group", Where: "tx_group IS NOT NULL"},
 	},
 }
 

@@ -3,6 +3,7 @@ package sqlstore
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"sort"
 	"time"
@@ -42,11 +43,16 @@ func (s *Store) Claim(ctx context.Context, opts core.ClaimOptions) (string, []*c
 	return token, msgs, err
 }
 
+// ErrClaimRace says a guarded claim found some of its rows changed between
+// its walk and its stamp, and claimed nothing.
+var ErrClaimRace = errors.New("outbox: the claim's rows changed under it; nothing was claimed")
+
 // ClaimGuarded is Claim with the caller's token, and a guard that runs in
 // the claim's transaction once rows were picked and before they are
 // stamped: an error of the guard rolls the claim back whole, so that the
 // stamp and what the guard wrote commit together or not at all. A guarded
-// claim's commit is durable (DurableClaimTurn).
+// claim holds whole transaction groups (see completeGroups), possibly more
+// than opts.Limit messages, and its commit is durable (DurableClaimTurn).
 func (s *Store) ClaimGuarded(ctx context.Context, token string, opts core.ClaimOptions, guard func(tx *gorm.DB) error) ([]*core.OutboxMessage, error) {
 	ctx = orBackground(ctx)
 	if opts.Limit <= 0 {
@@ -100,6 +106,9 @@ func (s *Store) claim(tx *gorm.DB, token string, opts core.ClaimOptions, guard f
 		return nil, err
 	}
 	if guard != nil {
+		if picked, err = s.completeGroups(tx, now, picked); err != nil || len(picked) == 0 {
+			return nil, err
+		}
 		if err := guard(tx); err != nil {
 			return nil, err
 		}
@@ -120,6 +129,11 @@ func (s *Store) claim(tx *gorm.DB, token string, opts core.ClaimOptions, guard f
 		return nil, res.Error
 	}
 	if res.RowsAffected != int64(len(picked)) {
+		if guard != nil {
+			// A guarded claim holds whole groups or nothing: it is rolled
+			// back and tried again.
+			return nil, ErrClaimRace
+		}
 		// Rare: some rows changed between the walk and the stamp. Read
 		// back what this claim holds.
 		msgs, err := s.readMessages(tx, "SELECT "+s.columns+" FROM "+s.QuotedTable()+
@@ -152,10 +166,14 @@ func (s *Store) readMessages(tx *gorm.DB, query string, args ...any) ([]*core.Ou
 		var state string
 		var token sql.NullString
 		var published sql.NullTime
+		var group uuid.NullUUID
 		err := rows.Scan(&m.ID, &m.Topic, &m.Key, &m.Payload, &m.Headers, &state, &m.Attempts,
-			&m.LastError, &m.NextAttemptAt, &token, &m.CreatedAt, &published)
+			&m.LastError, &m.NextAttemptAt, &token, &m.CreatedAt, &published, &group)
 		if err != nil {
 			return nil, err
+		}
+		if group.Valid {
+			m.TxGroup = &group.UUID
 		}
 		m.State = core.State(state)
 		if token.Valid {

@@ -35,6 +35,7 @@ var Columns = []Column{
 	{"claim_token", ""},
 	{"created_at", "NOT NULL"},
 	{"published_at", ""},
+	{"tx_group", ""},
 }
 
 // Index is one of the table's indexes on one database.

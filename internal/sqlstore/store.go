@@ -35,6 +35,7 @@ type Store struct {
 	walkKeys string
 	insert   string // Save's INSERT up to VALUES
 	single   string // Save's whole INSERT of one message, the common case
+	grouped  string // Save's INSERT up to VALUES, with tx_group
 	// lastWalk is how many pending rows the last claim read to find its
 	// messages (see claimWindow).
 	lastWalk atomic.Int64
@@ -70,6 +71,7 @@ func New(db *gorm.DB, cfg Config, d Dialect) *Store {
 		ins[i] = s.Quote(c)
 	}
 	s.insert = d.InsertPrefix() + "INSERT INTO " + s.QuotedTable() + " (" + strings.Join(ins, ", ") + ") VALUES "
+	s.grouped = d.InsertPrefix() + "INSERT INTO " + s.QuotedTable() + " (" + strings.Join(ins, ", ") + ", " + s.Quote("tx_group") + ") VALUES "
 	s.single = s.insertSQL(1, "")
 	return s
 }
@@ -229,12 +231,25 @@ func (s *Store) Save(ctx context.Context, tx *gorm.DB, msgs ...*core.OutboxMessa
 	notify := notifier != nil && notifier.Due() // sent with the first one-row INSERT, or after the INSERTs
 	for start := 0; start < len(msgs); start += maxRowsPerInsert {
 		chunk := msgs[start:min(start+maxRowsPerInsert, len(msgs))]
-		args := make([]any, 0, len(chunk)*len(insertColumns))
+		grouped := false
+		for _, m := range chunk {
+			grouped = grouped || m.TxGroup != nil
+		}
+		args := make([]any, 0, len(chunk)*(len(insertColumns)+1))
 		for _, m := range chunk {
 			args = append(args, s.dialect.IDArg(m.ID), m.Topic, m.Key, m.Payload, m.Headers, m.State, m.NextAttemptAt.UTC(), m.CreatedAt.UTC())
+			if grouped {
+				var g any
+				if m.TxGroup != nil {
+					g = s.dialect.IDArg(*m.TxGroup)
+				}
+				args = append(args, g)
+			}
 		}
 		query := s.single
 		switch {
+		case grouped:
+			query = s.groupedSQL(len(chunk))
 		case len(chunk) > 1:
 			query = s.insertSQL(len(chunk), "")
 		case notify:
@@ -273,6 +288,28 @@ func (s *Store) insertSQL(n int, returning string) string {
 		b.WriteByte(')')
 	}
 	b.WriteString(returning)
+	return b.String()
+}
+
+// groupedSQL is Save's INSERT of n messages with their tx_group.
+func (s *Store) groupedSQL(n int) string {
+	var b strings.Builder
+	b.WriteString(s.grouped)
+	arg := 0
+	for i := range n {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteByte('(')
+		for j := range len(insertColumns) + 1 {
+			if j > 0 {
+				b.WriteString(", ")
+			}
+			arg++
+			b.WriteString(s.dialect.Placeholder(arg))
+		}
+		b.WriteByte(')')
+	}
 	return b.String()
 }
 

@@ -1,0 +1,234 @@
+package sqlstore
+
+import (
+	"sort"
+	"time"
+
+	"github.com/google/uuid"
+	"gorm.io/gorm"
+
+	"github.com/gorm-outbox/outbox/internal/core"
+)
+
+// maxGroupRounds bounds the closure of a batch's groups: past it, the
+// groups still growing wait for a later claim.
+const maxGroupRounds = 64
+
+// completeGroups makes a guarded claim hold whole transaction groups (the
+// messages one database transaction enqueued, tied by tx_group), so that
+// exactly-once mode sends each group in one broker transaction. It adds the
+// pending messages of the picked messages' groups that the walk left out
+// (the batch was full, or they come after another key's messages), as long
+// as each one is due and unclaimed and its key has nothing older pending
+// outside the batch; a transaction larger than the batch comes whole. A
+// group that cannot be completed now (a member in flight elsewhere, or
+// waiting for a retry, or behind another key's unsent message) leaves the
+// batch with the later messages of its keys, and waits.
+func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]Picked, error) {
+	if len(picked) == 0 {
+		return picked, nil
+	}
+	q := s.Quote
+	inBatch := make(map[uuid.UUID]bool, len(picked))
+	for _, m := range picked {
+		inBatch[m.ID] = true
+	}
+	// The picked messages' groups: the first message of a transaction is
+	// its group's id and has no tx_group; the others name it.
+	groupOf := make(map[uuid.UUID]uuid.UUID, len(picked))
+	for _, m := range picked {
+		groupOf[m.ID] = m.ID
+	}
+	in, arg := s.dialect.InIDs(q("id"), PickedIDs(picked))
+	var named []struct {
+		ID      uuid.UUID
+		TxGroup uuid.UUID
+	}
+	err := tx.Raw("SELECT "+q("id")+", "+q("tx_group")+" FROM "+s.QuotedTable()+" WHERE "+in+" AND "+q("tx_group")+" IS NOT NULL", arg).
+		Scan(&named).Error
+	if err != nil {
+		return nil, err
+	}
+	for _, n := range named {
+		groupOf[n.ID] = n.TxGroup
+	}
+	groups := map[uuid.UUID]bool{}
+	for _, g := range groupOf {
+		groups[g] = true
+	}
+	ids := make([]uuid.UUID, 0, len(groups))
+	for g := range groups {
+		ids = append(ids, g)
+	}
+	// Grow the batch to a closure: every pending member of its groups, and
+	// every older pending message of a joining message's key, with its
+	// group; a group with a member not due (in flight elsewhere, or
+	// waiting for a retry) is blocked.
+	type row struct {
+		ID            uuid.UUID
+		MessageKey    string
+		TxGroup       uuid.NullUUID
+		NextAttemptAt time.Time
+	}
+	cols := q("id") + ", " + q("message_key") + ", " + q("tx_group") + ", " + q("next_attempt_at")
+	var outside []Picked
+	blocked := map[uuid.UUID]bool{}
+	seen := map[uuid.UUID]bool{}
+	for id := range inBatch {
+		seen[id] = true
+	}
+	add := func(rows []row, dependent func(row) uuid.UUID) map[uuid.UUID]bool {
+		newGroups := map[uuid.UUID]bool{}
+		for _, m := range rows {
+			g := m.ID
+			if m.TxGroup.Valid {
+				g = m.TxGroup.UUID
+			}
+			if seen[m.ID] {
+				continue
+			}
+			seen[m.ID] = true
+			groupOf[m.ID] = g
+			if !groups[g] {
+				groups[g], newGroups[g] = true, true
+			}
+			if m.NextAttemptAt.After(now) {
+				blocked[g] = true
+				if dependent != nil {
+					blocked[dependent(m)] = true
+				}
+				continue
+			}
+			outside = append(outside, Picked{OutboxMessage: &core.OutboxMessage{ID: m.ID, Key: m.MessageKey, State: core.StatePending}})
+		}
+		return newGroups
+	}
+	pending := ids
+	for rounds := 0; len(pending) > 0 && rounds < maxGroupRounds; rounds++ {
+		gIn, gArg := s.dialect.InIDs(q("tx_group"), pending)
+		idIn, idArg := s.dialect.InIDs(q("id"), pending)
+		var members []row
+		err = tx.Raw("SELECT "+cols+" FROM "+s.QuotedTable()+" WHERE "+q("state")+" = 'pending' AND ("+gIn+" OR "+idIn+")", gArg, idArg).
+			Scan(&members).Error
+		if err != nil {
+			return nil, err
+		}
+		before := len(outside)
+		next := add(members, nil)
+		// Each joining message's key must have nothing older pending
+		// outside the batch: what it has joins too, or blocks.
+		newest := map[string]uuid.UUID{}
+		owner := map[string]uuid.UUID{}
+		for _, m := range outside[before:] {
+			if m.Key != "" && lessID(newest[m.Key], m.ID) {
+				newest[m.Key], owner[m.Key] = m.ID, groupOf[m.ID]
+			}
+		}
+		for key, last := range newest {
+			var older []row
+			err := tx.Raw("SELECT "+cols+" FROM "+s.QuotedTable()+" WHERE "+q("state")+" = 'pending' AND "+q("message_key")+" = ? AND "+q("id")+" < ?",
+				key, s.dialect.IDArg(last)).Scan(&older).Error
+			if err != nil {
+				return nil, err
+			}
+			g := owner[key]
+			for k := range add(older, func(row) uuid.UUID { return g }) {
+				next[k] = true
+			}
+		}
+		pending = pending[:0:0]
+		for g := range next {
+			pending = append(pending, g)
+		}
+	}
+	if len(pending) > 0 {
+		// Too entangled to settle in one claim: wait for what holds it.
+		for _, g := range pending {
+			blocked[g] = true
+		}
+	}
+	if len(outside) == 0 && len(blocked) == 0 {
+		return picked, nil
+	}
+	var joining []Picked
+	for _, m := range outside {
+		if !blocked[groupOf[m.ID]] {
+			joining = append(joining, m)
+		}
+	}
+	if len(joining) > 0 {
+		locked, err := s.dialect.LockPicked(tx, now, joining)
+		if err != nil {
+			return nil, err
+		}
+		got := make(map[uuid.UUID]bool, len(locked))
+		for _, m := range locked {
+			got[m.ID] = true
+		}
+		for _, m := range joining {
+			if !got[m.ID] {
+				blocked[groupOf[m.ID]] = true
+			}
+		}
+		joining = joining[:0]
+		for _, m := range locked {
+			if !blocked[groupOf[m.ID]] {
+				joining = append(joining, m)
+			}
+		}
+	}
+	all := append(append([]Picked(nil), picked...), joining...)
+	sort.Slice(all, func(i, j int) bool { return lessID(all[i].ID, all[j].ID) })
+	// A blocked group leaves, and with it every later message of its keys,
+	// whose groups leave too, until nothing more leaves.
+	out := make(map[uuid.UUID]bool)
+	for changed := true; changed; {
+		changed = false
+		stopped := map[string]bool{}
+		for _, m := range all {
+			leave := out[m.ID] || blocked[groupOf[m.ID]] || m.Key != "" && stopped[m.Key]
+			if !leave {
+				continue
+			}
+			if !out[m.ID] {
+				out[m.ID], changed = true, true
+			}
+			if !blocked[groupOf[m.ID]] {
+				blocked[groupOf[m.ID]], changed = true, true
+			}
+			if m.Key != "" {
+				stopped[m.Key] = true
+			}
+		}
+	}
+	kept := all[:0]
+	var readIDs []uuid.UUID
+	for _, m := range all {
+		if out[m.ID] {
+			continue
+		}
+		kept = append(kept, m)
+		if !inBatch[m.ID] {
+			readIDs = append(readIDs, m.ID)
+		}
+	}
+	if len(readIDs) == 0 {
+		return kept, nil
+	}
+	// The joining messages were read without their payload: read them whole.
+	rin, rarg := s.dialect.InIDs(q("id"), readIDs)
+	whole, err := s.readMessages(tx, "SELECT "+s.columns+" FROM "+s.QuotedTable()+" WHERE "+rin, rarg)
+	if err != nil {
+		return nil, err
+	}
+	byID := make(map[uuid.UUID]*Picked, len(kept))
+	for i := range kept {
+		byID[kept[i].ID] = &kept[i]
+	}
+	for _, w := range whole {
+		if p := byID[w.ID]; p != nil {
+			p.OutboxMessage = w
+		}
+	}
+	return kept, nil
+}
