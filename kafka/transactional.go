@@ -15,6 +15,11 @@ import (
 	"github.com/gorm-outbox/outbox"
 )
 
+// TransactionHeader carries, in exactly-once mode, the id of the Kafka
+// transaction that delivered the message (its claim's token): the records
+// of one transaction share it, so a consumer can tell transactions apart.
+const TransactionHeader = "outbox-transaction"
+
 // DefaultSlots is how many transactional producers the publishers of a
 // table share (WithSlots): one per worker of every publisher, with room.
 const DefaultSlots = 16
@@ -309,6 +314,7 @@ func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs
 	max, version := p.s.cfg.Producer.MaxMessageBytes, recordVersion(p.s.cfg)
 	for _, m := range msgs {
 		pm := ProducerMessage(m)
+		pm.Headers = append(pm.Headers, sarama.RecordHeader{Key: []byte(TransactionHeader), Value: []byte(token)})
 		if size := pm.ByteSize(version); max > 0 && size > max {
 			return &outbox.SendError{Failed: heldBehind(msgs, m, fmt.Errorf("outbox/kafka: message of %d bytes is larger than Producer.MaxMessageBytes (%d)", size, max))}
 		}
