@@ -124,6 +124,10 @@ func (d *dialect) NotInKeys(col string, keys map[string]bool) (string, any) {
 	return col + " <> ALL(CAST(? AS text[]))", keysArg(keys)
 }
 
+func (d *dialect) InKeys(col string, keys map[string]bool) (string, any) {
+	return col + " = ANY(CAST(? AS text[]))", keysArg(keys)
+}
+
 // IDArg is a pgtype.UUID. pgx encodes a uuid.UUID through its text form
 // (driver.Valuer), after first failing a binary encode, which costs an
 // enqueue more than the rest of its arguments together. A plain [16]byte

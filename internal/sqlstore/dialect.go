@@ -26,6 +26,8 @@ type Dialect interface {
 	InIDs(col string, ids []uuid.UUID) (sql string, arg any)
 	NotInIDs(col string, ids []uuid.UUID) (sql string, arg any)
 	NotInKeys(col string, keys map[string]bool) (sql string, arg any)
+	// InKeys matches col against a set of message keys.
+	InKeys(col string, keys map[string]bool) (sql string, arg any)
 	// IDArg is how Save passes a message's id.
 	IDArg(id uuid.UUID) any
 	// Placeholder is the n-th (from 1) placeholder of Save's INSERT, which
@@ -134,6 +136,13 @@ func (ListArgs) NotInKeys(col string, keys map[string]bool) (string, any) {
 		out = append(out, k)
 	}
 	return col + " NOT IN ?", out
+}
+func (ListArgs) InKeys(col string, keys map[string]bool) (string, any) {
+	out := make([]string, 0, len(keys))
+	for k := range keys {
+		out = append(out, k)
+	}
+	return col + " IN ?", out
 }
 func (ListArgs) IDArg(id uuid.UUID) any { return id }
 func (ListArgs) Placeholder(int) string { return "?" }

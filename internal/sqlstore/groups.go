@@ -105,13 +105,28 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]P
 	}
 	pending := ids
 	for rounds := 0; len(pending) > 0 && rounds < maxGroupRounds; rounds++ {
+		// A group's members name it in tx_group; its first message, if
+		// not in hand yet, is the row whose id it is.
 		gIn, gArg := s.dialect.InIDs(q("tx_group"), pending)
-		idIn, idArg := s.dialect.InIDs(q("id"), pending)
 		var members []row
-		err = tx.Raw("SELECT "+cols+" FROM "+s.QuotedTable()+" WHERE "+q("state")+" = 'pending' AND ("+gIn+" OR "+idIn+")", gArg, idArg).
-			Scan(&members).Error
+		err = tx.Raw("SELECT "+cols+" FROM "+s.QuotedTable()+" WHERE "+q("state")+" = 'pending' AND "+gIn, gArg).Scan(&members).Error
 		if err != nil {
 			return nil, err
+		}
+		var leaders []uuid.UUID
+		for _, g := range pending {
+			if !seen[g] {
+				leaders = append(leaders, g)
+			}
+		}
+		if len(leaders) > 0 {
+			idIn, idArg := s.dialect.InIDs(q("id"), leaders)
+			var more []row
+			err = tx.Raw("SELECT "+cols+" FROM "+s.QuotedTable()+" WHERE "+q("state")+" = 'pending' AND "+idIn, idArg).Scan(&more).Error
+			if err != nil {
+				return nil, err
+			}
+			members = append(members, more...)
 		}
 		before := len(outside)
 		next := add(members, nil)
@@ -124,16 +139,36 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]P
 				newest[m.Key], owner[m.Key] = m.ID, groupOf[m.ID]
 			}
 		}
-		for key, last := range newest {
+		if len(newest) > 0 {
+			// One read for every key: its pending messages older than the
+			// newest one joining; those older than what joins on their key
+			// join too.
+			keys := make(map[string]bool, len(newest))
+			var top uuid.UUID
+			for key, last := range newest {
+				keys[key] = true
+				if lessID(top, last) {
+					top = last
+				}
+			}
+			kIn, kArg := s.dialect.InKeys(q("message_key"), keys)
 			var older []row
-			err := tx.Raw("SELECT "+cols+" FROM "+s.QuotedTable()+" WHERE "+q("state")+" = 'pending' AND "+q("message_key")+" = ? AND "+q("id")+" < ?",
-				key, s.dialect.IDArg(last)).Scan(&older).Error
+			err := tx.Raw("SELECT "+cols+" FROM "+s.QuotedTable()+" WHERE "+q("state")+" = 'pending' AND "+kIn+" AND "+q("id")+" < ?",
+				kArg, s.dialect.IDArg(top)).Scan(&older).Error
 			if err != nil {
 				return nil, err
 			}
-			g := owner[key]
-			for k := range add(older, func(row) uuid.UUID { return g }) {
-				next[k] = true
+			byKey := map[string][]row{}
+			for _, o := range older {
+				if lessID(o.ID, newest[o.MessageKey]) {
+					byKey[o.MessageKey] = append(byKey[o.MessageKey], o)
+				}
+			}
+			for key, rows := range byKey {
+				g := owner[key]
+				for k := range add(rows, func(row) uuid.UUID { return g }) {
+					next[k] = true
+				}
 			}
 		}
 		pending = pending[:0:0]
