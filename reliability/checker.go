@@ -33,12 +33,24 @@ type Report struct {
 	// slot was taken over from a holder whose lease had run out (killed,
 	// stopped or cut off), fencing its producer.
 	Takeovers int
+	// PartialGroups counts, in exactly-once mode (-1 otherwise), the
+	// committed database transactions that a read_committed consumer did
+	// not see as one Kafka transaction: some of their events (dead ones
+	// aside) were not delivered, or their records do not all carry one
+	// and the same outbox-transaction header.
+	PartialGroups int
+	// Groups counts the committed database transactions of more than one
+	// event, what PartialGroups is about.
+	Groups int
 }
 
 // String is the one line each scenario ends with.
 func (r Report) String() string {
 	line := fmt.Sprintf("scenario=%s committed=%d delivered=%d lost=%d duplicates=%d order_violations=%d dead=%d",
 		r.Scenario, r.Committed, r.Delivered, r.Lost, r.Duplicates, r.OrderViolations, r.Dead)
+	if r.PartialGroups >= 0 {
+		line += fmt.Sprintf(" partial_groups=%d", r.PartialGroups)
+	}
 	if r.Takeovers >= 0 {
 		line += fmt.Sprintf(" takeovers=%d", r.Takeovers)
 	}
@@ -46,9 +58,10 @@ func (r Report) String() string {
 }
 
 // Check reads the whole topic with franz-go (not the producer's client)
-// and compares it with the outbox table.
+// and compares it with the outbox table. The groups are checked when the
+// table has exactly-once publishers' slots.
 func Check(ctx context.Context, db *gorm.DB, addrs []string, topic string) (Report, error) {
-	rep := Report{Takeovers: -1}
+	rep := Report{Takeovers: -1, PartialGroups: -1}
 	var rows []outbox.OutboxMessage
 	if err := db.WithContext(ctx).Table(outbox.DefaultTableName).Where("topic = ?", topic).Find(&rows).Error; err != nil {
 		return rep, err
@@ -89,8 +102,13 @@ func Check(ctx context.Context, db *gorm.DB, addrs []string, topic string) (Repo
 	})
 	seen := map[string]bool{}
 	lastVersion := map[string]int64{}
+	txnOf := map[string]map[string]bool{} // message id -> the outbox-transaction headers of its records
 	for _, r := range recs {
 		id := header(r, kafka.MessageIDHeader)
+		if txnOf[id] == nil {
+			txnOf[id] = map[string]bool{}
+		}
+		txnOf[id][header(r, kafka.TransactionHeader)] = true
 		if seen[id] {
 			rep.Duplicates++
 			continue
@@ -120,6 +138,11 @@ func Check(ctx context.Context, db *gorm.DB, addrs []string, topic string) (Repo
 		return rep, err
 	}
 	versions := map[string]map[int64]int{}
+	type group struct {
+		declared int // the events the transaction enqueued, per their payload
+		rows     []outbox.OutboxMessage
+	}
+	groups := map[int64]*group{}
 	for _, m := range rows {
 		var e Event
 		if err := json.Unmarshal(m.Payload, &e); err != nil {
@@ -129,6 +152,41 @@ func Check(ctx context.Context, db *gorm.DB, addrs []string, topic string) (Repo
 			versions[e.Key] = map[int64]int{}
 		}
 		versions[e.Key][e.Version]++
+		if e.Tx != 0 {
+			g := groups[e.Tx]
+			if g == nil {
+				g = &group{declared: e.TxEvents}
+				groups[e.Tx] = g
+			}
+			g.rows = append(g.rows, m)
+		}
+	}
+	if rep.Takeovers >= 0 {
+		rep.PartialGroups = 0
+		for _, g := range groups {
+			if g.declared > 1 {
+				rep.Groups++
+			}
+			// One transaction: all its events committed, every one not dead
+			// delivered, every record of them from one Kafka transaction.
+			complete := len(g.rows) == g.declared
+			txns := map[string]bool{}
+			for _, m := range g.rows {
+				if m.State == outbox.StateDead {
+					continue
+				}
+				id := m.ID.String()
+				if !seen[id] {
+					complete = false
+				}
+				for t := range txnOf[id] {
+					txns[t] = true
+				}
+			}
+			if !complete || len(txns) > 1 || txns[""] {
+				rep.PartialGroups++
+			}
+		}
 	}
 	for _, a := range aggs {
 		vs := versions[a.Key]

@@ -320,8 +320,10 @@ type scenario struct {
 	lateCommit bool // a transaction that commits long after later ones were published
 	pipelined  bool // the writers enqueue through pgxpipeline.DriverName (PostgreSQL)
 	// exactlyOnce runs the publishers with a kafka.TransactionalSender,
-	// holding their slots under lease; the suite then fails on any
-	// duplicate.
+	// holding their slots under lease, and the writers' transactions each
+	// enqueue events over several aggregates; the suite then fails on any
+	// duplicate and any transaction not delivered whole in one Kafka
+	// transaction.
 	exactlyOnce bool
 	lease       time.Duration // the publishers' WithLease; 0: the suite's default
 	// brokerLatency delays each chunk through the broker's proxy, either
@@ -483,7 +485,10 @@ func run(t *testing.T, sc scenario) {
 			t.Fatal(err)
 		}
 	}
-	w := Workload{DB: writers, Topic: topic, Keys: 40, Writers: 8, Duration: duration, RollbackEvery: 7}
+	// In exactly-once mode the writers' transactions span several
+	// aggregates: each must reach a read_committed consumer whole, in one
+	// Kafka transaction.
+	w := Workload{DB: writers, Topic: topic, Keys: 40, Writers: 8, Duration: duration, RollbackEvery: 7, MultiKey: sc.exactlyOnce}
 	if sc.poison {
 		w.PoisonEvery, w.PoisonBytes = 97, 100_000
 	}
@@ -634,6 +639,13 @@ func run(t *testing.T, sc scenario) {
 		}
 		if (sc.killEvery > 0 || f.pauses > 0) && rep.Takeovers == 0 {
 			t.Errorf("no slot was taken over in %d kills and %d pauses", f.kills, f.pauses)
+		}
+		t.Logf("committed database transactions of several events: %d; delivered in part or over several Kafka transactions: %d", rep.Groups, rep.PartialGroups)
+		if rep.Groups == 0 {
+			t.Error("no committed database transaction enqueued several events")
+		}
+		if rep.PartialGroups != 0 {
+			t.Errorf("partial_groups=%d: every committed database transaction must be delivered whole, in one Kafka transaction", rep.PartialGroups)
 		}
 	}
 	if rep.Duplicates > bound {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -31,6 +32,12 @@ type Event struct {
 	Version int64  `json:"v"`
 	Amount  int64  `json:"amt,omitempty"`
 	Pad     string `json:"pad,omitempty"`
+	// Tx is the writer's id of the database transaction that enqueued the
+	// event, and TxEvents how many events that transaction enqueued: the
+	// outbox table, which holds exactly the committed events, is then the
+	// ledger of the committed transactions and of their events.
+	Tx       int64 `json:"tx,omitempty"`
+	TxEvents int   `json:"n,omitempty"`
 }
 
 // Workload writes transactions that bump an aggregate and enqueue its events.
@@ -50,6 +57,11 @@ type Workload struct {
 	// Amounts gives every event an amount from 1 to 1000, for the inbox
 	// scenario's ledger to add up.
 	Amounts bool
+	// MultiKey makes each transaction lock 2 to 4 aggregates and enqueue 2
+	// to 5 events over them, interleaved, in one Enqueue call or several:
+	// the database transactions whose events exactly-once mode must
+	// deliver in one Kafka transaction.
+	MultiKey bool
 }
 
 // WorkloadResult counts what the writers did; the database is the truth of
@@ -116,6 +128,9 @@ func (w Workload) Run(ctx context.Context) WorkloadResult {
 }
 
 func (w Workload) transaction(ctx context.Context, n int64) error {
+	if w.MultiKey {
+		return w.multiKeyTransaction(ctx, n)
+	}
 	key := aggregateKey(rand.N(w.Keys))
 	events := 1 + rand.N(3)
 	return w.DB.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
@@ -126,7 +141,7 @@ func (w Workload) transaction(ctx context.Context, n int64) error {
 		msgs := make([]outbox.Message, events)
 		for i := range msgs {
 			agg.Version++
-			e := Event{Key: key, Version: agg.Version}
+			e := Event{Key: key, Version: agg.Version, Tx: n, TxEvents: events}
 			if w.Amounts {
 				e.Amount = 1 + rand.Int64N(1000)
 			}
@@ -141,6 +156,59 @@ func (w Workload) transaction(ctx context.Context, n int64) error {
 		}
 		if err := outbox.Enqueue(tx, msgs...); err != nil {
 			return err
+		}
+		if w.RollbackEvery > 0 && n%int64(w.RollbackEvery) == 0 {
+			return errRollback
+		}
+		return nil
+	})
+}
+
+// multiKeyTransaction locks 2 to 4 aggregates, in key order so that two
+// writers never deadlock, and enqueues 2 to 5 events over them: each
+// aggregate at least one, the rest at random, the keys interleaved, in 1
+// to 3 Enqueue calls. Each event takes its aggregate's next version, so
+// that a key's versions are still its commit order.
+func (w Workload) multiKeyTransaction(ctx context.Context, n int64) error {
+	events := 2 + rand.N(4)
+	picked := rand.Perm(w.Keys)[:2+rand.N(min(events, 4)-1)]
+	slices.Sort(picked)
+	order := make([]int, events) // the aggregate (index in picked) of each event
+	for i := range order {
+		if i < len(picked) {
+			order[i] = i
+		} else {
+			order[i] = rand.N(len(picked))
+		}
+	}
+	rand.Shuffle(len(order), func(i, j int) { order[i], order[j] = order[j], order[i] })
+	calls := 1 + rand.N(min(events, 3))
+	return w.DB.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+		aggs := make([]Aggregate, len(picked))
+		for i, k := range picked {
+			if err := tx.Clauses(clause.Locking{Strength: "UPDATE"}).First(&aggs[i], "agg_key = ?", aggregateKey(k)).Error; err != nil {
+				return err
+			}
+		}
+		msgs := make([]outbox.Message, events)
+		for i, a := range order {
+			agg := &aggs[a]
+			agg.Version++
+			payload, _ := json.Marshal(Event{Key: agg.Key, Version: agg.Version, Tx: n, TxEvents: events})
+			msgs[i] = outbox.Message{Topic: w.Topic, Key: agg.Key, Payload: payload}
+		}
+		for i := range aggs {
+			if err := tx.Model(&aggs[i]).Update("version", aggs[i].Version).Error; err != nil {
+				return err
+			}
+		}
+		// The events in calls parts, in order: [0, cut1), [cut1, cut2), ...
+		for c, from := 0, 0; c < calls; c++ {
+			to := events * (c + 1) / calls
+			if err := outbox.Enqueue(tx, msgs[from:to]...); err != nil {
+				return err
+			}
+			from = to
 		}
 		if w.RollbackEvery > 0 && n%int64(w.RollbackEvery) == 0 {
 			return errRollback
