@@ -458,3 +458,66 @@ func TestExactlyOnceSendsInterleavedTransactionsTogether(t *testing.T) {
 		}
 	})
 }
+
+// A message whose key has an older message in flight never goes ahead of
+// it, even when its transaction's other events pull it into a batch, and
+// even when that older message was first met as a member of another group.
+func TestExactlyOnceKeepsKeyOrderBehindAMessageInFlight(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		_, addrs := outboxtest.Kafka(t, 3, "eo")
+		tx := func(events ...[2]string) {
+			t.Helper()
+			err := db.Transaction(func(tx *gorm.DB) error {
+				for _, e := range events {
+					if err := outbox.Enqueue(tx, outbox.Message{Topic: "eo", Key: e[0], Payload: e[1]}); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		tx([2]string{"k3", "e"}, [2]string{"k1", "a"}) // G1: e, then a on k1
+		tx([2]string{"k2", "d"}, [2]string{"k1", "b"}) // G2: d, then b on k1, after a
+		// a is in flight in another publisher's claim.
+		held := db.Table(outbox.DefaultTableName).Where("payload = ?", []byte("a")).
+			Updates(map[string]any{"claim_token": "elsewhere", "next_attempt_at": time.Now().Add(time.Hour).UTC()})
+		if held.Error != nil || held.RowsAffected != 1 {
+			t.Fatalf("holding a: %v (%d rows)", held.Error, held.RowsAffected)
+		}
+		rec := &recordingSender{TransactionalSender: transactionalSender(t, addrs, "eo-"+uuid.NewString()[:8], kafka.WithSlots(1)), txn: map[string]int{}}
+		pub, err := outbox.NewPublisher(db, rec, outbox.WithBatchSize(10))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := pub.PublishOnce(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		rec.mu.Lock()
+		sent := fmt.Sprint(rec.txn)
+		rec.mu.Unlock()
+		if rec.txn["b"] != 0 || rec.txn["d"] != 0 || rec.txn["e"] != 0 {
+			t.Fatalf("sent %v while a, before b on k1, is in flight: b must wait, and d with it; e waits for a, of its transaction", sent)
+		}
+		released := db.Table(outbox.DefaultTableName).Where("payload = ?", []byte("a")).
+			Updates(map[string]any{"claim_token": nil, "next_attempt_at": time.Now().UTC()})
+		if released.Error != nil {
+			t.Fatal(released.Error)
+		}
+		for range 3 {
+			if _, err := pub.PublishOnce(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waitUntilPublished(t, db, 5*time.Second)
+		byKey := map[string]string{}
+		for _, r := range outboxtest.ReadAll(t, addrs, "eo", 4, 2*time.Second) {
+			byKey[string(r.Key)] += string(r.Value)
+		}
+		if byKey["k1"] != "ab" {
+			t.Errorf("k1 delivered %q, want ab", byKey["k1"])
+		}
+	})
+}

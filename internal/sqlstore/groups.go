@@ -77,12 +77,25 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]P
 	for id := range inBatch {
 		seen[id] = true
 	}
+	heldFrom := map[string]uuid.UUID{} // per key, its oldest message found held
 	add := func(rows []row, dependent func(row) uuid.UUID) map[uuid.UUID]bool {
 		newGroups := map[uuid.UUID]bool{}
 		for _, m := range rows {
 			g := m.ID
 			if m.TxGroup.Valid {
 				g = m.TxGroup.UUID
+			}
+			notDue := m.NextAttemptAt.After(now)
+			if notDue {
+				// Held (in flight elsewhere, or in a retry's backoff): no
+				// later message of its key may go in this batch, however
+				// it was found.
+				if h, ok := heldFrom[m.MessageKey]; m.MessageKey != "" && (!ok || lessID(m.ID, h)) {
+					heldFrom[m.MessageKey] = m.ID
+				}
+				if dependent != nil {
+					blocked[dependent(m)] = true
+				}
 			}
 			if seen[m.ID] {
 				continue
@@ -92,11 +105,8 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]P
 			if !groups[g] {
 				groups[g], newGroups[g] = true, true
 			}
-			if m.NextAttemptAt.After(now) {
+			if notDue {
 				blocked[g] = true
-				if dependent != nil {
-					blocked[dependent(m)] = true
-				}
 				continue
 			}
 			outside = append(outside, Picked{OutboxMessage: &core.OutboxMessage{ID: m.ID, Key: m.MessageKey, State: core.StatePending}})
@@ -182,7 +192,7 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]P
 			blocked[g] = true
 		}
 	}
-	if len(outside) == 0 && len(blocked) == 0 {
+	if len(outside) == 0 && len(blocked) == 0 && len(heldFrom) == 0 {
 		return picked, nil
 	}
 	var joining []Picked
@@ -221,7 +231,8 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]P
 		changed = false
 		stopped := map[string]bool{}
 		for _, m := range all {
-			leave := out[m.ID] || blocked[groupOf[m.ID]] || m.Key != "" && stopped[m.Key]
+			h, held := heldFrom[m.Key]
+			leave := out[m.ID] || blocked[groupOf[m.ID]] || m.Key != "" && (stopped[m.Key] || held && lessID(h, m.ID))
 			if !leave {
 				continue
 			}
