@@ -514,8 +514,14 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 		p.tel.recordBatch(work, span, started, now, msgs, errs, nil)
 		h.closeProducer()
 		h.noteError(work, sendErr)
-		p.cfg.logger.Warn("outbox: a broker transaction's outcome is unknown; its slot will be opened again and settled from its marker",
-			"transactional_id", h.id, "messages", len(msgs), "error", sendErr)
+		if outcome == "fenced" {
+			p.cfg.logger.Warn("outbox: the slot's producer was fenced: another publisher took the slot over (this one was paused past its lease), "+
+				"or another application uses the same transactional id; the batch is settled by the slot's holder",
+				"transactional_id", h.id, "messages", len(msgs), "error", sendErr)
+		} else {
+			p.cfg.logger.Warn("outbox: a broker transaction's outcome is unknown; its slot will be opened again and settled from its marker",
+				"transactional_id", h.id, "messages", len(msgs), "error", sendErr)
+		}
 		return res, &outage{"broker", sendErr}
 	}
 	errs := make([]error, len(msgs))

@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/IBM/sarama"
 	"github.com/google/uuid"
 	"gorm.io/gorm"
 
@@ -102,4 +104,57 @@ func newTransactional(t testing.TB, addrs []string, id string) *kafka.Transactio
 	}
 	t.Cleanup(func() { _ = s.Close() })
 	return s
+}
+
+func TestNewTransactionalSenderSaysWhatIsWrong(t *testing.T) {
+	old := kafka.NewConfig()
+	old.Version = sarama.V0_10_2_0
+	for _, c := range []struct {
+		name    string
+		brokers []string
+		id      string
+		cfg     *sarama.Config
+		opts    []kafka.TransactionalOption
+		want    string
+	}{
+		{"no broker", nil, "x", nil, nil, "no broker addresses"},
+		{"empty broker", []string{" "}, "x", nil, nil, "broker address 1 of 1 is empty"},
+		{"no transactional id", []string{"b:9092"}, " ", nil, nil, "transactional id is empty"},
+		{"a version without transactions", []string{"b:9092"}, "x", old, nil, "at least 0.11"},
+		{"no slot", []string{"b:9092"}, "x", nil, []kafka.TransactionalOption{kafka.WithSlots(0)}, "slots (WithSlots) must be positive"},
+		{"nil option", []string{"b:9092"}, "x", nil, []kafka.TransactionalOption{nil}, "option 1 of 1 is nil"},
+		{"no marker topic", []string{"b:9092"}, "x", nil, []kafka.TransactionalOption{kafka.WithMarkerTopic("")}, "marker topic (WithMarkerTopic) is empty"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := kafka.NewTransactionalSender(c.brokers, c.id, c.cfg, c.opts...)
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("got %v, want an error saying %q", err, c.want)
+			}
+		})
+	}
+	s, err := kafka.NewTransactionalSender([]string{"b:9092"}, "orders-outbox", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Slots() != kafka.DefaultSlots || s.TransactionalID(3) != "orders-outbox-3" || s.MarkerTopic() != "orders-outbox-markers" {
+		t.Errorf("slots %d, id %q, marker topic %q", s.Slots(), s.TransactionalID(3), s.MarkerTopic())
+	}
+	if err := s.Send(t.Context(), nil); err == nil {
+		t.Error("Send outside a publisher succeeded")
+	}
+}
+
+// A broker that is down when a slot opens is an outage: it costs nothing
+// and the publisher retries.
+func TestTransactionalSenderReportsAnUnreachableBroker(t *testing.T) {
+	s, err := kafka.NewTransactionalSender([]string{"127.0.0.1:1"}, "down", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	if _, err := s.OpenSlot(ctx, 0); !errors.Is(err, outbox.ErrBrokerUnavailable) {
+		t.Fatalf("OpenSlot with no broker: %v, want an error wrapping outbox.ErrBrokerUnavailable", err)
+	}
 }
