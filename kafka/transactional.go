@@ -336,7 +336,7 @@ func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs
 			se := &outbox.SendError{Failed: make(map[uuid.UUID]error, len(perMsg))}
 			for _, pe := range perMsg {
 				if m, ok := byMsg[pe.Msg]; ok {
-					se.Failed[m.ID] = classify(pe.Err)
+					se.Failed[m.ID] = refusalOrOutage(pe.Err)
 				}
 			}
 			return se
@@ -465,4 +465,23 @@ func fenced(err error) bool {
 		}
 	}
 	return false
+}
+
+// refusals are the broker's answers that refuse a record for what it is:
+// in an aborted transaction, only these cost the record an attempt.
+var refusals = []error{
+	sarama.ErrInvalidMessage, sarama.ErrMessageSizeTooLarge, sarama.ErrInvalidTopic,
+	sarama.ErrTopicAuthorizationFailed, sarama.ErrInvalidRecord, sarama.ErrUnknownTopicOrPartition,
+}
+
+// refusalOrOutage classifies a record's error in a transaction that was
+// aborted: a refusal of the record, or else (a transaction's state, a
+// broker's trouble) an outage that costs no attempt.
+func refusalOrOutage(err error) error {
+	for _, r := range refusals {
+		if errors.Is(err, r) {
+			return err
+		}
+	}
+	return fmt.Errorf("%w: %w", outbox.ErrBrokerUnavailable, err)
 }

@@ -222,6 +222,18 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]P
 			}
 		}
 	}
+	// A candidate that does not join (its group is blocked, or its row
+	// could not be locked) holds its key like a message in flight: no
+	// later message of its key may go.
+	joined := make(map[uuid.UUID]bool, len(joining))
+	for _, m := range joining {
+		joined[m.ID] = true
+	}
+	for _, m := range outside {
+		if h, ok := heldFrom[m.Key]; !joined[m.ID] && m.Key != "" && (!ok || lessID(m.ID, h)) {
+			heldFrom[m.Key] = m.ID
+		}
+	}
 	all := append(append([]Picked(nil), picked...), joining...)
 	sort.Slice(all, func(i, j int) bool { return lessID(all[i].ID, all[j].ID) })
 	// A blocked group leaves, and with it every later message of its keys,
