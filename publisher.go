@@ -759,37 +759,10 @@ func (p *Publisher) publishBatch(ctx, work context.Context, slot *slotHolder) (B
 	started := time.Now()
 	sendCtx, span := p.tel.startSend(work, p.system, msgs)
 	errs := p.send(sendCtx, msgs)
-	var (
-		published, released []uuid.UUID
-		failures            []Failure
-		unavailable         error
-		deadIDs             = map[string]bool{}
-	)
 	now := time.Now()
-	defer func() { p.tel.recordBatch(work, span, started, now, msgs, errs, deadIDs) }()
-	for i, m := range msgs {
-		err := errs[i]
-		switch {
-		case err == nil:
-			published = append(published, m.ID)
-		case errors.Is(err, ErrHeldBack):
-			released = append(released, m.ID)
-			res.HeldBack++
-		case isUnavailable(err):
-			released = append(released, m.ID)
-			if unavailable == nil {
-				unavailable = err
-			}
-		default:
-			f := p.failure(m, err, now)
-			failures = append(failures, f)
-			if f.Dead {
-				res.Dead++
-				deadIDs[m.ID.String()] = true
-			}
-		}
-	}
-	res.Published, res.Failed, res.Released = len(published), len(failures), len(released)
+	o := p.outcomes(msgs, errs, now, &res)
+	defer func() { p.tel.recordBatch(work, span, started, now, msgs, errs, o.deadIDs) }()
+	published, failures, released, unavailable := o.published, o.failures, o.released, o.unavailable
 	if err := batch.Record(work, published, failures, released); err != nil {
 		return res, &outage{"database", err}
 	}
@@ -798,6 +771,44 @@ func (p *Publisher) publishBatch(ctx, work context.Context, slot *slotHolder) (B
 		return res, &outage{"broker", fmt.Errorf("%d messages handed back: %w", len(released), unavailable)}
 	}
 	return res, nil
+}
+
+// batchOutcomes are a sent batch's messages by what their send did.
+type batchOutcomes struct {
+	published, released []uuid.UUID
+	failures            []Failure
+	unavailable         error           // the first broker outage met, if any
+	deadIDs             map[string]bool // of failures, those that used their last attempt
+}
+
+// outcomes sorts msgs by their send's errors (errs[i] is msgs[i]'s) and
+// counts them in res.
+func (p *Publisher) outcomes(msgs []*OutboxMessage, errs []error, now time.Time, res *BatchResult) batchOutcomes {
+	o := batchOutcomes{deadIDs: map[string]bool{}}
+	for i, m := range msgs {
+		err := errs[i]
+		switch {
+		case err == nil:
+			o.published = append(o.published, m.ID)
+		case errors.Is(err, ErrHeldBack):
+			o.released = append(o.released, m.ID)
+			res.HeldBack++
+		case isUnavailable(err):
+			o.released = append(o.released, m.ID)
+			if o.unavailable == nil {
+				o.unavailable = err
+			}
+		default:
+			f := p.failure(m, err, now)
+			o.failures = append(o.failures, f)
+			if f.Dead {
+				res.Dead++
+				o.deadIDs[m.ID.String()] = true
+			}
+		}
+	}
+	res.Published, res.Failed, res.Released = len(o.published), len(o.failures), len(o.released)
+	return o
 }
 
 // failure is a refused send of m: an attempt counted, and a retry after

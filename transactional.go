@@ -535,36 +535,9 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 			}
 		}
 	}
-	var (
-		published, released []uuid.UUID
-		failures            []Failure
-		unavailable         error
-		deadIDs             = map[string]bool{}
-	)
-	defer func() { p.tel.recordBatch(work, span, started, now, msgs, errs, deadIDs) }()
-	for i, msg := range msgs {
-		err := errs[i]
-		switch {
-		case err == nil:
-			published = append(published, msg.ID)
-		case errors.Is(err, ErrHeldBack):
-			released = append(released, msg.ID)
-			res.HeldBack++
-		case isUnavailable(err):
-			released = append(released, msg.ID)
-			if unavailable == nil {
-				unavailable = err
-			}
-		default:
-			f := p.failure(msg, err, now)
-			failures = append(failures, f)
-			if f.Dead {
-				res.Dead++
-				deadIDs[msg.ID.String()] = true
-			}
-		}
-	}
-	res.Published, res.Failed, res.Released = len(published), len(failures), len(released)
+	o := p.outcomes(msgs, errs, now, &res)
+	defer func() { p.tel.recordBatch(work, span, started, now, msgs, errs, o.deadIDs) }()
+	published, failures, released, unavailable := o.published, o.failures, o.released, o.unavailable
 	committed := sendErr == nil
 	h.committed = committed
 	if committed {
