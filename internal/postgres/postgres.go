@@ -211,6 +211,13 @@ func (d *dialect) Recording(_ context.Context, db *gorm.DB, _ bool, fn func(db *
 	})
 }
 
+// MatchLocked finds the rows LockPicked locked by their addresses (see
+// refsArg): a claim's stamp reads one page a row instead of the index.
+func (d *dialect) MatchLocked(picked []sqlstore.Picked) (string, any, bool) {
+	arg, ok := refsArg(sqlstore.PickedIDs(picked), picked)
+	return refsMatch(""), arg, ok
+}
+
 // LockPicked: rows in a publisher's held claim look due to a lease claim's
 // walk: it locks what it picked, and leaves what it cannot lock (see
 // heldClaim).

@@ -122,9 +122,15 @@ func (s *Store) claim(tx *gorm.DB, token string, opts core.ClaimOptions, guard f
 	// read may have been published since by a claim that had expired.
 	leaseEnd := now.Add(opts.Lease)
 	in, arg := s.dialect.InIDs(q("id"), ids)
+	stamp, stampArg := in, arg
+	if m, ok := s.dialect.(LockedMatcher); ok {
+		if where, arg, ok := m.MatchLocked(picked); ok {
+			stamp, stampArg = where, arg
+		}
+	}
 	res := tx.Exec("UPDATE "+s.QuotedTable()+" SET "+q("claim_token")+" = ?, "+q("next_attempt_at")+" = ?"+
-		" WHERE "+in+" AND "+q("state")+" = 'pending' AND "+q("next_attempt_at")+" <= ?",
-		token, leaseEnd, arg, now)
+		" WHERE "+stamp+" AND "+q("state")+" = 'pending' AND "+q("next_attempt_at")+" <= ?",
+		token, leaseEnd, stampArg, now)
 	if res.Error != nil {
 		return nil, res.Error
 	}
@@ -212,6 +218,7 @@ type WalkRow struct {
 	Attempts           int
 	Payload            []byte
 	Headers, LastError string
+	TxGroup            uuid.NullUUID // read by a whole walk only
 	Ref                string
 }
 
@@ -239,6 +246,9 @@ func (w *WalkRow) Queued(now time.Time, whole bool) (Queued, error) {
 		Attempts: w.Attempts, NextAttemptAt: w.Next, CreatedAt: w.Created, ClaimToken: w.Token}
 	if whole {
 		m.Topic, m.Payload, m.LastError = *w.Topic, w.Payload, w.LastError
+		if w.TxGroup.Valid {
+			m.TxGroup = &w.TxGroup.UUID
+		}
 		if err := m.Headers.Scan(w.Headers); err != nil {
 			return r, err
 		}
@@ -265,7 +275,7 @@ func (s *Store) GormWalk(tx *gorm.DB, now time.Time, whole bool) WalkReader {
 			)
 			dest := []any{&w.ID, &w.Key, &w.Next, &token, &w.Attempts, &w.Created}
 			if whole {
-				dest = append(dest, &topic, &w.Payload, &hdrs, &lastE)
+				dest = append(dest, &topic, &w.Payload, &hdrs, &lastE, &w.TxGroup)
 			}
 			if addressed {
 				dest = append(dest, &w.Ref)

@@ -90,6 +90,13 @@ type Notifier interface {
 	Statement() string
 }
 
+// LockedMatcher is a dialect that finds the rows its LockPicked locked by
+// their addresses, which stay theirs while the claim's transaction holds
+// them: ok is false unless every picked row has one.
+type LockedMatcher interface {
+	MatchLocked(picked []Picked) (where string, arg any, ok bool)
+}
+
 // Picked is a message the walk picked, with its row's address where the
 // dialect reads one (AddressColumn).
 type Picked struct {

@@ -33,25 +33,17 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]P
 	for _, m := range picked {
 		inBatch[m.ID] = true
 	}
-	// The picked messages' groups: the first message of a transaction is
-	// its group's id and has no tx_group; the others name it.
+	// The picked messages' groups, as the walk read them: the first
+	// message of a transaction is its group's id and has no tx_group; the
+	// others name it.
 	groupOf := make(map[uuid.UUID]uuid.UUID, len(picked))
 	for _, m := range picked {
 		groupOf[m.ID] = m.ID
+		if m.TxGroup != nil {
+			groupOf[m.ID] = *m.TxGroup
+		}
 	}
-	in, arg := s.dialect.InIDs(q("id"), PickedIDs(picked))
-	var named []struct {
-		ID      uuid.UUID
-		TxGroup uuid.UUID
-	}
-	err := tx.Raw("SELECT "+q("id")+", "+q("tx_group")+" FROM "+s.QuotedTable()+" WHERE "+in+" AND "+q("tx_group")+" IS NOT NULL", arg).
-		Scan(&named).Error
-	if err != nil {
-		return nil, err
-	}
-	for _, n := range named {
-		groupOf[n.ID] = n.TxGroup
-	}
+	var err error
 	groups := map[uuid.UUID]bool{}
 	for _, g := range groupOf {
 		groups[g] = true

@@ -56,10 +56,12 @@ func New(db *gorm.DB, cfg Config, d Dialect) *Store {
 	// the due time and whether a claim holds them.
 	keys := []string{s.Quote("id"), s.Quote("message_key"), s.Quote("next_attempt_at"), s.Quote("claim_token"),
 		s.Quote("attempts"), s.Quote("created_at")}
-	walk := keys
+	walk := append([]string(nil), keys...)
 	for _, c := range walkIfDue {
 		walk = append(walk, "CASE WHEN "+s.Quote("next_attempt_at")+" <= ? THEN "+s.Quote(c)+" END")
 	}
+	// The transaction group, for an exactly-once claim's completeGroups.
+	walk = append(walk, s.Quote("tx_group"))
 	if ref := d.AddressColumn(); ref != "" {
 		walk, keys = append(walk, ref), append(keys, ref)
 	}
