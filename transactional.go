@@ -176,6 +176,21 @@ func (m *txnMode) holder() *slotHolder {
 	return &slotHolder{m: m, slot: -1, owner: m.host + "/" + uuid.NewString()[:8]}
 }
 
+// setPending names token as the slot's claim to settle.
+func (h *slotHolder) setPending(token string) {
+	h.pending, h.committed = token, false
+}
+
+// clearPending says the slot has no claim to settle, or is no longer
+// this worker's: what it had in flight is settled, or another's to
+// settle, and this process's walks no longer leave it out.
+func (h *slotHolder) clearPending() {
+	if h.pending != "" {
+		h.m.store.engine.Landed(h.pending)
+	}
+	h.pending, h.committed = "", false
+}
+
 func (h *slotHolder) where() (string, []any) {
 	return "transactional_id = ? AND owner = ?", []any{h.id, h.owner}
 }
@@ -251,7 +266,7 @@ func (h *slotHolder) settle(ctx context.Context) error {
 		h.producer, h.committed = p, false
 	}
 	if row.Pending == nil {
-		h.pending = ""
+		h.clearPending()
 		return nil
 	}
 	token := *row.Pending
@@ -278,7 +293,10 @@ func (h *slotHolder) settle(ctx context.Context) error {
 		return err
 	}
 	h.m.tel.noteTransaction("settled_" + counter)
-	h.pending, h.committed = "", false
+	// The claim may be another worker's of this process, stuck since: its
+	// rows are no longer in flight for this process's walks either.
+	h.m.store.engine.Landed(token)
+	h.clearPending()
 	return nil
 }
 
@@ -346,7 +364,8 @@ func (h *slotHolder) settled(ctx context.Context, token string, published bool, 
 	if err != nil {
 		return err
 	}
-	h.pending, h.committed, h.renewed = "", false, now
+	h.clearPending()
+	h.renewed = now
 	return nil
 }
 
@@ -377,7 +396,8 @@ func (h *slotHolder) closeProducer() {
 // drop forgets a slot that is no longer this worker's.
 func (h *slotHolder) drop() {
 	h.closeProducer()
-	h.slot, h.id, h.pending, h.committed = -1, "", "", false
+	h.clearPending()
+	h.slot, h.id = -1, ""
 }
 
 // release hands a settled slot back at once; one with a claim still to
@@ -469,6 +489,9 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 	case errors.Is(err, sqlstore.ErrClaimRace):
 		return res, nil
 	case err != nil:
+		// The claim may have committed all the same (the database went
+		// away during its commit): the slot settles it before its next.
+		h.setPending(token)
 		return res, &outage{"database", err}
 	}
 	res.Claimed = len(msgs)
@@ -478,7 +501,7 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 		}
 		return res, nil
 	}
-	h.pending, h.committed = token, false
+	h.setPending(token)
 	if ctx.Err() != nil { // stopping: hand the claim back unsent
 		res.Released = len(msgs)
 		return res, h.settled(work, token, false, func(tx *gorm.DB) error {

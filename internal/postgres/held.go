@@ -35,7 +35,7 @@ func (d *dialect) HeldTxOptions() *sql.TxOptions { return nil }
 func (d *dialect) HeldWalk(ctx context.Context, tx *gorm.DB, conn *sql.Conn, now time.Time) sqlstore.WalkReader {
 	read := d.store.GormWalk(tx, now, false)
 	if conn != nil {
-		read = d.pgxWalk(ctx, conn, read, now)
+		read = d.pgxWalk(ctx, conn, read, now, false)
 	}
 	return d.plannedWalk(tx, read)
 }
@@ -62,21 +62,31 @@ func (d *dialect) AfterHeld(*sql.Conn) error { return nil }
 // converted twice (to a driver.Value, then to its destination: a uuid
 // formatted and parsed again), and the walk, which takes turns, would be
 // longer for it. These reads do not pass through GORM's logger and callbacks.
-func (d *dialect) pgxWalk(ctx context.Context, conn *sql.Conn, fallback sqlstore.WalkReader, now time.Time) sqlstore.WalkReader {
+//
+// whole: the walk is a lease claim's (s.walk), which also reads the due
+// rows' contents and each row's transaction group.
+func (d *dialect) pgxWalk(ctx context.Context, conn *sql.Conn, fallback sqlstore.WalkReader, now time.Time, whole bool) sqlstore.WalkReader {
 	return func(window int, query string, args []any) ([]sqlstore.Queued, error) {
 		out := make([]sqlstore.Queued, 0, min(window, 4096))
 		ok, err := pgxQuery(ctx, conn, false, query, append(args, window), func(rows pgx.Rows) error {
 			var (
-				w     sqlstore.WalkRow
-				id    pgtype.UUID
-				token pgtype.Text
+				w                        sqlstore.WalkRow
+				id, group                pgtype.UUID
+				token, topic, hdrs, last pgtype.Text
 			)
-			if err := rows.Scan(&id, &w.Key, &w.Next, &token, &w.Attempts, &w.Created, &w.Ref); err != nil {
+			dest := []any{&id, &w.Key, &w.Next, &token, &w.Attempts, &w.Created}
+			if whole {
+				dest = append(dest, &topic, &w.Payload, &hdrs, &last, &group)
+			}
+			if err := rows.Scan(append(dest, &w.Ref)...); err != nil {
 				return err
 			}
 			w.ID = id.Bytes
 			w.Token = sqlstore.Optional(token.String, token.Valid)
-			r, err := w.Queued(now, false)
+			w.Topic = sqlstore.Optional(topic.String, topic.Valid)
+			w.Headers, w.LastError = hdrs.String, last.String
+			w.TxGroup = uuid.NullUUID{UUID: group.Bytes, Valid: group.Valid}
+			r, err := w.Queued(now, whole)
 			if err != nil {
 				return err
 			}

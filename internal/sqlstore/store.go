@@ -39,6 +39,11 @@ type Store struct {
 	// lastWalk is how many pending rows the last claim read to find its
 	// messages (see claimWindow).
 	lastWalk atomic.Int64
+
+	flight flight // this process's guarded claims (ClaimGuarded)
+	// afterGuardedWalk, set by tests, runs between a guarded claim's walk
+	// and its turn.
+	afterGuardedWalk func()
 }
 
 // New returns the store of cfg.Table on db. Each of its writes is one
