@@ -401,18 +401,17 @@ func (h *slotHolder) drop() {
 }
 
 // release hands a settled slot back at once; one with a claim still to
-// settle is left to its lease, for whoever takes it over.
+// settle, as its row says (a claim that failed may have committed all the
+// same), is left to its lease, for whoever takes it over.
 func (h *slotHolder) release(ctx context.Context) {
 	if h.slot < 0 {
 		return
 	}
-	if h.pending == "" {
-		where, args := h.where()
-		_ = h.m.write(ctx, false, func(db *gorm.DB) error {
-			return db.Table(h.m.table).Where(where+" AND pending IS NULL", args...).
-				Updates(map[string]any{"owner": nil, "lease_until": time.Now().UTC().Add(-time.Millisecond), "updated_at": time.Now().UTC()}).Error
-		})
-	}
+	where, args := h.where()
+	_ = h.m.write(ctx, false, func(db *gorm.DB) error {
+		return db.Table(h.m.table).Where(where+" AND pending IS NULL", args...).
+			Updates(map[string]any{"owner": nil, "lease_until": time.Now().UTC().Add(-time.Millisecond), "updated_at": time.Now().UTC()}).Error
+	})
 	h.drop()
 }
 

@@ -35,7 +35,7 @@ func (d *dialect) HeldTxOptions() *sql.TxOptions { return nil }
 func (d *dialect) HeldWalk(ctx context.Context, tx *gorm.DB, conn *sql.Conn, now time.Time) sqlstore.WalkReader {
 	read := d.store.GormWalk(tx, now, false)
 	if conn != nil {
-		read = d.pgxWalk(ctx, conn, read, now, false)
+		read = d.pgxWalk(ctx, conn, read, now, false, "")
 	}
 	return d.plannedWalk(tx, read)
 }
@@ -65,10 +65,14 @@ func (d *dialect) AfterHeld(*sql.Conn) error { return nil }
 //
 // whole: the walk is a lease claim's (s.walk), which also reads the due
 // rows' contents and each row's transaction group.
-func (d *dialect) pgxWalk(ctx context.Context, conn *sql.Conn, fallback sqlstore.WalkReader, now time.Time, whole bool) sqlstore.WalkReader {
+//
+// setup, if not empty, runs before each read, in the same round trip and
+// the same implicit transaction (pgxQueryAfter): a walk outside any
+// transaction.
+func (d *dialect) pgxWalk(ctx context.Context, conn *sql.Conn, fallback sqlstore.WalkReader, now time.Time, whole bool, setup string) sqlstore.WalkReader {
 	return func(window int, query string, args []any) ([]sqlstore.Queued, error) {
 		out := make([]sqlstore.Queued, 0, min(window, 4096))
-		ok, err := pgxQuery(ctx, conn, false, query, append(args, window), func(rows pgx.Rows) error {
+		ok, err := pgxQueryAfter(ctx, conn, setup, query, append(args, window), func(rows pgx.Rows) error {
 			var (
 				w                        sqlstore.WalkRow
 				id, group                pgtype.UUID
@@ -143,6 +147,46 @@ func pgxQuery(ctx context.Context, conn *sql.Conn, unnamed bool, query string, a
 			args = append([]any{pgx.QueryExecModeCacheDescribe}, args...)
 		}
 		rows, err := c.Query(ctx, dollarParams(query), args...)
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		for rows.Next() {
+			if err := row(rows); err != nil {
+				return err
+			}
+		}
+		return rows.Err()
+	})
+	return ok, err
+}
+
+// pgxQueryAfter is pgxQuery (not unnamed), with setup, if not empty, sent
+// before query in one batch: one round trip, and one implicit transaction,
+// so that what setup sets for the transaction holds for query.
+func pgxQueryAfter(ctx context.Context, conn *sql.Conn, setup, query string, args []any, row func(pgx.Rows) error) (ok bool, err error) {
+	if setup == "" {
+		return pgxQuery(ctx, conn, false, query, args, row)
+	}
+	err = conn.Raw(func(dc any) error {
+		pc, isPgx := dc.(pgxConn)
+		if !isPgx {
+			return nil
+		}
+		ok = true
+		b := &pgx.Batch{}
+		b.Queue(setup)
+		b.Queue(dollarParams(query), args...)
+		br := pc.Conn().SendBatch(ctx, b)
+		defer func() {
+			if cerr := br.Close(); err == nil {
+				err = cerr
+			}
+		}()
+		if _, err := br.Exec(); err != nil {
+			return err
+		}
+		rows, err := br.Query()
 		if err != nil {
 			return err
 		}

@@ -196,8 +196,8 @@ func (d *dialect) Serialized(_ context.Context, db *gorm.DB, turn sqlstore.Turn,
 		lock = durableClaimLock
 	}
 	if turn != sqlstore.CleanupTurn {
-		// A claim runs on a connection of its own, so that its walk can
-		// read through pgx itself (ClaimWalk).
+		// A claim runs on a connection of its own, so that its lock can
+		// read through pgx itself (LockPicked).
 		if sqlDB, err := db.DB(); err == nil {
 			ctx := db.Statement.Context
 			conn, err := sqlDB.Conn(ctx)
@@ -226,9 +226,10 @@ func (d *dialect) Serialized(_ context.Context, db *gorm.DB, turn sqlstore.Turn,
 	return err
 }
 
-// Walk runs an exactly-once claim's walk, before its turn, in a read-only
-// transaction on a connection of its own: through pgx itself (pgxWalk),
-// after the walk's setup (walkSetup).
+// Walk runs an exactly-once claim's walk, before its turn, on a
+// connection of its own: through pgx itself (pgxWalk), each read sent
+// with the walk's setup (walkSetup) in one round trip and one implicit
+// transaction; with another driver, in a read-only transaction.
 func (d *dialect) Walk(ctx context.Context, db *gorm.DB, now time.Time, fn func(read sqlstore.WalkReader) error) error {
 	var conn *sql.Conn
 	if sqlDB, err := db.DB(); err == nil {
@@ -236,6 +237,9 @@ func (d *dialect) Walk(ctx context.Context, db *gorm.DB, now time.Time, fn func(
 			return err
 		}
 		defer func() { _ = conn.Close() }()
+		if isPgx(conn) {
+			return fn(d.pgxWalk(ctx, conn, nil, now, true, walkSetup))
+		}
 		db = db.Session(&gorm.Session{NewDB: true, Context: ctx})
 		db.Statement.ConnPool = conn
 	}
@@ -243,28 +247,22 @@ func (d *dialect) Walk(ctx context.Context, db *gorm.DB, now time.Time, fn func(
 		if err := tx.Exec(walkSetup).Error; err != nil {
 			return err
 		}
-		read := d.store.GormWalk(tx, now, true)
-		if conn != nil {
-			read = d.pgxWalk(ctx, conn, read, now, true)
-		}
-		return fn(read)
+		return fn(d.store.GormWalk(tx, now, true))
 	}, &sql.TxOptions{ReadOnly: true})
+}
+
+// isPgx reports whether conn's driver is pgx.
+func isPgx(conn *sql.Conn) bool {
+	ok := false
+	_ = conn.Raw(func(dc any) error {
+		_, ok = dc.(pgxConn)
+		return nil
+	})
+	return ok
 }
 
 // claimConnKey is the context key of a claim transaction's connection.
 type claimConnKey struct{}
-
-// ClaimWalk reads a lease claim's walk through pgx itself, on the claim's
-// connection (see pgxWalk): the claims take turns, and the walk is most of
-// a turn.
-func (d *dialect) ClaimWalk(tx *gorm.DB, now time.Time, fallback sqlstore.WalkReader) sqlstore.WalkReader {
-	ctx := tx.Statement.Context
-	conn, ok := ctx.Value(claimConnKey{}).(*sql.Conn)
-	if !ok {
-		return fallback
-	}
-	return d.pgxWalk(ctx, conn, fallback, now, true)
-}
 
 // Recording runs in a transaction that first plans the statements for
 // their arguments (resultSetup).
@@ -275,13 +273,6 @@ func (d *dialect) Recording(_ context.Context, db *gorm.DB, _ bool, fn func(db *
 		}
 		return fn(tx)
 	})
-}
-
-// MatchLocked finds the rows LockPicked locked by their addresses (see
-// refsArg): a claim's stamp reads one page a row instead of the index.
-func (d *dialect) MatchLocked(picked []sqlstore.Picked) (string, any, bool) {
-	arg, ok := refsArg(sqlstore.PickedIDs(picked), picked)
-	return refsMatch(""), arg, ok
 }
 
 // LockPicked: rows in a publisher's held claim look due to a lease claim's

@@ -40,11 +40,7 @@ func (s *Store) Claim(ctx context.Context, opts core.ClaimOptions) (string, []*c
 	var msgs []*core.OutboxMessage
 	err := s.dialect.Serialized(ctx, s.db.WithContext(ctx), ClaimTurn, s.LockKey(ClaimTurn), func(tx *gorm.DB) error {
 		now := Now()
-		read := s.GormWalk(tx, now, true)
-		if w, ok := s.dialect.(ClaimWalker); ok {
-			read = w.ClaimWalk(tx, now, read)
-		}
-		picked, err := s.Pick(read, true, now, opts, nil, nil)
+		picked, err := s.Pick(s.GormWalk(tx, now, true), true, now, opts, nil, nil)
 		if err == nil {
 			picked, err = s.dialect.LockPicked(tx, now, picked)
 		}
@@ -240,15 +236,9 @@ func (s *Store) stamp(tx *gorm.DB, token string, now time.Time, opts core.ClaimO
 	// read may have been published since by a claim that had expired.
 	leaseEnd := now.Add(opts.Lease)
 	in, arg := s.dialect.InIDs(q("id"), ids)
-	stamp, stampArg := in, arg
-	if m, ok := s.dialect.(LockedMatcher); ok {
-		if where, arg, ok := m.MatchLocked(picked); ok {
-			stamp, stampArg = where, arg
-		}
-	}
 	res := tx.Exec("UPDATE "+s.QuotedTable()+" SET "+q("claim_token")+" = ?, "+q("next_attempt_at")+" = ?"+
-		" WHERE "+stamp+" AND "+q("state")+" = 'pending' AND "+q("next_attempt_at")+" <= ?",
-		token, leaseEnd, stampArg, now)
+		" WHERE "+in+" AND "+q("state")+" = 'pending' AND "+q("next_attempt_at")+" <= ?",
+		token, leaseEnd, arg, now)
 	if res.Error != nil {
 		return nil, res.Error
 	}

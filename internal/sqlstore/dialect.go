@@ -90,24 +90,11 @@ type Notifier interface {
 	Statement() string
 }
 
-// ClaimWalker is a dialect that reads a lease claim's whole walk its own
-// way in the claim's transaction tx; fallback is GormWalk's reader.
-type ClaimWalker interface {
-	ClaimWalk(tx *gorm.DB, now time.Time, fallback WalkReader) WalkReader
-}
-
 // OwnWalker is a dialect that runs a guarded claim's walk (outside the
 // claim's turn) in a read transaction of its own making, through its own
 // reader; fn is the walk.
 type OwnWalker interface {
 	Walk(ctx context.Context, db *gorm.DB, now time.Time, fn func(read WalkReader) error) error
-}
-
-// LockedMatcher is a dialect that finds the rows its LockPicked locked by
-// their addresses, which stay theirs while the claim's transaction holds
-// them: ok is false unless every picked row has one.
-type LockedMatcher interface {
-	MatchLocked(picked []Picked) (where string, arg any, ok bool)
 }
 
 // Picked is a message the walk picked, with its row's address where the
