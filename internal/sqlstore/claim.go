@@ -110,7 +110,7 @@ func (s *Store) ClaimGuarded(ctx context.Context, token string, opts core.ClaimO
 		// (ErrClaimRace). A row in an at-least-once publisher's held claim
 		// (both modes on one table, while switching) makes the stamp wait
 		// for that claim's end.
-		locked, err := s.completeGroups(tx, now, picked)
+		locked, err := s.completeGroups(tx, now, picked, s.flight.others(token))
 		if err != nil || len(locked) == 0 {
 			return err
 		}
@@ -188,6 +188,22 @@ func (f *flight) drop(token string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	delete(f.byToken, token)
+}
+
+// others are the rows in flight under other tokens than token.
+func (f *flight) others(token string) map[uuid.UUID]bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := map[uuid.UUID]bool{}
+	for t, msgs := range f.byToken {
+		if t == token {
+			continue
+		}
+		for _, m := range msgs {
+			out[m.ID] = true
+		}
+	}
+	return out
 }
 
 func (f *flight) snapshot() (ids []uuid.UUID, keys map[string]bool) {

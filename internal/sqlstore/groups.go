@@ -24,7 +24,10 @@ const maxGroupRounds = 64
 // group that cannot be completed now (a member in flight elsewhere, or
 // waiting for a retry, or behind another key's unsent message) leaves the
 // batch with the later messages of its keys, and waits.
-func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]Picked, error) {
+//
+// inFlight are rows this process's other claims hold, not yet stamped: held
+// like a row in flight elsewhere.
+func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked, inFlight map[uuid.UUID]bool) ([]Picked, error) {
 	if len(picked) == 0 {
 		return picked, nil
 	}
@@ -77,7 +80,7 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]P
 			if m.TxGroup.Valid {
 				g = m.TxGroup.UUID
 			}
-			notDue := m.NextAttemptAt.After(now)
+			notDue := m.NextAttemptAt.After(now) || inFlight[m.ID]
 			if notDue {
 				// Held (in flight elsewhere, or in a retry's backoff): no
 				// later message of its key may go in this batch, however

@@ -91,3 +91,48 @@ func TestGuardedClaimTakesNothingThatAnotherProcessClaimedAfterItsWalk(t *testin
 		})
 	}
 }
+
+// Two claims of one process: the second walks while the first, which
+// picked the oldest message of k1, waits for its turn. A transaction of
+// the second's batch has a later message of k1: the second claim must not
+// take the first's message to complete it (claims would take each other's
+// rows, and batches grow without bound); the transaction waits.
+func TestGuardedClaimLeavesRowsItsProcessHasInFlight(t *testing.T) {
+	for _, d := range databases {
+		t.Run(d.name, func(t *testing.T) {
+			db := d.open(t, nil)
+			if err := db.Use(outbox.Plugin()); err != nil {
+				t.Fatal(err)
+			}
+			commit := func(msgs ...outbox.Message) {
+				t.Helper()
+				if err := db.Transaction(func(tx *gorm.DB) error { return outbox.Enqueue(tx, msgs...) }); err != nil {
+					t.Fatal(err)
+				}
+			}
+			commit(outbox.Message{Topic: "orders", Key: "k1", Payload: []byte("alone")})
+			commit(outbox.Message{Topic: "orders", Key: "k2", Payload: []byte("group-k2")},
+				outbox.Message{Topic: "orders", Key: "k1", Payload: []byte("group-k1")})
+			s := d.store(db)
+			var second []*core.OutboxMessage
+			sqlstore.AfterGuardedWalk(s, func() {
+				sqlstore.AfterGuardedWalk(s, nil)
+				var err error
+				second, err = s.ClaimGuarded(t.Context(), "second", core.ClaimOptions{Limit: 10, Lease: time.Hour}, noGuard)
+				if err != nil {
+					t.Errorf("the second claim: %v", err)
+				}
+			})
+			first, err := s.ClaimGuarded(t.Context(), "first", core.ClaimOptions{Limit: 1, Lease: time.Hour}, noGuard)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, m := range second {
+				t.Errorf("the second claim took %q", m.Payload)
+			}
+			if len(first) != 1 || string(first[0].Payload) != "alone" {
+				t.Fatalf("the first claim took %d messages, want the one it picked", len(first))
+			}
+		})
+	}
+}
