@@ -331,7 +331,9 @@ func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs
 		return p.abort(err, func() error {
 			var perMsg sarama.ProducerErrors
 			if !errors.As(err, &perMsg) {
-				return classify(err)
+				// The transaction failed, not a record of it: no message
+				// is to blame, and none is charged an attempt.
+				return asOutage(err)
 			}
 			se := &outbox.SendError{Failed: make(map[uuid.UUID]error, len(perMsg))}
 			for _, pe := range perMsg {
@@ -348,7 +350,7 @@ func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs
 	}
 	if err := p.producer.AddOffsetsToTxn(marker, p.id); err != nil {
 		return p.abort(err, func() error {
-			return classify(fmt.Errorf("outbox/kafka: adding the marker to the transaction: %w", err))
+			return asOutage(fmt.Errorf("outbox/kafka: adding the marker to the transaction: %w", err))
 		})
 	}
 	if p.s.beforeCommit != nil {
@@ -371,6 +373,15 @@ func (p *slotProducer) abort(err error, cause func() error) error {
 		return p.inDoubt("aborting after "+err.Error(), abortErr)
 	}
 	return cause()
+}
+
+// asOutage is err as an outage (outbox.ErrBrokerUnavailable): the batch
+// is handed back whole, with no attempt counted, and the publisher pauses.
+func asOutage(err error) error {
+	if errors.Is(err, outbox.ErrBrokerUnavailable) {
+		return err
+	}
+	return fmt.Errorf("%w: %w", outbox.ErrBrokerUnavailable, err)
 }
 
 func (p *slotProducer) inDoubt(what string, err error) error {
