@@ -176,21 +176,6 @@ func (m *txnMode) holder() *slotHolder {
 	return &slotHolder{m: m, slot: -1, owner: m.host + "/" + uuid.NewString()[:8]}
 }
 
-// setPending names token as the slot's claim to settle.
-func (h *slotHolder) setPending(token string) {
-	h.pending, h.committed = token, false
-}
-
-// clearPending says the slot has no claim to settle, or is no longer
-// this worker's: what it had in flight is settled, or another's to
-// settle, and this process's walks no longer leave it out.
-func (h *slotHolder) clearPending() {
-	if h.pending != "" {
-		h.m.store.engine.Landed(h.pending)
-	}
-	h.pending, h.committed = "", false
-}
-
 func (h *slotHolder) where() (string, []any) {
 	return "transactional_id = ? AND owner = ?", []any{h.id, h.owner}
 }
@@ -266,7 +251,7 @@ func (h *slotHolder) settle(ctx context.Context) error {
 		h.producer, h.committed = p, false
 	}
 	if row.Pending == nil {
-		h.clearPending()
+		h.pending = ""
 		return nil
 	}
 	token := *row.Pending
@@ -293,10 +278,7 @@ func (h *slotHolder) settle(ctx context.Context) error {
 		return err
 	}
 	h.m.tel.noteTransaction("settled_" + counter)
-	// The claim may be another worker's of this process, stuck since: its
-	// rows are no longer in flight for this process's walks either.
-	h.m.store.engine.Landed(token)
-	h.clearPending()
+	h.pending, h.committed = "", false
 	return nil
 }
 
@@ -364,8 +346,7 @@ func (h *slotHolder) settled(ctx context.Context, token string, published bool, 
 	if err != nil {
 		return err
 	}
-	h.clearPending()
-	h.renewed = now
+	h.pending, h.committed, h.renewed = "", false, now
 	return nil
 }
 
@@ -396,22 +377,22 @@ func (h *slotHolder) closeProducer() {
 // drop forgets a slot that is no longer this worker's.
 func (h *slotHolder) drop() {
 	h.closeProducer()
-	h.clearPending()
-	h.slot, h.id = -1, ""
+	h.slot, h.id, h.pending, h.committed = -1, "", "", false
 }
 
 // release hands a settled slot back at once; one with a claim still to
-// settle, as its row says (a claim that failed may have committed all the
-// same), is left to its lease, for whoever takes it over.
+// settle is left to its lease, for whoever takes it over.
 func (h *slotHolder) release(ctx context.Context) {
 	if h.slot < 0 {
 		return
 	}
-	where, args := h.where()
-	_ = h.m.write(ctx, false, func(db *gorm.DB) error {
-		return db.Table(h.m.table).Where(where+" AND pending IS NULL", args...).
-			Updates(map[string]any{"owner": nil, "lease_until": time.Now().UTC().Add(-time.Millisecond), "updated_at": time.Now().UTC()}).Error
-	})
+	if h.pending == "" {
+		where, args := h.where()
+		_ = h.m.write(ctx, false, func(db *gorm.DB) error {
+			return db.Table(h.m.table).Where(where+" AND pending IS NULL", args...).
+				Updates(map[string]any{"owner": nil, "lease_until": time.Now().UTC().Add(-time.Millisecond), "updated_at": time.Now().UTC()}).Error
+		})
+	}
 	h.drop()
 }
 
@@ -488,9 +469,6 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 	case errors.Is(err, sqlstore.ErrClaimRace):
 		return res, nil
 	case err != nil:
-		// The claim may have committed all the same (the database went
-		// away during its commit): the slot settles it before its next.
-		h.setPending(token)
 		return res, &outage{"database", err}
 	}
 	res.Claimed = len(msgs)
@@ -500,7 +478,7 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 		}
 		return res, nil
 	}
-	h.setPending(token)
+	h.pending, h.committed = token, false
 	if ctx.Err() != nil { // stopping: hand the claim back unsent
 		res.Released = len(msgs)
 		return res, h.settled(work, token, false, func(tx *gorm.DB) error {

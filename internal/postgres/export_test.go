@@ -78,7 +78,7 @@ func WalkPicks(ctx context.Context, s *sqlstore.Store, inFlight []uuid.UUID) ([]
 	tx := db.Begin()
 	defer tx.Rollback()
 	now := time.Now().Add(time.Second)
-	read := dialectOf(s).pgxWalk(ctx, conn, s.GormWalk(tx, now, false), now, false, "")
+	read := dialectOf(s).pgxWalk(ctx, conn, s.GormWalk(tx, now, false), now)
 	picked, err := s.Pick(read, false, now, core.ClaimOptions{Limit: 100, Lease: time.Minute}, inFlight, nil)
 	return sqlstore.PickedIDs(picked), err
 }

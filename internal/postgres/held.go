@@ -35,7 +35,7 @@ func (d *dialect) HeldTxOptions() *sql.TxOptions { return nil }
 func (d *dialect) HeldWalk(ctx context.Context, tx *gorm.DB, conn *sql.Conn, now time.Time) sqlstore.WalkReader {
 	read := d.store.GormWalk(tx, now, false)
 	if conn != nil {
-		read = d.pgxWalk(ctx, conn, read, now, false, "")
+		read = d.pgxWalk(ctx, conn, read, now)
 	}
 	return d.plannedWalk(tx, read)
 }
@@ -62,35 +62,21 @@ func (d *dialect) AfterHeld(*sql.Conn) error { return nil }
 // converted twice (to a driver.Value, then to its destination: a uuid
 // formatted and parsed again), and the walk, which takes turns, would be
 // longer for it. These reads do not pass through GORM's logger and callbacks.
-//
-// whole: the walk is a lease claim's (s.walk), which also reads the due
-// rows' contents and each row's transaction group.
-//
-// setup, if not empty, runs before each read, in the same round trip and
-// the same implicit transaction (pgxQueryAfter): a walk outside any
-// transaction.
-func (d *dialect) pgxWalk(ctx context.Context, conn *sql.Conn, fallback sqlstore.WalkReader, now time.Time, whole bool, setup string) sqlstore.WalkReader {
+func (d *dialect) pgxWalk(ctx context.Context, conn *sql.Conn, fallback sqlstore.WalkReader, now time.Time) sqlstore.WalkReader {
 	return func(window int, query string, args []any) ([]sqlstore.Queued, error) {
 		out := make([]sqlstore.Queued, 0, min(window, 4096))
-		ok, err := pgxQueryAfter(ctx, conn, setup, query, append(args, window), func(rows pgx.Rows) error {
+		ok, err := pgxQuery(ctx, conn, false, query, append(args, window), func(rows pgx.Rows) error {
 			var (
-				w                        sqlstore.WalkRow
-				id, group                pgtype.UUID
-				token, topic, hdrs, last pgtype.Text
+				w     sqlstore.WalkRow
+				id    pgtype.UUID
+				token pgtype.Text
 			)
-			dest := []any{&id, &w.Key, &w.Next, &token, &w.Attempts, &w.Created}
-			if whole {
-				dest = append(dest, &topic, &w.Payload, &hdrs, &last, &group)
-			}
-			if err := rows.Scan(append(dest, &w.Ref)...); err != nil {
+			if err := rows.Scan(&id, &w.Key, &w.Next, &token, &w.Attempts, &w.Created, &w.Ref); err != nil {
 				return err
 			}
 			w.ID = id.Bytes
 			w.Token = sqlstore.Optional(token.String, token.Valid)
-			w.Topic = sqlstore.Optional(topic.String, topic.Valid)
-			w.Headers, w.LastError = hdrs.String, last.String
-			w.TxGroup = uuid.NullUUID{UUID: group.Bytes, Valid: group.Valid}
-			r, err := w.Queued(now, whole)
+			r, err := w.Queued(now, false)
 			if err != nil {
 				return err
 			}
@@ -147,46 +133,6 @@ func pgxQuery(ctx context.Context, conn *sql.Conn, unnamed bool, query string, a
 			args = append([]any{pgx.QueryExecModeCacheDescribe}, args...)
 		}
 		rows, err := c.Query(ctx, dollarParams(query), args...)
-		if err != nil {
-			return err
-		}
-		defer rows.Close()
-		for rows.Next() {
-			if err := row(rows); err != nil {
-				return err
-			}
-		}
-		return rows.Err()
-	})
-	return ok, err
-}
-
-// pgxQueryAfter is pgxQuery (not unnamed), with setup, if not empty, sent
-// before query in one batch: one round trip, and one implicit transaction,
-// so that what setup sets for the transaction holds for query.
-func pgxQueryAfter(ctx context.Context, conn *sql.Conn, setup, query string, args []any, row func(pgx.Rows) error) (ok bool, err error) {
-	if setup == "" {
-		return pgxQuery(ctx, conn, false, query, args, row)
-	}
-	err = conn.Raw(func(dc any) error {
-		pc, isPgx := dc.(pgxConn)
-		if !isPgx {
-			return nil
-		}
-		ok = true
-		b := &pgx.Batch{}
-		b.Queue(setup)
-		b.Queue(dollarParams(query), args...)
-		br := pc.Conn().SendBatch(ctx, b)
-		defer func() {
-			if cerr := br.Close(); err == nil {
-				err = cerr
-			}
-		}()
-		if _, err := br.Exec(); err != nil {
-			return err
-		}
-		rows, err := br.Query()
 		if err != nil {
 			return err
 		}

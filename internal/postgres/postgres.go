@@ -84,21 +84,14 @@ type dialect struct {
 const claimLock = "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true), set_config('plan_cache_mode', 'force_custom_plan', true)," +
 	" set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)) l"
 
-// durableClaimLock is claimLock for an exactly-once claim. Its commit
-// too returns before the WAL is on disk, so that the turn is not held
-// while the disk writes; but a broker transaction is committed on the
-// strength of the claim, so the claim then waits for the WAL (flushWAL)
-// before it returns. A claim transaction that waits on its client for 10
-// seconds (a process frozen mid-claim) is ended by the server, so that it
-// does not hold every other claim's turn.
-const durableClaimLock = "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'off', true), set_config('idle_in_transaction_session_timeout', '10s', true)," +
-	" set_config('plan_cache_mode', 'force_custom_plan', true), set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)) l"
-
-// flushWAL waits until the WAL written so far is on disk, as the server's
-// synchronous_commit says: a transaction that takes a transaction id
-// writes a commit record, and its commit waits for the WAL up to that
-// record, which holds every commit before it.
-const flushWAL = "SELECT CAST(txid_current() AS text)"
+// durableClaimLock is claimLock for an exactly-once claim: its commit
+// waits for the WAL as the server's synchronous_commit says, since a
+// broker transaction is committed on the strength of it, and a claim lost
+// in a crash would send that batch again. A claim transaction that waits
+// on its client for 10 seconds (a process frozen mid-claim) is ended by
+// the server, so that it does not hold every other claim's turn.
+const durableClaimLock = "SELECT 1 FROM (SELECT pg_advisory_xact_lock(?), set_config('idle_in_transaction_session_timeout', '10s', true), set_config('plan_cache_mode', 'force_custom_plan', true)," +
+	" set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)) l"
 
 // cleanupLock returns 0 when another process is cleaning the same table.
 const cleanupLock = "SELECT CAST(pg_try_advisory_xact_lock(?) AS integer)"
@@ -195,21 +188,7 @@ func (d *dialect) Serialized(_ context.Context, db *gorm.DB, turn sqlstore.Turn,
 	case sqlstore.DurableClaimTurn:
 		lock = durableClaimLock
 	}
-	if turn != sqlstore.CleanupTurn {
-		// A claim runs on a connection of its own, so that its lock can
-		// read through pgx itself (LockPicked).
-		if sqlDB, err := db.DB(); err == nil {
-			ctx := db.Statement.Context
-			conn, err := sqlDB.Conn(ctx)
-			if err != nil {
-				return err
-			}
-			defer func() { _ = conn.Close() }()
-			db = db.Session(&gorm.Session{NewDB: true, Context: context.WithValue(ctx, claimConnKey{}, conn)})
-			db.Statement.ConnPool = conn
-		}
-	}
-	err := db.Transaction(func(tx *gorm.DB) error {
+	return db.Transaction(func(tx *gorm.DB) error {
 		var got sql.NullInt64
 		if err := tx.Raw(lock, key).Scan(&got).Error; err != nil {
 			return err
@@ -219,50 +198,7 @@ func (d *dialect) Serialized(_ context.Context, db *gorm.DB, turn sqlstore.Turn,
 		}
 		return fn(tx)
 	})
-	if err == nil && turn == sqlstore.DurableClaimTurn {
-		var id string
-		err = db.Raw(flushWAL).Scan(&id).Error
-	}
-	return err
 }
-
-// Walk runs an exactly-once claim's walk, before its turn, on a
-// connection of its own: through pgx itself (pgxWalk), each read sent
-// with the walk's setup (walkSetup) in one round trip and one implicit
-// transaction; with another driver, in a read-only transaction.
-func (d *dialect) Walk(ctx context.Context, db *gorm.DB, now time.Time, fn func(read sqlstore.WalkReader) error) error {
-	var conn *sql.Conn
-	if sqlDB, err := db.DB(); err == nil {
-		if conn, err = sqlDB.Conn(ctx); err != nil {
-			return err
-		}
-		defer func() { _ = conn.Close() }()
-		if isPgx(conn) {
-			return fn(d.pgxWalk(ctx, conn, nil, now, true, walkSetup))
-		}
-		db = db.Session(&gorm.Session{NewDB: true, Context: ctx})
-		db.Statement.ConnPool = conn
-	}
-	return db.Transaction(func(tx *gorm.DB) error {
-		if err := tx.Exec(walkSetup).Error; err != nil {
-			return err
-		}
-		return fn(d.store.GormWalk(tx, now, true))
-	}, &sql.TxOptions{ReadOnly: true})
-}
-
-// isPgx reports whether conn's driver is pgx.
-func isPgx(conn *sql.Conn) bool {
-	ok := false
-	_ = conn.Raw(func(dc any) error {
-		_, ok = dc.(pgxConn)
-		return nil
-	})
-	return ok
-}
-
-// claimConnKey is the context key of a claim transaction's connection.
-type claimConnKey struct{}
 
 // Recording runs in a transaction that first plans the statements for
 // their arguments (resultSetup).
@@ -279,8 +215,7 @@ func (d *dialect) Recording(_ context.Context, db *gorm.DB, _ bool, fn func(db *
 // walk: it locks what it picked, and leaves what it cannot lock (see
 // heldClaim).
 func (d *dialect) LockPicked(tx *gorm.DB, now time.Time, picked []sqlstore.Picked) ([]sqlstore.Picked, error) {
-	conn, _ := tx.Statement.Context.Value(claimConnKey{}).(*sql.Conn)
-	return d.lockPicked(tx, conn, now, picked, 0, false)
+	return d.lockPicked(tx, nil, now, picked, 0, false)
 }
 
 // Migrate runs the migration in one transaction that first takes an

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"sort"
-	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -33,37 +32,15 @@ import (
 // empty key are never held back.
 func (s *Store) Claim(ctx context.Context, opts core.ClaimOptions) (string, []*core.OutboxMessage, error) {
 	ctx = orBackground(ctx)
-	if err := checkClaim(opts); err != nil {
-		return "", nil, err
-	}
-	token := uuid.NewString()
-	var msgs []*core.OutboxMessage
-	err := s.dialect.Serialized(ctx, s.db.WithContext(ctx), ClaimTurn, s.LockKey(ClaimTurn), func(tx *gorm.DB) error {
-		now := Now()
-		picked, err := s.Pick(s.GormWalk(tx, now, true), true, now, opts, nil, nil)
-		if err == nil {
-			picked, err = s.dialect.LockPicked(tx, now, picked)
-		}
-		if err != nil || len(picked) == 0 {
-			return err
-		}
-		msgs, err = s.stamp(tx, token, now, opts, picked, false)
-		return err
-	})
-	if err != nil {
-		return "", nil, fmt.Errorf("outbox: claiming messages from %s: %w", s.cfg.Table, err)
-	}
-	return token, msgs, nil
-}
-
-func checkClaim(opts core.ClaimOptions) error {
 	if opts.Limit <= 0 {
-		return fmt.Errorf("outbox: claim limit must be positive, got %d", opts.Limit)
+		return "", nil, fmt.Errorf("outbox: claim limit must be positive, got %d", opts.Limit)
 	}
 	if opts.Lease <= 0 {
-		return fmt.Errorf("outbox: claim lease must be positive, got %v", opts.Lease)
+		return "", nil, fmt.Errorf("outbox: claim lease must be positive, got %v", opts.Lease)
 	}
-	return nil
+	token := uuid.NewString()
+	msgs, err := s.ClaimGuarded(ctx, token, opts, nil)
+	return token, msgs, err
 }
 
 // ErrClaimRace says a guarded claim found some of its rows changed between
@@ -76,149 +53,28 @@ var ErrClaimRace = errors.New("outbox: the claim's rows changed under it; nothin
 // stamp and what the guard wrote commit together or not at all. A guarded
 // claim holds whole transaction groups (see completeGroups), possibly more
 // than opts.Limit messages, and its commit is durable (DurableClaimTurn).
-//
-// Its walk runs before its turn, one walk at a time in this process: the
-// turn, which every claim of every process waits for, holds only the
-// lock, the groups and the stamp. What a walk picks is in flight for this
-// process's next walks from then on, until the caller says it has landed
-// (Landed). A row that another process claimed after the walk fails the
-// stamp's check, and the claim takes nothing (ErrClaimRace): it never
-// holds a row twice, nor a later row of a key whose earlier one went
-// elsewhere.
 func (s *Store) ClaimGuarded(ctx context.Context, token string, opts core.ClaimOptions, guard func(tx *gorm.DB) error) ([]*core.OutboxMessage, error) {
 	ctx = orBackground(ctx)
-	if err := checkClaim(opts); err != nil {
-		return nil, err
+	if opts.Limit <= 0 {
+		return nil, fmt.Errorf("outbox: claim limit must be positive, got %d", opts.Limit)
 	}
-	now := Now()
-	picked, err := s.pickGuarded(ctx, token, now, opts)
-	if err == nil && len(picked) > 0 && s.afterGuardedWalk != nil {
-		s.afterGuardedWalk()
-	}
-	if err != nil || len(picked) == 0 {
-		s.Landed(token)
-		if err != nil {
-			return nil, fmt.Errorf("outbox: claiming messages from %s: %w", s.cfg.Table, err)
-		}
-		return nil, nil
+	if opts.Lease <= 0 {
+		return nil, fmt.Errorf("outbox: claim lease must be positive, got %v", opts.Lease)
 	}
 	var msgs []*core.OutboxMessage
-	err = s.dialect.Serialized(ctx, s.db.WithContext(ctx), DurableClaimTurn, s.LockKey(ClaimTurn), func(tx *gorm.DB) error {
-		// No lock before the stamp: the stamp checks each row again, and
-		// if one has changed since the walk (claimed by another process,
-		// published) the claim takes nothing and is tried again
-		// (ErrClaimRace). A row in an at-least-once publisher's held claim
-		// (both modes on one table, while switching) makes the stamp wait
-		// for that claim's end.
-		locked, err := s.completeGroups(tx, now, picked, s.flight.others(token))
-		if err != nil || len(locked) == 0 {
-			return err
-		}
-		if err := guard(tx); err != nil {
-			return err
-		}
-		msgs, err = s.stamp(tx, token, now, opts, locked, true)
+	turn := ClaimTurn
+	if guard != nil {
+		turn = DurableClaimTurn
+	}
+	err := s.dialect.Serialized(ctx, s.db.WithContext(ctx), turn, s.LockKey(ClaimTurn), func(tx *gorm.DB) error {
+		var err error
+		msgs, err = s.claim(tx, token, opts, guard)
 		return err
 	})
-	if err != nil || len(msgs) == 0 {
-		s.Landed(token)
-		if err != nil {
-			return nil, fmt.Errorf("outbox: claiming messages from %s: %w", s.cfg.Table, err)
-		}
-		return nil, nil
-	}
-	s.flight.set(token, msgs)
-	return msgs, nil
-}
-
-// Landed says the claim token's messages are settled, or no longer this
-// process's to settle: this process's walks stop leaving them out.
-func (s *Store) Landed(token string) { s.flight.drop(token) }
-
-// pickGuarded walks for a guarded claim, outside the claim's turn, and
-// puts what it picked in flight under token.
-func (s *Store) pickGuarded(ctx context.Context, token string, now time.Time, opts core.ClaimOptions) ([]Picked, error) {
-	f := &s.flight
-	f.pick.Lock()
-	defer f.pick.Unlock()
-	ids, keys := f.snapshot()
-	var picked []Picked
-	walk := func(read WalkReader) error {
-		var err error
-		picked, err = s.Pick(read, true, now, opts, ids, keys)
-		return err
-	}
-	var err error
-	if w, ok := s.dialect.(OwnWalker); ok {
-		err = w.Walk(ctx, s.db.WithContext(ctx), now, walk)
-	} else {
-		err = s.db.WithContext(ctx).Transaction(func(tx *gorm.DB) error { return walk(s.GormWalk(tx, now, true)) })
-	}
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("outbox: claiming messages from %s: %w", s.cfg.Table, err)
 	}
-	msgs := make([]*core.OutboxMessage, len(picked))
-	for i, m := range picked {
-		msgs[i] = m.OutboxMessage
-	}
-	f.set(token, msgs)
-	return picked, nil
-}
-
-// flight is the rows of this process's guarded claims, from their walk
-// until they land, by claim token. They are at the front of the queue: a
-// walk leaves them out in SQL instead of reading them only to skip them,
-// and starts with their keys busy.
-type flight struct {
-	pick    sync.Mutex // one guarded walk at a time in this process
-	mu      sync.Mutex
-	byToken map[string][]*core.OutboxMessage
-}
-
-func (f *flight) set(token string, msgs []*core.OutboxMessage) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.byToken == nil {
-		f.byToken = map[string][]*core.OutboxMessage{}
-	}
-	f.byToken[token] = msgs
-}
-
-func (f *flight) drop(token string) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	delete(f.byToken, token)
-}
-
-// others are the rows in flight under other tokens than token.
-func (f *flight) others(token string) map[uuid.UUID]bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	out := map[uuid.UUID]bool{}
-	for t, msgs := range f.byToken {
-		if t == token {
-			continue
-		}
-		for _, m := range msgs {
-			out[m.ID] = true
-		}
-	}
-	return out
-}
-
-func (f *flight) snapshot() (ids []uuid.UUID, keys map[string]bool) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	keys = map[string]bool{}
-	for _, msgs := range f.byToken {
-		for _, m := range msgs {
-			ids = append(ids, m.ID)
-			if m.Key != "" {
-				keys[m.Key] = true
-			}
-		}
-	}
-	return ids, keys
+	return msgs, nil
 }
 
 // Now is a claim's clock: in milliseconds, which every database stores
@@ -239,10 +95,24 @@ func (s *Store) claimWindow(limit int) int {
 	return max(last+last/4, limit+limit/8, 64)
 }
 
-// stamp stamps the picked rows, which LockPicked locked, with the token
-// and returns them, in id order. whole: the claim holds all of them or
-// none (ErrClaimRace).
-func (s *Store) stamp(tx *gorm.DB, token string, now time.Time, opts core.ClaimOptions, picked []Picked, whole bool) ([]*core.OutboxMessage, error) {
+// claim stamps the rows it picks with the token and returns them, in id order.
+func (s *Store) claim(tx *gorm.DB, token string, opts core.ClaimOptions, guard func(tx *gorm.DB) error) ([]*core.OutboxMessage, error) {
+	now := Now()
+	picked, err := s.Pick(s.GormWalk(tx, now, true), true, now, opts, nil, nil)
+	if err == nil {
+		picked, err = s.dialect.LockPicked(tx, now, picked)
+	}
+	if err != nil || len(picked) == 0 {
+		return nil, err
+	}
+	if guard != nil {
+		if picked, err = s.completeGroups(tx, now, picked); err != nil || len(picked) == 0 {
+			return nil, err
+		}
+		if err := guard(tx); err != nil {
+			return nil, err
+		}
+	}
 	q := s.Quote
 	ids := make([]uuid.UUID, len(picked))
 	for i, m := range picked {
@@ -259,7 +129,7 @@ func (s *Store) stamp(tx *gorm.DB, token string, now time.Time, opts core.ClaimO
 		return nil, res.Error
 	}
 	if res.RowsAffected != int64(len(picked)) {
-		if whole {
+		if guard != nil {
 			// A guarded claim holds whole groups or nothing: it is rolled
 			// back and tried again.
 			return nil, ErrClaimRace
@@ -342,7 +212,6 @@ type WalkRow struct {
 	Attempts           int
 	Payload            []byte
 	Headers, LastError string
-	TxGroup            uuid.NullUUID // read by a whole walk only
 	Ref                string
 }
 
@@ -370,9 +239,6 @@ func (w *WalkRow) Queued(now time.Time, whole bool) (Queued, error) {
 		Attempts: w.Attempts, NextAttemptAt: w.Next, CreatedAt: w.Created, ClaimToken: w.Token}
 	if whole {
 		m.Topic, m.Payload, m.LastError = *w.Topic, w.Payload, w.LastError
-		if w.TxGroup.Valid {
-			m.TxGroup = &w.TxGroup.UUID
-		}
 		if err := m.Headers.Scan(w.Headers); err != nil {
 			return r, err
 		}
@@ -399,7 +265,7 @@ func (s *Store) GormWalk(tx *gorm.DB, now time.Time, whole bool) WalkReader {
 			)
 			dest := []any{&w.ID, &w.Key, &w.Next, &token, &w.Attempts, &w.Created}
 			if whole {
-				dest = append(dest, &topic, &w.Payload, &hdrs, &lastE, &w.TxGroup)
+				dest = append(dest, &topic, &w.Payload, &hdrs, &lastE)
 			}
 			if addressed {
 				dest = append(dest, &w.Ref)

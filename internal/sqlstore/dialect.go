@@ -90,13 +90,6 @@ type Notifier interface {
 	Statement() string
 }
 
-// OwnWalker is a dialect that runs a guarded claim's walk (outside the
-// claim's turn) in a read transaction of its own making, through its own
-// reader; fn is the walk.
-type OwnWalker interface {
-	Walk(ctx context.Context, db *gorm.DB, now time.Time, fn func(read WalkReader) error) error
-}
-
 // Picked is a message the walk picked, with its row's address where the
 // dialect reads one (AddressColumn).
 type Picked struct {

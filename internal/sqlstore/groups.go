@@ -24,10 +24,7 @@ const maxGroupRounds = 64
 // group that cannot be completed now (a member in flight elsewhere, or
 // waiting for a retry, or behind another key's unsent message) leaves the
 // batch with the later messages of its keys, and waits.
-//
-// inFlight are rows this process's other claims hold, not yet stamped: held
-// like a row in flight elsewhere.
-func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked, inFlight map[uuid.UUID]bool) ([]Picked, error) {
+func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]Picked, error) {
 	if len(picked) == 0 {
 		return picked, nil
 	}
@@ -36,17 +33,25 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked, inFl
 	for _, m := range picked {
 		inBatch[m.ID] = true
 	}
-	// The picked messages' groups, as the walk read them: the first
-	// message of a transaction is its group's id and has no tx_group; the
-	// others name it.
+	// The picked messages' groups: the first message of a transaction is
+	// its group's id and has no tx_group; the others name it.
 	groupOf := make(map[uuid.UUID]uuid.UUID, len(picked))
 	for _, m := range picked {
 		groupOf[m.ID] = m.ID
-		if m.TxGroup != nil {
-			groupOf[m.ID] = *m.TxGroup
-		}
 	}
-	var err error
+	in, arg := s.dialect.InIDs(q("id"), PickedIDs(picked))
+	var named []struct {
+		ID      uuid.UUID
+		TxGroup uuid.UUID
+	}
+	err := tx.Raw("SELECT "+q("id")+", "+q("tx_group")+" FROM "+s.QuotedTable()+" WHERE "+in+" AND "+q("tx_group")+" IS NOT NULL", arg).
+		Scan(&named).Error
+	if err != nil {
+		return nil, err
+	}
+	for _, n := range named {
+		groupOf[n.ID] = n.TxGroup
+	}
 	groups := map[uuid.UUID]bool{}
 	for _, g := range groupOf {
 		groups[g] = true
@@ -80,7 +85,7 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked, inFl
 			if m.TxGroup.Valid {
 				g = m.TxGroup.UUID
 			}
-			notDue := m.NextAttemptAt.After(now) || inFlight[m.ID]
+			notDue := m.NextAttemptAt.After(now)
 			if notDue {
 				// Held (in flight elsewhere, or in a retry's backoff): no
 				// later message of its key may go in this batch, however

@@ -39,11 +39,6 @@ type Store struct {
 	// lastWalk is how many pending rows the last claim read to find its
 	// messages (see claimWindow).
 	lastWalk atomic.Int64
-
-	flight flight // this process's guarded claims (ClaimGuarded)
-	// afterGuardedWalk, set by tests, runs between a guarded claim's walk
-	// and its turn.
-	afterGuardedWalk func()
 }
 
 // New returns the store of cfg.Table on db. Each of its writes is one
@@ -61,12 +56,10 @@ func New(db *gorm.DB, cfg Config, d Dialect) *Store {
 	// the due time and whether a claim holds them.
 	keys := []string{s.Quote("id"), s.Quote("message_key"), s.Quote("next_attempt_at"), s.Quote("claim_token"),
 		s.Quote("attempts"), s.Quote("created_at")}
-	walk := append([]string(nil), keys...)
+	walk := keys
 	for _, c := range walkIfDue {
 		walk = append(walk, "CASE WHEN "+s.Quote("next_attempt_at")+" <= ? THEN "+s.Quote(c)+" END")
 	}
-	// The transaction group, for an exactly-once claim's completeGroups.
-	walk = append(walk, s.Quote("tx_group"))
 	if ref := d.AddressColumn(); ref != "" {
 		walk, keys = append(walk, ref), append(keys, ref)
 	}
