@@ -80,3 +80,8 @@ func ClaimBatch(ctx context.Context, s *GormStore, opts ClaimOptions) (msgs []*O
 	}
 	return b.Messages(), record, b.End, nil
 }
+
+// FailCommittedClaims makes p's exactly-once claims, once committed, return
+// fail()'s error when it is not nil, as a claim whose commit's reply was
+// lost with its connection. Set it before p starts.
+func FailCommittedClaims(p *Publisher, fail func() error) { p.txn.claimFault = fail }

@@ -98,6 +98,10 @@ type txnMode struct {
 
 	mu       sync.Mutex
 	migrated bool
+
+	// claimFault, set by tests only, replaces a committed claim's result
+	// with an error: the reply of a commit lost with its connection.
+	claimFault func() error
 }
 
 func newTxnMode(sender TransactionalSender, store Store, lease time.Duration, tel *telemetry) (*txnMode, error) {
@@ -386,13 +390,13 @@ func (h *slotHolder) release(ctx context.Context) {
 	if h.slot < 0 {
 		return
 	}
-	if h.pending == "" {
-		where, args := h.where()
-		_ = h.m.write(ctx, false, func(db *gorm.DB) error {
-			return db.Table(h.m.table).Where(where+" AND pending IS NULL", args...).
-				Updates(map[string]any{"owner": nil, "lease_until": time.Now().UTC().Add(-time.Millisecond), "updated_at": time.Now().UTC()}).Error
-		})
-	}
+	// The row, not h.pending, says whether a claim is left to settle: a
+	// claim whose commit failed ambiguously is known only there.
+	where, args := h.where()
+	_ = h.m.write(ctx, false, func(db *gorm.DB) error {
+		return db.Table(h.m.table).Where(where+" AND pending IS NULL", args...).
+			Updates(map[string]any{"owner": nil, "lease_until": time.Now().UTC().Add(-time.Millisecond), "updated_at": time.Now().UTC()}).Error
+	})
 	h.drop()
 }
 
@@ -462,6 +466,9 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 	token := uuid.NewString()
 	opts := ClaimOptions{Limit: p.cfg.batchSize, Lease: slotClaimLease, SkipFailedKeys: p.cfg.keyPolicy == KeySkip}
 	msgs, err := m.store.engine.ClaimGuarded(ctx, token, opts, h.guard(token))
+	if err == nil && m.claimFault != nil {
+		err = m.claimFault()
+	}
 	switch {
 	case errors.Is(err, errSlotLost):
 		h.drop()
@@ -469,6 +476,11 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 	case errors.Is(err, sqlstore.ErrClaimRace):
 		return res, nil
 	case err != nil:
+		// The claim may have committed all the same (its commit's reply
+		// lost with the connection): the slot then names it pending, and
+		// settling it first hands its rows back, which the next claim's
+		// guard, naming another token, would leave claimed for the lease.
+		h.pending, h.committed = token, false
 		return res, &outage{"database", err}
 	}
 	res.Claimed = len(msgs)

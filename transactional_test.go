@@ -2,6 +2,7 @@ package outbox_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -244,6 +245,40 @@ func TestExactlyOnceSettlesACommittedBatchBeforeTheSlotMovesOn(t *testing.T) {
 		waitFor(t, "the first commit", func() bool { return crashing.hasRenamed() })
 		time.Sleep(300 * time.Millisecond) // a few failed records and retries
 		crashing.restore(t)
+		waitUntilPublished(t, db, 20*time.Second)
+		if err := pub.Stop(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		checkExactlyOnce(t, addrs, "eo", payloads)
+	})
+}
+
+// A claim that reached the database but whose commit's reply was lost
+// looks failed to its publisher, yet its slot names it pending and its rows
+// are claimed. The publisher must settle it before claiming again: the next
+// claim would name another claim pending, and these rows would stay claimed
+// for the claim's lease.
+func TestExactlyOnceSettlesAClaimWhoseCommitLooksFailed(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		_, addrs := outboxtest.Kafka(t, 3, "eo")
+		payloads := enqueueTxnEvents(t, db, "eo", 120, 6)
+		pub, err := outbox.NewPublisher(db, transactionalSender(t, addrs, "eo-"+uuid.NewString()[:8], kafka.WithSlots(1)),
+			outbox.WithWorkers(1), outbox.WithBatchSize(30),
+			outbox.WithPollInterval(20*time.Millisecond), outbox.WithMaxPause(100*time.Millisecond))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var claims atomic.Int32
+		outbox.FailCommittedClaims(pub, func() error {
+			if claims.Add(1) == 1 {
+				return errors.New("driver: bad connection (simulated: the commit's reply lost)")
+			}
+			return nil
+		})
+		if err := pub.Start(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = pub.Stop(context.Background()) }()
 		waitUntilPublished(t, db, 20*time.Second)
 		if err := pub.Stop(t.Context()); err != nil {
 			t.Fatal(err)
