@@ -6,11 +6,14 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/IBM/sarama"
 	"github.com/google/uuid"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kmsg"
 	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox"
@@ -156,5 +159,77 @@ func TestTransactionalSenderReportsAnUnreachableBroker(t *testing.T) {
 	defer cancel()
 	if _, err := s.OpenSlot(ctx, 0); !errors.Is(err, outbox.ErrBrokerUnavailable) {
 		t.Fatalf("OpenSlot with no broker: %v, want an error wrapping outbox.ErrBrokerUnavailable", err)
+	}
+}
+
+// A transaction that fails as a whole, here the broker refusing to add the
+// batch's marker to it (sarama adds it at the commit), is no message's
+// fault: the publisher reports the broker's failure, no message is charged
+// an attempt, and the next tries deliver every message once.
+func TestTransactionalSenderChargesNoAttemptForAFailedMarker(t *testing.T) {
+	db := outboxtest.Postgres(t, nil)
+	if err := db.Use(outbox.Plugin()); err != nil {
+		t.Fatal(err)
+	}
+	cluster, addrs := outboxtest.Kafka(t, 3, "eo")
+	var want []string
+	err := db.Transaction(func(tx *gorm.DB) error {
+		var msgs []outbox.Message
+		for i := range 20 {
+			want = append(want, fmt.Sprint("event-", i))
+			msgs = append(msgs, outbox.Message{Topic: "eo", Key: fmt.Sprint("key-", i%4), Payload: want[i]})
+		}
+		return outbox.Enqueue(tx, msgs...)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var refused atomic.Int32
+	cluster.ControlKey(int16(kmsg.AddOffsetsToTxn), func(kreq kmsg.Request) (kmsg.Response, error, bool) {
+		refused.Add(1)
+		resp := kreq.(*kmsg.AddOffsetsToTxnRequest).ResponseKind().(*kmsg.AddOffsetsToTxnResponse)
+		resp.ErrorCode = kerr.GroupAuthorizationFailed.Code // abortable: the transaction is aborted, the producer kept
+		return resp, nil, true
+	})
+	pub, err := outbox.NewPublisher(db, newTransactional(t, addrs, "marker-"+uuid.NewString()[:8]),
+		outbox.WithPollInterval(20*time.Millisecond), outbox.WithMaxPause(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := pub.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = pub.Stop(context.Background()) }()
+	count := func(where string, args ...any) int64 {
+		var n int64
+		if err := db.Table(outbox.DefaultTableName).Where(where, args...).Count(&n).Error; err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for count("state <> ?", outbox.StatePublished) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d messages still not published after 20s", count("state <> ?", outbox.StatePublished))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := pub.Stop(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if refused.Load() != 1 {
+		t.Fatalf("the refusal ran %d times, want once (the test refuses one marker)", refused.Load())
+	}
+	if n := count("attempts > 0"); n != 0 {
+		t.Errorf("the refused transaction charged %d messages an attempt, want none", n)
+	}
+	got := map[string]int{}
+	for _, r := range outboxtest.ReadAll(t, addrs, "eo", len(want), 2*time.Second) {
+		got[string(r.Value)]++
+	}
+	for _, w := range want {
+		if got[w] != 1 {
+			t.Errorf("%s read %d times with read_committed, want once", w, got[w])
+		}
 	}
 }
