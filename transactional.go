@@ -120,13 +120,17 @@ func newTxnMode(sender TransactionalSender, store Store, lease time.Duration, te
 		lease: lease, host: fmt.Sprintf("%s/%d", host, os.Getpid()), tel: tel}, nil
 }
 
-// migrate creates the slots table and its rows once, when the database
-// first answers.
+// migrate creates the slots table and its rows, and the index of the
+// outbox table's transaction groups where its schema has none, once, when
+// the database first answers.
 func (m *txnMode) migrate(ctx context.Context) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.migrated {
 		return nil
+	}
+	if err := m.store.engine.EnsureGroupIndex(ctx); err != nil {
+		return err
 	}
 	db := m.db.WithContext(ctx)
 	// Created if missing, never altered: GORM's column reads of an existing

@@ -287,6 +287,33 @@ func TestExactlyOnceSettlesAClaimWhoseCommitLooksFailed(t *testing.T) {
 	})
 }
 
+// The index of transaction groups is read by exactly-once claims only. On
+// MariaDB and MySQL, without partial indexes, it would hold an entry for
+// every row, so the plugin's table lacks it and exactly-once mode creates
+// it when it starts.
+func TestExactlyOnceCreatesTheGroupIndexItReads(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		const index = "idx_outbox_messages_tx_group"
+		mysql := db.Dialector.Name() == "mysql"
+		if has := db.Migrator().HasIndex(outbox.DefaultTableName, index); has == mysql {
+			t.Fatalf("before exactly-once mode, index %s present: %v; want %v", index, has, !mysql)
+		}
+		_, addrs := outboxtest.Kafka(t, 3, "eo")
+		payloads := enqueueTxnEvents(t, db, "eo", 20, 3)
+		pub, err := outbox.NewPublisher(db, transactionalSender(t, addrs, "eo-"+uuid.NewString()[:8], kafka.WithSlots(1)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := pub.PublishOnce(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		if !db.Migrator().HasIndex(outbox.DefaultTableName, index) {
+			t.Fatalf("exactly-once mode ran without index %s", index)
+		}
+		checkExactlyOnce(t, addrs, "eo", payloads)
+	})
+}
+
 // The markers are bounded: one committed offset per slot, whatever the
 // number of transactions.
 func TestExactlyOnceKeepsOneMarkerPerSlot(t *testing.T) {

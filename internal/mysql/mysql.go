@@ -26,6 +26,11 @@ import (
 // condition pushdown) instead of reading each row, and one (state,
 // created_at) index serves retention and monitoring. MySQL has no CREATE
 // INDEX IF NOT EXISTS, so the DDL declares them in the table.
+//
+// The index of tx_group (GroupIndex) is not among them: without a partial
+// index it holds an entry for every row, which InnoDB writes at each
+// enqueue and purges after each delete, and only exactly-once mode reads
+// it, which creates it when it starts (EnsureGroupIndex).
 var Schema = sqlstore.Schema{
 	Quote: '`',
 	Types: map[string]string{"id": "uuid", "topic": "varchar(249)", "message_key": "varchar(255)", "payload": "longblob",
@@ -35,9 +40,37 @@ var Schema = sqlstore.Schema{
 	Indexes: []sqlstore.Index{
 		{Suffix: "pending", Columns: "state, id, message_key"},
 		{Suffix: "state", Columns: "state, created_at"},
-		{Suffix: "tx_group", Columns: "tx_group"},
 	},
 	InlineIndexes: true,
+}
+
+// GroupIndex finds the other messages of a transaction's group, for
+// exactly-once mode's claims.
+var GroupIndex = sqlstore.Index{Suffix: "tx_group", Columns: "tx_group"}
+
+// EnsureGroupIndex creates GroupIndex on the table if it lacks it. InnoDB
+// builds it online, but the statement first waits for the transactions
+// open on the table, and every statement that comes after it waits too:
+// the wait is bounded so that a long transaction fails the start of
+// exactly-once mode, with the statement to run, instead of stalling the
+// table's writers.
+func (d *dialect) EnsureGroupIndex(ctx context.Context, db *gorm.DB) error {
+	name := sqlstore.IndexName(d.table, GroupIndex.Suffix)
+	if db.Migrator().HasIndex(d.table, name) {
+		return nil
+	}
+	create := Schema.IndexStatement(d.table, GroupIndex).Create
+	err := db.Connection(func(conn *gorm.DB) error {
+		if err := conn.Exec("SET SESSION lock_wait_timeout = 10").Error; err != nil {
+			return err
+		}
+		defer conn.WithContext(context.WithoutCancel(ctx)).Exec("SET SESSION lock_wait_timeout = DEFAULT")
+		return conn.Exec(create).Error
+	})
+	if err != nil && !db.Migrator().HasIndex(d.table, name) { // another process may have created it meanwhile
+		return fmt.Errorf("outbox: exactly-once mode needs the index %s on %s; creating it failed (run %q): %w", name, d.table, create, err)
+	}
+	return nil
 }
 
 // DDL returns the statements that create table on MySQL or MariaDB.

@@ -100,18 +100,23 @@ type TableIndex struct {
 func (sc Schema) IndexStatements(table string) []TableIndex {
 	var out []TableIndex
 	for _, i := range sc.Indexes {
-		var cs []string
-		for _, c := range strings.Split(i.Columns, ", ") {
-			cs = append(cs, sc.quote(c))
-		}
-		ti := TableIndex{Name: IndexName(table, i.Suffix), Columns: strings.Join(cs, ", ")}
-		ti.Create = "CREATE INDEX " + sc.quote(ti.Name) + " ON " + sc.quote(table) + " (" + ti.Columns + ")"
-		if i.Where != "" {
-			ti.Create += " WHERE " + i.Where
-		}
-		out = append(out, ti)
+		out = append(out, sc.IndexStatement(table, i))
 	}
 	return out
+}
+
+// IndexStatement is the CREATE INDEX statement of i on table.
+func (sc Schema) IndexStatement(table string, i Index) TableIndex {
+	var cs []string
+	for _, c := range strings.Split(i.Columns, ", ") {
+		cs = append(cs, sc.quote(c))
+	}
+	ti := TableIndex{Name: IndexName(table, i.Suffix), Columns: strings.Join(cs, ", ")}
+	ti.Create = "CREATE INDEX " + sc.quote(ti.Name) + " ON " + sc.quote(table) + " (" + ti.Columns + ")"
+	if i.Where != "" {
+		ti.Create += " WHERE " + i.Where
+	}
+	return ti
 }
 
 // MigrateTable creates table on db with GORM's AutoMigrate, runs

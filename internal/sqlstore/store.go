@@ -79,6 +79,21 @@ func New(db *gorm.DB, cfg Config, d Dialect) *Store {
 // DB is the store's session: no default transaction, no statement of the caller's.
 func (s *Store) DB() *gorm.DB { return s.db }
 
+// GroupIndexer is a dialect whose table has no index of tx_group until
+// exactly-once mode, the one that reads it, asks for it.
+type GroupIndexer interface {
+	EnsureGroupIndex(ctx context.Context, db *gorm.DB) error
+}
+
+// EnsureGroupIndex gives the table the index exactly-once mode's claims
+// read, where its schema has none.
+func (s *Store) EnsureGroupIndex(ctx context.Context) error {
+	if g, ok := s.dialect.(GroupIndexer); ok {
+		return g.EnsureGroupIndex(ctx, s.db.WithContext(orBackground(ctx)))
+	}
+	return nil
+}
+
 // Dialect is the store's database part.
 func (s *Store) Dialect() Dialect { return s.dialect }
 
