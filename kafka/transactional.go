@@ -322,7 +322,7 @@ func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs
 		byMsg[pm] = m
 	}
 	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("%w: %w", outbox.ErrBrokerUnavailable, err)
+		return asOutage(err)
 	}
 	if err := p.producer.BeginTxn(); err != nil {
 		return p.inDoubt("beginning a transaction", err)
@@ -494,5 +494,5 @@ func refusalOrOutage(err error) error {
 			return err
 		}
 	}
-	return fmt.Errorf("%w: %w", outbox.ErrBrokerUnavailable, err)
+	return asOutage(err)
 }
