@@ -324,16 +324,34 @@ func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs
 	if err := ctx.Err(); err != nil {
 		return asOutage(err)
 	}
-	if err := p.producer.BeginTxn(); err != nil {
-		return p.inDoubt("beginning a transaction", err)
-	}
-	if err := p.producer.SendMessages(batch); err != nil {
-		return p.abort(err, func() error {
-			var perMsg sarama.ProducerErrors
-			if !errors.As(err, &perMsg) {
+	// A broker refuses a record batch larger than its message.max.bytes
+	// (or the topic's max.message.bytes), which can be below the
+	// producer's Producer.MaxMessageBytes: then every record of the batch
+	// comes back "too large", though none is. The transaction is aborted
+	// and sent again in smaller sends, down to one record each, where a
+	// refusal is the record's own.
+	for chunk := len(batch); ; chunk = (chunk + 1) / 2 {
+		if err := p.producer.BeginTxn(); err != nil {
+			return p.inDoubt("beginning a transaction", err)
+		}
+		sendErr := p.sendInChunks(batch, chunk)
+		if sendErr == nil {
+			break
+		}
+		var perMsg sarama.ProducerErrors
+		hasPerMsg := errors.As(sendErr, &perMsg)
+		tooLarge := false
+		for _, pe := range perMsg {
+			tooLarge = tooLarge || chunk > 1 && errors.Is(pe.Err, sarama.ErrMessageSizeTooLarge)
+		}
+		err := p.abort(sendErr, func() error {
+			switch {
+			case tooLarge:
+				return nil // sent again, in smaller sends
+			case !hasPerMsg:
 				// The transaction failed, not a record of it: no message
 				// is to blame, and none is charged an attempt.
-				return asOutage(err)
+				return asOutage(sendErr)
 			}
 			se := &outbox.SendError{Failed: make(map[uuid.UUID]error, len(perMsg))}
 			for _, pe := range perMsg {
@@ -343,6 +361,12 @@ func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs
 			}
 			return se
 		})
+		if err != nil {
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return asOutage(err)
+		}
 	}
 	offset := time.Now().UnixMilli()
 	marker := map[string][]*sarama.PartitionOffsetMetadata{
@@ -358,6 +382,17 @@ func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs
 	}
 	if err := p.producer.CommitTxn(); err != nil {
 		return p.inDoubt("committing", err)
+	}
+	return nil
+}
+
+// sendInChunks sends batch in the open transaction, chunk records a send:
+// each send's records of one partition make one record batch.
+func (p *slotProducer) sendInChunks(batch []*sarama.ProducerMessage, chunk int) error {
+	for start := 0; start < len(batch); start += chunk {
+		if err := p.producer.SendMessages(batch[start:min(start+chunk, len(batch))]); err != nil {
+			return err
+		}
 	}
 	return nil
 }
