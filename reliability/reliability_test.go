@@ -654,7 +654,7 @@ func run(t *testing.T, sc scenario) {
 	var poison int64
 	db.Table(outbox.DefaultTableName).Where("length(payload) > 65536").Count(&poison)
 	if rep.Dead != int(poison) {
-		t.Errorf("dead=%d, want the %d poison messages", rep.Dead, poison)
+		t.Errorf("dead=%d, want the %d poison messages; their errors: %s", rep.Dead, poison, lastErrors(db, "state = 'dead' AND length(payload) <= 65536"))
 	}
 	if sc.poison && poison == 0 {
 		t.Error("the poison scenario wrote no poison message")
@@ -663,7 +663,7 @@ func run(t *testing.T, sc scenario) {
 		var charged int64
 		db.Table(outbox.DefaultTableName).Where("attempts > 0").Count(&charged)
 		if charged != 0 {
-			t.Errorf("the outage charged %d messages an attempt", charged)
+			t.Errorf("the outage charged %d messages an attempt; their errors: %s", charged, lastErrors(db, "attempts > 0"))
 		}
 		report(fmt.Sprintf("scenario=%s/%s resumed_after_broker_returned=%s", sc.dialect, sc.name, resumedIn.Round(time.Millisecond)))
 		if resumedIn > 10*time.Second {
@@ -677,4 +677,23 @@ func run(t *testing.T, sc scenario) {
 			t.Error("the late-committing message was not published")
 		}
 	}
+}
+
+// lastErrors lists the most frequent last errors of the outbox rows that
+// match where, with their counts: what a failed check needs to be read.
+func lastErrors(db *gorm.DB, where string) string {
+	var rows []struct {
+		LastError string
+		N         int64
+	}
+	err := db.Table(outbox.DefaultTableName).Select("last_error, count(*) AS n").Where(where).
+		Group("last_error").Order("n DESC").Limit(3).Scan(&rows).Error
+	if err != nil {
+		return "(reading them failed: " + err.Error() + ")"
+	}
+	var out []string
+	for _, r := range rows {
+		out = append(out, fmt.Sprintf("%d× %q", r.N, r.LastError))
+	}
+	return strings.Join(out, "; ")
 }
