@@ -194,23 +194,30 @@ func mariadbScaling(ctx context.Context, deleting, keep *gorm.DB, addrs []string
 			return relayMariaDB(ctx, keep, nil, "delete", s.batch, s.workers, depth)
 		}},
 	}
-	base := make([]float64, len(lines))
+	// Beside each rate, the machine's CPU a message over the whole drain
+	// (the server's included, its purge and page flushing too) and, of
+	// it, this process's: on a machine whose cores are all busy, a deep
+	// drain is slower by what it costs more.
+	base, baseCPU := make([]float64, len(lines)), make([]float64, len(lines))
 	for i, depth := range s.mariadbDepths {
 		runs := 1
 		if i == 0 {
 			runs = baseRuns
 		}
 		rates := make([][]float64, len(lines))
+		machine, process := make([][]float64, len(lines)), make([][]float64, len(lines))
 		for range runs {
 			for l, ln := range lines {
 				if err := fillMariaDB(keep, depth, s.keys, payload); err != nil {
 					return err
 				}
-				rate, err := ln.drain(depth)
+				rate, cpu, err := measured(func() (float64, error) { return ln.drain(depth) })
 				if err != nil {
 					return fmt.Errorf("%s, %d pending: %w", ln.name, depth, err)
 				}
 				rates[l] = append(rates[l], rate)
+				machine[l] = append(machine[l], us(cpu.machine)/float64(depth))
+				process[l] = append(process[l], us(cpu.process)/float64(depth))
 				if err := keep.Exec("TRUNCATE " + outbox.DefaultTableName).Error; err != nil {
 					return err
 				}
@@ -218,24 +225,26 @@ func mariadbScaling(ctx context.Context, deleting, keep *gorm.DB, addrs []string
 		}
 		var parts []string
 		for l, ln := range lines {
-			rate := median(rates[l])
+			rate, cpu, here := median(rates[l]), median(machine[l]), median(process[l])
 			if i == 0 {
-				base[l] = rate
-				parts = append(parts, fmt.Sprintf("%s %.0f msg/s", ln.name, rate))
+				base[l], baseCPU[l] = rate, cpu
+				parts = append(parts, fmt.Sprintf("%s %.0f msg/s, %.1f µs CPU/msg (%.1f in this process)", ln.name, rate, cpu, here))
 				continue
 			}
-			parts = append(parts, fmt.Sprintf("%s %.0f msg/s, %.0f%% of its %s rate", ln.name, rate, 100*rate/base[l], baseName))
+			parts = append(parts, fmt.Sprintf("%s %.0f msg/s, %.0f%% of its %s rate, %.1f µs CPU/msg, %.0f%% of its %s's (%.1f in this process)",
+				ln.name, rate, 100*rate/base[l], baseName, cpu, 100*cpu/baseCPU[l], baseName, here))
 		}
 		if i == 0 {
 			fmt.Printf("   delete, %d workers, %7d pending (the base, medians of %d): %s\n", s.workers, depth, runs, strings.Join(parts, "; "))
 			record("MariaDB scaling", baseName+" pending (the base)",
-				fmt.Sprintf("steady drain rates (the publisher's from its first send to its last acknowledgement), medians of %d", runs),
+				fmt.Sprintf("steady drain rates (the publisher's from its first send to its last acknowledgement), medians of %d; "+
+					"the machine's CPU a message over each whole drain, the server's included, and of it this process's (the Go side and the in-process broker)", runs),
 				"%s", strings.Join(parts, "; "))
 			continue
 		}
-		fmt.Printf("   delete, %d workers, %7d pending: %s (target for the publisher: at least 80%%)\n", s.workers, depth, strings.Join(parts, "; "))
+		fmt.Printf("   delete, %d workers, %7d pending: %s (target for the publisher: at least 80%% of its rate)\n", s.workers, depth, strings.Join(parts, "; "))
 		record("MariaDB scaling", count(depth)+" pending",
-			"each drain's rate beside its own base's (target for the publisher: at least 80%)", "%s", strings.Join(parts, "; "))
+			"each drain's rate and CPU a message beside its own base's (target for the publisher's rate: at least 80%)", "%s", strings.Join(parts, "; "))
 	}
 	return nil
 }
