@@ -9,14 +9,11 @@
 package kafka_test
 
 import (
-	"fmt"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/google/uuid"
 	"github.com/twmb/franz-go/pkg/kfake"
-	"gorm.io/gorm"
 
 	"github.com/gorm-outbox/outbox"
 	"github.com/gorm-outbox/outbox/outboxtest"
@@ -40,18 +37,8 @@ func TestTransactionalSenderSplitsARecordBatchTheBrokerFindsTooLarge(t *testing.
 	}
 	t.Cleanup(cluster.Close)
 	addrs := cluster.ListenAddrs()
-	var want []string
-	err = db.Transaction(func(tx *gorm.DB) error {
-		var msgs []outbox.Message
-		for i := range 120 { // about 30 KB, 15 KB a partition
-			want = append(want, fmt.Sprintf("event-%03d-%s", i, strings.Repeat(uuid.NewString(), 6)))
-			msgs = append(msgs, outbox.Message{Topic: "eo", Key: fmt.Sprint("key-", i%8), Payload: want[i]})
-		}
-		return outbox.Enqueue(tx, msgs...)
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	want := events(120, "event-%03d-"+strings.Repeat(uuid.NewString(), 6)) // about 30 KB, 15 KB a partition
+	enqueueInOneTransaction(t, db, "eo", want, 8)
 	pub, err := outbox.NewPublisher(db, newTransactional(t, addrs, "split-"+uuid.NewString()[:8]), outbox.WithBatchSize(40))
 	if err != nil {
 		t.Fatal(err)
@@ -63,20 +50,8 @@ func TestTransactionalSenderSplitsARecordBatchTheBrokerFindsTooLarge(t *testing.
 	if res.Published != len(want) {
 		t.Errorf("published %d of the transaction's %d events in one batch, want all: %+v", res.Published, len(want), res)
 	}
-	var charged int64
-	if err := db.Table(outbox.DefaultTableName).Where("attempts > 0").Count(&charged).Error; err != nil {
-		t.Fatal(err)
+	if n := countRows(t, db, "attempts > 0"); n != 0 {
+		t.Errorf("%d messages were charged an attempt, want none", n)
 	}
-	if charged != 0 {
-		t.Errorf("%d messages were charged an attempt, want none", charged)
-	}
-	got := map[string]int{}
-	for _, r := range outboxtest.ReadAll(t, addrs, "eo", len(want), 2*time.Second) {
-		got[string(r.Value)]++
-	}
-	for _, w := range want {
-		if got[w] != 1 {
-			t.Errorf("%s read %d times with read_committed, want once", w[:9], got[w])
-		}
-	}
+	expectEachOnce(t, addrs, "eo", want)
 }

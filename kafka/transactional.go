@@ -327,9 +327,10 @@ func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs
 	// A broker refuses a record batch larger than its message.max.bytes
 	// (or the topic's max.message.bytes), which can be below the
 	// producer's Producer.MaxMessageBytes: then every record of the batch
-	// comes back "too large", though none is. The transaction is aborted
-	// and sent again in smaller sends, down to one record each, where a
-	// refusal is the record's own.
+	// comes back "too large", though none may be. While a partition has
+	// more than one such record, the transaction is aborted and sent again
+	// in halved sends; a record refused alone in its partition is refused
+	// for itself.
 	for chunk := len(batch); ; chunk = (chunk + 1) / 2 {
 		if err := p.producer.BeginTxn(); err != nil {
 			return p.inDoubt("beginning a transaction", err)
@@ -340,10 +341,7 @@ func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs
 		}
 		var perMsg sarama.ProducerErrors
 		hasPerMsg := errors.As(sendErr, &perMsg)
-		tooLarge := false
-		for _, pe := range perMsg {
-			tooLarge = tooLarge || chunk > 1 && errors.Is(pe.Err, sarama.ErrMessageSizeTooLarge)
-		}
+		tooLarge := chunk > 1 && batchTooLarge(perMsg)
 		err := p.abort(sendErr, func() error {
 			switch {
 			case tooLarge:
@@ -384,6 +382,22 @@ func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs
 		return p.inDoubt("committing", err)
 	}
 	return nil
+}
+
+// batchTooLarge reports whether the broker refused a record batch of
+// several records as too large: more than one record of one partition
+// refused so.
+func batchTooLarge(errs sarama.ProducerErrors) bool {
+	refused := map[string]int{}
+	for _, pe := range errs {
+		if pe.Msg != nil && errors.Is(pe.Err, sarama.ErrMessageSizeTooLarge) {
+			at := fmt.Sprint(pe.Msg.Topic, "/", pe.Msg.Partition)
+			if refused[at]++; refused[at] > 1 {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // sendInChunks sends batch in the open transaction, chunk records a send:

@@ -37,18 +37,8 @@ func TestTransactionalSenderFencesAZombieThatWakesAfterATakeover(t *testing.T) {
 				t.Fatal(err)
 			}
 			_, addrs := outboxtest.Kafka(t, 3, "eo")
-			var want []string
-			err := db.Transaction(func(tx *gorm.DB) error {
-				var msgs []outbox.Message
-				for i := range 40 {
-					want = append(want, fmt.Sprint("event-", i))
-					msgs = append(msgs, outbox.Message{Topic: "eo", Key: fmt.Sprint("key-", i%4), Payload: want[i]})
-				}
-				return outbox.Enqueue(tx, msgs...)
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
+			want := events(40, "event-%d")
+			enqueueInOneTransaction(t, db, "eo", want, 4)
 			id := "zombie-" + uuid.NewString()[:8]
 			zombieSender := newTransactional(t, addrs, id)
 			blocked, wake := make(chan struct{}), make(chan struct{})
@@ -83,18 +73,7 @@ func TestTransactionalSenderFencesAZombieThatWakesAfterATakeover(t *testing.T) {
 			if err := <-zombieErr; !errors.Is(err, outbox.ErrFenced) {
 				t.Errorf("the zombie's commit ended with %v, want an error wrapping outbox.ErrFenced", err)
 			}
-			got := map[string]int{}
-			for _, r := range outboxtest.ReadAll(t, addrs, "eo", len(want), 2*time.Second) {
-				got[string(r.Value)]++
-			}
-			for _, w := range want {
-				if got[w] != 1 {
-					t.Errorf("%s read %d times with read_committed, want once", w, got[w])
-				}
-			}
-			if len(got) != len(want) {
-				t.Errorf("read %d distinct events, want %d", len(got), len(want))
-			}
+			expectEachOnce(t, addrs, "eo", want)
 		})
 	}
 }
@@ -172,18 +151,8 @@ func TestTransactionalSenderChargesNoAttemptForAFailedMarker(t *testing.T) {
 		t.Fatal(err)
 	}
 	cluster, addrs := outboxtest.Kafka(t, 3, "eo")
-	var want []string
-	err := db.Transaction(func(tx *gorm.DB) error {
-		var msgs []outbox.Message
-		for i := range 20 {
-			want = append(want, fmt.Sprint("event-", i))
-			msgs = append(msgs, outbox.Message{Topic: "eo", Key: fmt.Sprint("key-", i%4), Payload: want[i]})
-		}
-		return outbox.Enqueue(tx, msgs...)
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	want := events(20, "event-%d")
+	enqueueInOneTransaction(t, db, "eo", want, 4)
 	var refused atomic.Int32
 	cluster.ControlKey(int16(kmsg.AddOffsetsToTxn), func(kreq kmsg.Request) (kmsg.Response, error, bool) {
 		refused.Add(1)
@@ -200,17 +169,10 @@ func TestTransactionalSenderChargesNoAttemptForAFailedMarker(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { _ = pub.Stop(context.Background()) }()
-	count := func(where string, args ...any) int64 {
-		var n int64
-		if err := db.Table(outbox.DefaultTableName).Where(where, args...).Count(&n).Error; err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
 	deadline := time.Now().Add(20 * time.Second)
-	for count("state <> ?", outbox.StatePublished) > 0 {
+	for countRows(t, db, "state <> ?", outbox.StatePublished) > 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("%d messages still not published after 20s", count("state <> ?", outbox.StatePublished))
+			t.Fatalf("%d messages still not published after 20s", countRows(t, db, "state <> ?", outbox.StatePublished))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -220,16 +182,61 @@ func TestTransactionalSenderChargesNoAttemptForAFailedMarker(t *testing.T) {
 	if refused.Load() != 1 {
 		t.Fatalf("the refusal ran %d times, want once (the test refuses one marker)", refused.Load())
 	}
-	if n := count("attempts > 0"); n != 0 {
+	if n := countRows(t, db, "attempts > 0"); n != 0 {
 		t.Errorf("the refused transaction charged %d messages an attempt, want none", n)
 	}
+	expectEachOnce(t, addrs, "eo", want)
+}
+
+// events returns n distinct payloads, format given the index.
+func events(n int, format string) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = fmt.Sprintf(format, i)
+	}
+	return out
+}
+
+// enqueueInOneTransaction enqueues payloads to topic in one database
+// transaction, over keys keys.
+func enqueueInOneTransaction(t testing.TB, db *gorm.DB, topic string, payloads []string, keys int) {
+	t.Helper()
+	err := db.Transaction(func(tx *gorm.DB) error {
+		msgs := make([]outbox.Message, len(payloads))
+		for i, p := range payloads {
+			msgs[i] = outbox.Message{Topic: topic, Key: fmt.Sprint("key-", i%keys), Payload: p}
+		}
+		return outbox.Enqueue(tx, msgs...)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// expectEachOnce reads topic with read_committed and checks that it holds
+// each of want once, and nothing else.
+func expectEachOnce(t testing.TB, addrs []string, topic string, want []string) {
+	t.Helper()
 	got := map[string]int{}
-	for _, r := range outboxtest.ReadAll(t, addrs, "eo", len(want), 2*time.Second) {
+	for _, r := range outboxtest.ReadAll(t, addrs, topic, len(want), 2*time.Second) {
 		got[string(r.Value)]++
 	}
 	for _, w := range want {
 		if got[w] != 1 {
-			t.Errorf("%s read %d times with read_committed, want once", w, got[w])
+			t.Errorf("%.20s read %d times with read_committed, want once", w, got[w])
 		}
 	}
+	if len(got) != len(want) {
+		t.Errorf("read %d distinct events, want %d", len(got), len(want))
+	}
+}
+
+// countRows counts the outbox rows that match where.
+func countRows(t testing.TB, db *gorm.DB, where string, args ...any) int64 {
+	t.Helper()
+	var n int64
+	if err := db.Table(outbox.DefaultTableName).Where(where, args...).Count(&n).Error; err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
