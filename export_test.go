@@ -85,3 +85,11 @@ func ClaimBatch(ctx context.Context, s *GormStore, opts ClaimOptions) (msgs []*O
 // fail()'s error when it is not nil, as a claim whose commit's reply was
 // lost with its connection. Set it before p starts.
 func FailCommittedClaims(p *Publisher, fail func() error) { p.txn.claimFault = fail }
+
+// PauseBeforeNaming makes p's held exactly-once claims call pause between
+// locking their rows and naming them in their slot, as a publisher frozen
+// at that instant. Set it before p starts.
+func PauseBeforeNaming(p *Publisher, pause func()) { p.txn.beforeNaming = pause }
+
+// HoldsClaims says whether p's exactly-once claims are held.
+func HoldsClaims(p *Publisher) bool { return p.txn.store.engine.WholeClaimer() != nil }

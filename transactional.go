@@ -44,7 +44,13 @@ type SlotProducer interface {
 	// commit failed, or the producer was fenced): the slot must be opened
 	// again and LastCommitted asked. Any other error means nothing was
 	// committed; its form is a Sender's (ErrBrokerUnavailable, SendError).
-	SendInTransaction(ctx context.Context, token string, msgs []*OutboxMessage) error
+	//
+	// ready, if not nil, says whether the batch may be committed: it must
+	// be called, once, after the records are sent and before the commit,
+	// and its error must abort the transaction. The publisher sends while
+	// it records the batch as in flight, and commits only once that is on
+	// disk.
+	SendInTransaction(ctx context.Context, token string, msgs []*OutboxMessage, ready func() error) error
 	// LastCommitted is the token of the slot's last committed transaction,
 	// "" if the broker knows none. Ask it of a freshly opened slot.
 	LastCommitted(ctx context.Context) (string, error)
@@ -72,12 +78,14 @@ const slotClaimLease = 24 * time.Hour
 func SlotTableName(outboxTable string) string { return outboxTable + "_txn_slots" }
 
 // slotRow is one slot: who holds it, until when, and the claim whose
-// broker transaction is not yet settled in the outbox table.
+// broker transaction is not yet settled in the outbox table (with its
+// rows, where the claim held them locked instead of stamping them).
 type slotRow struct {
 	TransactionalID string    `gorm:"column:transactional_id;size:255;primaryKey"`
 	Owner           *string   `gorm:"size:128"`
 	LeaseUntil      time.Time `gorm:"not null"`
 	Pending         *string   `gorm:"size:36"`
+	PendingIDs      []byte    `gorm:"column:pending_ids"` // the pending claim's rows, 16 bytes each, where they are not stamped with it
 	Commits         int64     `gorm:"not null;default:0"`
 	Aborts          int64     `gorm:"not null;default:0"`
 	Takeovers       int64     `gorm:"not null;default:0"`
@@ -102,6 +110,9 @@ type txnMode struct {
 	// claimFault, set by tests only, replaces a committed claim's result
 	// with an error: the reply of a commit lost with its connection.
 	claimFault func() error
+	// beforeNaming, set by tests only, runs between a held claim's lock
+	// and its naming: a publisher paused at that instant.
+	beforeNaming func()
 }
 
 func newTxnMode(sender TransactionalSender, store Store, lease time.Duration, tel *telemetry) (*txnMode, error) {
@@ -139,6 +150,10 @@ func (m *txnMode) migrate(ctx context.Context) error {
 	if !db.Migrator().HasTable(m.table) {
 		if err := db.Table(m.table).Migrator().CreateTable(&slotRow{}); err != nil && !db.Migrator().HasTable(m.table) {
 			return fmt.Errorf("outbox: creating the slots table %s: %w", m.table, err)
+		}
+	} else if mg := db.Table(m.table).Migrator(); !mg.HasColumn(&slotRow{}, "pending_ids") {
+		if err := mg.AddColumn(&slotRow{}, "PendingIDs"); err != nil && !mg.HasColumn(&slotRow{}, "pending_ids") {
+			return fmt.Errorf("outbox: adding column pending_ids to the slots table %s: %w", m.table, err)
 		}
 	}
 	rows := make([]slotRow, m.sender.Slots())
@@ -276,11 +291,18 @@ func (h *slotHolder) settle(ctx context.Context) error {
 		counter = "commits"
 	}
 	err := h.m.write(ctx, true, func(tx *gorm.DB) error {
-		if err := h.m.store.engine.ResolveToken(tx, token, committed); err != nil {
+		if len(row.PendingIDs) > 0 {
+			// A held claim: its rows were never stamped. Those the broker
+			// has are published; the others are due as they are.
+			if committed {
+				if err := h.m.store.engine.PublishPending(tx, decodeIDs(row.PendingIDs)); err != nil {
+					return err
+				}
+			}
+		} else if err := h.m.store.engine.ResolveToken(tx, token, committed); err != nil {
 			return err
 		}
-		return tx.Table(h.m.table).Where(where+" AND pending = ?", append(args, token)...).
-			Updates(map[string]any{"pending": nil, counter: gorm.Expr(counter + " + 1"), "updated_at": time.Now().UTC()}).Error
+		return h.clearPending(tx, token, committed)
 	})
 	if err != nil {
 		return err
@@ -338,24 +360,100 @@ func (h *slotHolder) renew(ctx context.Context) (bool, error) {
 // settled records a batch whose transaction committed: its rows published
 // and the slot's pending claim cleared, in one transaction.
 func (h *slotHolder) settled(ctx context.Context, token string, published bool, record func(tx *gorm.DB) error) error {
-	counter := "aborts"
-	if published {
-		counter = "commits"
-	}
-	now := time.Now().UTC()
-	where, args := h.where()
 	err := h.m.write(ctx, true, func(tx *gorm.DB) error {
 		if err := record(tx); err != nil {
 			return err
 		}
-		return tx.Table(h.m.table).Where(where+" AND pending = ?", append(args, token)...).
-			Updates(map[string]any{"pending": nil, counter: gorm.Expr(counter + " + 1"), "lease_until": now.Add(h.m.lease), "updated_at": now}).Error
+		return h.clearPending(tx, token, published)
 	})
 	if err != nil {
 		return err
 	}
-	h.pending, h.committed, h.renewed = "", false, now
+	h.pending, h.committed = "", false
 	return nil
+}
+
+// clearPending clears, on tx, the slot's pending claim token, counting it
+// committed or aborted, and renews the lease.
+func (h *slotHolder) clearPending(tx *gorm.DB, token string, committed bool) error {
+	counter := "aborts"
+	if committed {
+		counter = "commits"
+	}
+	now := time.Now().UTC()
+	where, args := h.where()
+	err := tx.Table(h.m.table).Where(where+" AND pending = ?", append(args, token)...).
+		Updates(map[string]any{"pending": nil, "pending_ids": nil, counter: gorm.Expr(counter + " + 1"), "lease_until": now.Add(h.m.lease), "updated_at": now}).Error
+	if err == nil {
+		h.renewed = now
+	}
+	return err
+}
+
+// name names a held claim's rows as the slot's pending claim, in a
+// transaction of its own, durable before the broker may commit them: a
+// claim whose transaction ends before its result is recorded (a crash, a
+// database restart, a pause past the lease) leaves its rows free but
+// named, and every claim leaves them out (txnMode.unsettled) until the
+// slot is settled from its marker. false: the slot was taken over.
+func (h *slotHolder) name(ctx context.Context, token string, ids []uuid.UUID) (bool, error) {
+	now := time.Now().UTC()
+	where, args := h.where()
+	// One statement, committed on its own: held claims are on databases
+	// whose writers need no turn (see txnMode.write).
+	res := h.m.db.Session(&gorm.Session{SkipDefaultTransaction: true, Context: ctx}).Table(h.m.table).
+		Where(where+" AND pending IS NULL", args...).
+		Updates(map[string]any{"pending": token, "pending_ids": encodeIDs(ids), "lease_until": now.Add(h.m.lease), "updated_at": now})
+	if res.Error != nil || res.RowsAffected != 1 {
+		return false, res.Error
+	}
+	h.renewed = now
+	return true, nil
+}
+
+// unsettled returns the check of a held claim's locked rows: those named
+// by a slot's pending claim, whose broker transaction may have committed,
+// are left out. It reads the slots outside the claim's transaction, so
+// that it sees what was committed up to now.
+func (m *txnMode) unsettled(ctx context.Context) func([]uuid.UUID) (map[uuid.UUID]bool, error) {
+	return func(ids []uuid.UUID) (map[uuid.UUID]bool, error) {
+		var named [][]byte
+		err := m.db.WithContext(ctx).Table(m.table).Where("pending IS NOT NULL AND pending_ids IS NOT NULL").
+			Pluck("pending_ids", &named).Error
+		if err != nil || len(named) == 0 {
+			return nil, err
+		}
+		mine := make(map[uuid.UUID]bool, len(ids))
+		for _, id := range ids {
+			mine[id] = true
+		}
+		out := map[uuid.UUID]bool{}
+		for _, b := range named {
+			for _, id := range decodeIDs(b) {
+				if mine[id] {
+					out[id] = true
+				}
+			}
+		}
+		return out, nil
+	}
+}
+
+// encodeIDs packs ids, 16 bytes each; decodeIDs unpacks them.
+func encodeIDs(ids []uuid.UUID) []byte {
+	out := make([]byte, 0, 16*len(ids))
+	for _, id := range ids {
+		out = append(out, id[:]...)
+	}
+	return out
+}
+
+func decodeIDs(b []byte) []uuid.UUID {
+	out := make([]uuid.UUID, len(b)/16)
+	for i := range out {
+		copy(out[i][:], b[16*i:])
+	}
+	return out
 }
 
 // noteError keeps the slot's last error for the admin command.
@@ -468,6 +566,9 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 		}
 	}
 	token := uuid.NewString()
+	if w := m.store.engine.WholeClaimer(); w != nil {
+		return p.publishHeldTxn(ctx, work, h, w, token)
+	}
 	opts := ClaimOptions{Limit: p.cfg.batchSize, Lease: slotClaimLease, SkipFailedKeys: p.cfg.keyPolicy == KeySkip}
 	msgs, err := m.store.engine.ClaimGuarded(ctx, token, opts, h.guard(token))
 	if err == nil && m.claimFault != nil {
@@ -513,10 +614,113 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 			"messages", len(msgs))
 		return res, nil
 	}
+	return p.sendTxn(work, h, token, msgs, res, nil, func(committed bool, o batchOutcomes) error {
+		return h.settled(work, token, committed, func(tx *gorm.DB) error {
+			if committed {
+				return m.store.engine.SettleIDs(tx, token, o.published, true)
+			}
+			if err := m.store.engine.MarkFailedOn(tx, &token, o.failures); err != nil {
+				return err
+			}
+			return m.store.engine.SettleIDs(tx, token, o.released, false)
+		})
+	})
+}
+
+// publishHeldTxn is publishTxn's batch where claims are held (PostgreSQL,
+// MariaDB/MySQL): the claim's rows stay locked in its transaction across
+// the send, unstamped, and the slot names them instead; the outcome and
+// the slot's cleared claim commit with that transaction. Each row is
+// written once, and claims do not take turns.
+func (p *Publisher) publishHeldTxn(ctx, work context.Context, h *slotHolder, w sqlstore.WholeClaimer, token string) (BatchResult, error) {
+	var res BatchResult
+	m := p.txn
+	opts := ClaimOptions{Limit: p.cfg.batchSize, Lease: m.lease, SkipFailedKeys: p.cfg.keyPolicy == KeySkip}
+	c, err := w.ClaimWhole(ctx, work, opts, m.unsettled(work))
+	if err != nil {
+		return res, &outage{"database", err}
+	}
+	defer c.End() // rolls back what was not recorded: the rows are free, and left out while named
+	msgs := c.Messages()
+	res.Claimed = len(msgs)
+	if len(msgs) == 0 {
+		if _, err := h.renew(ctx); err != nil {
+			return res, &outage{"database", err}
+		}
+		return res, nil
+	}
+	if ctx.Err() != nil { // stopping: the rollback hands the claim back unsent
+		res.Released = len(msgs)
+		return res, nil
+	}
+	if m.beforeNaming != nil {
+		m.beforeNaming()
+	}
+	// The rows are named in the slot while the broker takes the records:
+	// the transaction commits only once the naming is on disk and the rows
+	// were still locked when it was (ready).
+	var naming struct {
+		named bool
+		err   error
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		naming.named, naming.err = h.name(work, token, sqlstore.IDs(msgs))
+		if naming.err == nil && m.claimFault != nil {
+			naming.err = m.claimFault()
+		}
+		if naming.err == nil && naming.named {
+			// A claim whose transaction ended before its rows were named
+			// (a pause past the lease) may have lost them to another
+			// claim, which did not see them named.
+			naming.err = c.Alive()
+		}
+	}()
+	ready := func() error {
+		<-done
+		switch {
+		case naming.err != nil:
+			return naming.err
+		case !naming.named:
+			return errSlotLost
+		}
+		return nil
+	}
+	return p.sendTxn(work, h, token, msgs, res, ready, func(committed bool, o batchOutcomes) error {
+		return c.RecordWith(o.published, o.failures, func(tx *gorm.DB) error {
+			return h.clearPending(tx, token, committed)
+		})
+	})
+}
+
+// sendTxn sends a claimed batch in one broker transaction and records its
+// outcome with record, which clears the slot's pending claim. ready, if
+// not nil, is the batch's permission to commit (SlotProducer).
+func (p *Publisher) sendTxn(work context.Context, h *slotHolder, token string, msgs []*OutboxMessage, res BatchResult,
+	ready func() error, record func(committed bool, o batchOutcomes) error) (BatchResult, error) {
 	started := time.Now()
 	sendCtx, span := p.tel.startSend(work, p.system, msgs)
-	sendErr := h.producer.SendInTransaction(sendCtx, token, msgs)
+	sendErr := h.producer.SendInTransaction(sendCtx, token, msgs, ready)
 	now := time.Now()
+	if ready != nil {
+		if err := ready(); err != nil {
+			// Nothing was committed: the batch was not safe to commit.
+			// The producer may still have the transaction open, so the
+			// slot is opened again before it sends anything else.
+			p.tel.recordBatch(work, span, started, now, msgs, make([]error, len(msgs)), nil)
+			h.closeProducer()
+			if errors.Is(err, errSlotLost) {
+				h.drop()
+				return res, nil
+			}
+			// The naming may have committed all the same: settled first,
+			// it is found unsent and cleared.
+			h.pending, h.committed = token, false
+			return res, &outage{"database", err}
+		}
+		h.pending, h.committed = token, false
+	}
 	if errors.Is(sendErr, ErrTransactionInDoubt) {
 		outcome := "in_doubt"
 		if errors.Is(sendErr, ErrFenced) {
@@ -553,7 +757,6 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 	}
 	o := p.outcomes(msgs, errs, now, &res)
 	defer func() { p.tel.recordBatch(work, span, started, now, msgs, errs, o.deadIDs) }()
-	published, failures, released, unavailable := o.published, o.failures, o.released, o.unavailable
 	committed := sendErr == nil
 	h.committed = committed
 	if committed {
@@ -562,21 +765,13 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 		p.tel.noteTransaction("aborted")
 		h.noteError(work, sendErr)
 	}
-	err = h.settled(work, token, committed, func(tx *gorm.DB) error {
-		if committed {
-			return m.store.engine.SettleIDs(tx, token, published, true)
-		}
-		if err := m.store.engine.MarkFailedOn(tx, &token, failures); err != nil {
-			return err
-		}
-		return m.store.engine.SettleIDs(tx, token, released, false)
-	})
-	if err != nil {
+	if err := record(committed, o); err != nil {
 		// The slot keeps its pending claim: the next batch settles it first.
 		return res, &outage{"database", err}
 	}
-	if unavailable != nil {
-		return res, &outage{"broker", fmt.Errorf("%d messages handed back: %w", len(released), unavailable)}
+	h.pending, h.committed = "", false
+	if o.unavailable != nil {
+		return res, &outage{"broker", fmt.Errorf("%d messages handed back: %w", len(o.released), o.unavailable)}
 	}
 	return res, nil
 }

@@ -182,8 +182,105 @@ func TestExactlyOnceSettlesACommittedBatchWhosePublisherDied(t *testing.T) {
 	})
 }
 
+// A held claim's rows are free as soon as its transaction ends, though
+// its broker transaction committed: a publisher holding another slot must
+// leave them out until their slot is settled from its marker, not send
+// them again.
+func TestExactlyOnceLeavesOutTheRowsOfAnUnsettledClaim(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		_, addrs := outboxtest.Kafka(t, 3, "eo")
+		payloads := enqueueTxnEvents(t, db, "eo", 60, 5)
+		id := "eo-" + uuid.NewString()[:8]
+		crashing := &crashAfterCommit{TransactionalSender: transactionalSender(t, addrs, id, kafka.WithSlots(2)), db: db}
+		const lease = 2 * time.Second
+		dead, err := outbox.NewPublisher(db, crashing, outbox.WithWorkers(1), outbox.WithBatchSize(100), outbox.WithLease(lease))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !outbox.HoldsClaims(dead) {
+			return // a lease claim stamps its rows: nothing is free to leave out
+		}
+		if _, err := dead.PublishOnce(t.Context()); err == nil {
+			t.Fatal("the batch recorded its result though its transaction was killed")
+		}
+		started := time.Now()
+		other, err := outbox.NewPublisher(db, transactionalSender(t, addrs, id, kafka.WithSlots(2)),
+			outbox.WithWorkers(1), outbox.WithBatchSize(100), outbox.WithLease(lease))
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := other.PublishOnce(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if time.Since(started) >= lease {
+			t.Fatalf("the check took %v, past the dead publisher's lease", time.Since(started))
+		}
+		if res.Claimed != 0 {
+			t.Fatalf("another slot claimed %d messages of a claim whose slot is not settled; want 0", res.Claimed)
+		}
+		time.Sleep(lease) // the dead publisher's slot lease
+		for range 3 {
+			if _, err := other.PublishOnce(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waitUntilPublished(t, db, 10*time.Second)
+		checkExactlyOnce(t, addrs, "eo", payloads)
+	})
+}
+
+// A publisher frozen between its claim and the naming of the claim's rows
+// past its lease has lost its transaction, and its rows may have gone to
+// another publisher meanwhile: it must not send them when it wakes.
+func TestExactlyOnceSendsNothingOnceTheClaimsTransactionEnded(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		_, addrs := outboxtest.Kafka(t, 3, "eo")
+		payloads := enqueueTxnEvents(t, db, "eo", 60, 5)
+		id := "eo-" + uuid.NewString()[:8]
+		const lease = 2 * time.Second
+		frozen, err := outbox.NewPublisher(db, transactionalSender(t, addrs, id, kafka.WithSlots(2)),
+			outbox.WithWorkers(1), outbox.WithBatchSize(100), outbox.WithLease(lease))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !outbox.HoldsClaims(frozen) {
+			return // a lease claim's rows are stamped in its own commit
+		}
+		other, err := outbox.NewPublisher(db, transactionalSender(t, addrs, id, kafka.WithSlots(2)),
+			outbox.WithWorkers(1), outbox.WithBatchSize(100), outbox.WithLease(lease))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var once atomic.Bool
+		var otherErr error
+		outbox.PauseBeforeNaming(frozen, func() {
+			if !once.CompareAndSwap(false, true) {
+				return
+			}
+			// Frozen past the lease: the database ends the claim's
+			// transaction, and the other publisher, on the other slot,
+			// claims its rows.
+			otherErr = other.Start(context.Background())
+			time.Sleep(lease + 1500*time.Millisecond)
+		})
+		defer func() { _ = other.Stop(context.Background()) }()
+		if _, err := frozen.PublishOnce(t.Context()); err == nil {
+			t.Fatal("the frozen publisher's batch went on though its transaction had ended")
+		}
+		if otherErr != nil {
+			t.Fatal(otherErr)
+		}
+		waitUntilPublished(t, db, 10*time.Second)
+		checkExactlyOnce(t, addrs, "eo", payloads)
+	})
+}
+
 // crashAfterCommit lets its slot's first transaction commit and then
-// renames the outbox table away, so that the publisher cannot record it.
+// takes the database away from the publisher, so that it cannot record
+// it: where claims are held, it ends the claim's transaction by killing its
+// connection, as a crash or a database restart would; on SQLite it renames
+// the outbox table away.
 type crashAfterCommit struct {
 	*kafka.TransactionalSender
 	db      *gorm.DB
@@ -205,9 +302,12 @@ type crashingSlot struct {
 	c *crashAfterCommit
 }
 
-func (s *crashingSlot) SendInTransaction(ctx context.Context, token string, msgs []*outbox.OutboxMessage) error {
-	err := s.SlotProducer.SendInTransaction(ctx, token, msgs)
+func (s *crashingSlot) SendInTransaction(ctx context.Context, token string, msgs []*outbox.OutboxMessage, ready func() error) error {
+	err := s.SlotProducer.SendInTransaction(ctx, token, msgs, ready)
 	if err == nil && s.c.renamed.CompareAndSwap(false, true) {
+		if s.c.db.Dialector.Name() != "sqlite" {
+			return killClaimTransactions(s.c.db)
+		}
 		if err := s.c.db.Migrator().RenameTable(outbox.DefaultTableName, "eo_away"); err != nil {
 			return fmt.Errorf("renaming the table away: %w", err)
 		}
@@ -215,9 +315,41 @@ func (s *crashingSlot) SendInTransaction(ctx context.Context, token string, msgs
 	return err
 }
 
+// killClaimTransactions kills the connections of the transactions that
+// hold rows of the outbox table (the test's own schema or database).
+func killClaimTransactions(db *gorm.DB) error {
+	var ids []int64
+	var kill string
+	switch db.Dialector.Name() {
+	case "postgres":
+		kill = "SELECT pg_terminate_backend(?)"
+		err := db.Raw("SELECT DISTINCT pid FROM pg_locks WHERE relation = CAST(? AS regclass) AND pid <> pg_backend_pid()",
+			outbox.DefaultTableName).Scan(&ids).Error
+		if err != nil {
+			return fmt.Errorf("finding the claim's transaction: %w", err)
+		}
+	default:
+		kill = "KILL ?"
+		err := db.Raw("SELECT t.trx_mysql_thread_id FROM information_schema.innodb_trx t JOIN information_schema.processlist p" +
+			" ON p.id = t.trx_mysql_thread_id WHERE p.db = DATABASE() AND t.trx_mysql_thread_id <> CONNECTION_ID()").Scan(&ids).Error
+		if err != nil {
+			return fmt.Errorf("finding the claim's transaction: %w", err)
+		}
+	}
+	if len(ids) == 0 {
+		return errors.New("no transaction holds the claim's rows")
+	}
+	for _, id := range ids {
+		if err := db.Exec(kill, id).Error; err != nil {
+			return fmt.Errorf("killing the claim's transaction: %w", err)
+		}
+	}
+	return nil
+}
+
 func (c *crashAfterCommit) restore(t testing.TB) {
 	t.Helper()
-	if c.renamed.Load() {
+	if c.renamed.Load() && c.db.Dialector.Name() == "sqlite" {
 		if err := c.db.Migrator().RenameTable("eo_away", outbox.DefaultTableName); err != nil {
 			t.Fatal(err)
 		}
@@ -382,8 +514,8 @@ type recordingSlot struct {
 	r *recordingSender
 }
 
-func (s *recordingSlot) SendInTransaction(ctx context.Context, token string, msgs []*outbox.OutboxMessage) error {
-	err := s.SlotProducer.SendInTransaction(ctx, token, msgs)
+func (s *recordingSlot) SendInTransaction(ctx context.Context, token string, msgs []*outbox.OutboxMessage, ready func() error) error {
+	err := s.SlotProducer.SendInTransaction(ctx, token, msgs, ready)
 	if err == nil {
 		s.r.mu.Lock()
 		s.r.n++

@@ -302,7 +302,7 @@ type slotProducer struct {
 }
 
 // SendInTransaction implements outbox.SlotProducer.
-func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs []*outbox.OutboxMessage) error {
+func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs []*outbox.OutboxMessage, ready func() error) error {
 	if slices.Contains(msgs, nil) {
 		return fmt.Errorf("outbox/kafka: the batch holds a nil message")
 	}
@@ -364,6 +364,11 @@ func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs
 		}
 		if err := ctx.Err(); err != nil {
 			return asOutage(err)
+		}
+	}
+	if ready != nil {
+		if err := ready(); err != nil {
+			return p.abort(err, func() error { return fmt.Errorf("outbox/kafka: the batch may not be committed: %w", err) })
 		}
 	}
 	offset := time.Now().UnixMilli()

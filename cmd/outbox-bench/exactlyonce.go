@@ -86,9 +86,9 @@ type observedSlot struct {
 // none of its messages is delivered, whichever its error names.
 var errNotCommitted = errors.New("the transaction did not commit")
 
-func (o *observedSlot) SendInTransaction(ctx context.Context, token string, msgs []*outbox.OutboxMessage) error {
+func (o *observedSlot) SendInTransaction(ctx context.Context, token string, msgs []*outbox.OutboxMessage, ready func() error) error {
 	o.h.before(msgs)
-	err := o.SlotProducer.SendInTransaction(ctx, token, msgs)
+	err := o.SlotProducer.SendInTransaction(ctx, token, msgs, ready)
 	if err != nil {
 		o.h.after(msgs, errNotCommitted)
 	} else {

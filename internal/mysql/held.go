@@ -139,7 +139,7 @@ func (d *dialect) lockPicked(tx *gorm.DB, now time.Time, picked []sqlstore.Picke
 	q := d.store.Quote
 	cols := "o." + q("id")
 	if read {
-		for _, c := range []string{"topic", "payload", "headers", "last_error", "attempts"} {
+		for _, c := range []string{"topic", "payload", "headers", "last_error", "attempts", "tx_group"} {
 			cols += ", o." + q(c)
 		}
 	}
@@ -162,10 +162,11 @@ func (d *dialect) lockPicked(tx *gorm.DB, now time.Time, picked []sqlstore.Picke
 			topic, headers, lastError string
 			payload                   []byte
 			attempts                  int
+			group                     uuid.NullUUID
 		)
 		dest := []any{&id}
 		if read {
-			dest = append(dest, &topic, &payload, &headers, &lastError, &attempts)
+			dest = append(dest, &topic, &payload, &headers, &lastError, &attempts, &group)
 		}
 		if err := rows.Scan(dest...); err != nil {
 			return nil, err
@@ -179,6 +180,10 @@ func (d *dialect) lockPicked(tx *gorm.DB, now time.Time, picked []sqlstore.Picke
 		if read {
 			m := picked[i]
 			m.Topic, m.Payload, m.LastError, m.Attempts = topic, payload, lastError, attempts
+			picked[i].Group = id
+			if group.Valid {
+				picked[i].Group = group.UUID
+			}
 			if err := m.Headers.Scan(headers); err != nil {
 				return nil, err
 			}
@@ -188,4 +193,9 @@ func (d *dialect) lockPicked(tx *gorm.DB, now time.Time, picked []sqlstore.Picke
 		return nil, err
 	}
 	return sqlstore.KeepLocked(picked, locked, n), nil
+}
+
+// ClaimWhole is the exactly-once claim: held, of whole transaction groups.
+func (d *dialect) ClaimWhole(ctx, work context.Context, opts core.ClaimOptions, excluded func([]uuid.UUID) (map[uuid.UUID]bool, error)) (*sqlstore.HeldClaim, error) {
+	return d.held.ClaimWhole(ctx, work, opts, excluded)
 }

@@ -218,6 +218,8 @@ type lockedRow struct {
 	topic, headers, lastError string
 	payload                   []byte
 	attempts                  int
+	group                     uuid.NullUUID // through database/sql
+	pgGroup                   pgtype.UUID   // through pgx
 }
 
 // lockPicked locks the picked rows (PostgreSQL) and returns those it may
@@ -271,7 +273,7 @@ func (d *dialect) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picked 
 	}
 	cols := "o." + q("id") + ", " + refColumn("o.")
 	if read {
-		cols += ", o." + q("topic") + ", o." + q("payload") + ", o." + q("headers") + ", o." + q("last_error") + ", o." + q("attempts")
+		cols += ", o." + q("topic") + ", o." + q("payload") + ", o." + q("headers") + ", o." + q("last_error") + ", o." + q("attempts") + ", o." + q("tx_group")
 	}
 	query := "SELECT " + cols + " FROM " + from + " WHERE " + match +
 		" AND o." + q("state") + " = 'pending' AND o." + q("next_attempt_at") + " <= ? FOR UPDATE OF o SKIP LOCKED"
@@ -283,10 +285,10 @@ func (d *dialect) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picked 
 	locked := make([]bool, len(picked))
 	nLocked := 0
 	var row lockedRow
-	dest := func(id any) []any {
+	dest := func(id, group any) []any {
 		out := []any{id, &row.ref}
 		if read {
-			out = append(out, &row.topic, &row.payload, &row.headers, &row.lastError, &row.attempts)
+			out = append(out, &row.topic, &row.payload, &row.headers, &row.lastError, &row.attempts, group)
 		}
 		return out
 	}
@@ -300,6 +302,12 @@ func (d *dialect) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picked 
 		nLocked++
 		if read {
 			m.Topic, m.Payload, m.LastError, m.Attempts = row.topic, row.payload, row.lastError, row.attempts
+			picked[i].Group = m.ID
+			if row.group.Valid {
+				picked[i].Group = row.group.UUID
+			} else if row.pgGroup.Valid {
+				picked[i].Group = row.pgGroup.Bytes
+			}
 			return m.Headers.Scan(row.headers)
 		}
 		return nil
@@ -310,7 +318,7 @@ func (d *dialect) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picked 
 		ok, err = pgxQuery(tx.Statement.Context, conn, true, query, args, func(rows pgx.Rows) error {
 			var id pgtype.UUID
 			row = lockedRow{}
-			if err := rows.Scan(dest(&id)...); err != nil {
+			if err := rows.Scan(dest(&id, &row.pgGroup)...); err != nil {
 				return err
 			}
 			return lockedOne(id.Bytes)
@@ -328,7 +336,7 @@ func (d *dialect) lockPicked(tx *gorm.DB, conn *sql.Conn, now time.Time, picked 
 		for rows.Next() {
 			var id uuid.UUID
 			row = lockedRow{}
-			if err := rows.Scan(dest(&id)...); err != nil {
+			if err := rows.Scan(dest(&id, &row.group)...); err != nil {
 				return nil, err
 			}
 			if err := lockedOne(id); err != nil {
@@ -356,4 +364,9 @@ func TakesPgxPath(ctx context.Context, db *gorm.DB) (bool, error) {
 	}
 	defer conn.Close()
 	return pgxQuery(ctx, conn, false, "SELECT 1", nil, func(pgx.Rows) error { return nil })
+}
+
+// ClaimWhole is the exactly-once claim: held, of whole transaction groups.
+func (d *dialect) ClaimWhole(ctx, work context.Context, opts core.ClaimOptions, excluded func([]uuid.UUID) (map[uuid.UUID]bool, error)) (*sqlstore.HeldClaim, error) {
+	return d.held.ClaimWhole(ctx, work, opts, excluded)
 }

@@ -95,6 +95,9 @@ type Notifier interface {
 type Picked struct {
 	*core.OutboxMessage
 	Ref string
+	// Group is the message's transaction group (its tx_group, or its own
+	// id where that is NULL), where the lock read it; zero where not.
+	Group uuid.UUID
 }
 
 // Batch is a claim's messages and how their results are recorded.

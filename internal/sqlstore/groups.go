@@ -24,7 +24,11 @@ const maxGroupRounds = 64
 // group that cannot be completed now (a member in flight elsewhere, or
 // waiting for a retry, or behind another key's unsent message) leaves the
 // batch with the later messages of its keys, and waits.
-func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]Picked, error) {
+//
+// excluded, if not nil, is asked about every row of the batch once it is
+// locked (about the picked rows while the groups are read, from another
+// goroutine): those it names leave like a blocked group's.
+func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked, excluded func([]uuid.UUID) (map[uuid.UUID]bool, error)) ([]Picked, error) {
 	if len(picked) == 0 {
 		return picked, nil
 	}
@@ -39,18 +43,28 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]P
 	for _, m := range picked {
 		groupOf[m.ID] = m.ID
 	}
-	in, arg := s.dialect.InIDs(q("id"), PickedIDs(picked))
-	var named []struct {
-		ID      uuid.UUID
-		TxGroup uuid.UUID
+	var unknown []uuid.UUID // the picked messages whose group the lock did not read
+	for _, m := range picked {
+		if m.Group != (uuid.UUID{}) {
+			groupOf[m.ID] = m.Group
+		} else {
+			unknown = append(unknown, m.ID)
+		}
 	}
-	err := tx.Raw("SELECT "+q("id")+", "+q("tx_group")+" FROM "+s.QuotedTable()+" WHERE "+in+" AND "+q("tx_group")+" IS NOT NULL", arg).
-		Scan(&named).Error
-	if err != nil {
-		return nil, err
-	}
-	for _, n := range named {
-		groupOf[n.ID] = n.TxGroup
+	if len(unknown) > 0 {
+		in, arg := s.dialect.InIDs(q("id"), unknown)
+		var named []struct {
+			ID      uuid.UUID
+			TxGroup uuid.UUID
+		}
+		err := tx.Raw("SELECT "+q("id")+", "+q("tx_group")+" FROM "+s.QuotedTable()+" WHERE "+in+" AND "+q("tx_group")+" IS NOT NULL", arg).
+			Scan(&named).Error
+		if err != nil {
+			return nil, err
+		}
+		for _, n := range named {
+			groupOf[n.ID] = n.TxGroup
+		}
 	}
 	groups := map[uuid.UUID]bool{}
 	for _, g := range groupOf {
@@ -113,13 +127,27 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]P
 		}
 		return newGroups
 	}
+	// The picked rows are locked: which of them were named by an earlier
+	// claim is read meanwhile, on another connection.
+	var excludedDone chan struct{}
+	var excludedIDs map[uuid.UUID]bool
+	var excludedErr error
+	if excluded != nil {
+		excludedDone = make(chan struct{})
+		ids := PickedIDs(picked)
+		go func() {
+			defer close(excludedDone)
+			excludedIDs, excludedErr = excluded(ids)
+		}()
+		defer func() { <-excludedDone }()
+	}
 	pending := ids
 	for rounds := 0; len(pending) > 0 && rounds < maxGroupRounds; rounds++ {
 		// A group's members name it in tx_group; its first message, if
 		// not in hand yet, is the row whose id it is.
 		gIn, gArg := s.dialect.InIDs(q("tx_group"), pending)
 		var members []row
-		err = tx.Raw("SELECT "+cols+" FROM "+s.QuotedTable()+" WHERE "+q("state")+" = 'pending' AND "+gIn, gArg).Scan(&members).Error
+		err := tx.Raw("SELECT "+cols+" FROM "+s.QuotedTable()+" WHERE "+q("state")+" = 'pending' AND "+gIn, gArg).Scan(&members).Error
 		if err != nil {
 			return nil, err
 		}
@@ -192,9 +220,6 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]P
 			blocked[g] = true
 		}
 	}
-	if len(outside) == 0 && len(blocked) == 0 && len(heldFrom) == 0 {
-		return picked, nil
-	}
 	var joining []Picked
 	for _, m := range outside {
 		if !blocked[groupOf[m.ID]] {
@@ -221,6 +246,36 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked) ([]P
 				joining = append(joining, m)
 			}
 		}
+	}
+	if excluded != nil {
+		<-excludedDone
+		if excludedErr != nil {
+			return nil, excludedErr
+		}
+		if len(joining) > 0 {
+			more, err := excluded(PickedIDs(joining))
+			if err != nil {
+				return nil, err
+			}
+			if excludedIDs == nil {
+				excludedIDs = map[uuid.UUID]bool{}
+			}
+			for id := range more {
+				excludedIDs[id] = true
+			}
+		}
+		for _, m := range append(append([]Picked(nil), picked...), joining...) {
+			if !excludedIDs[m.ID] {
+				continue
+			}
+			blocked[groupOf[m.ID]] = true
+			if h, ok := heldFrom[m.Key]; m.Key != "" && (!ok || lessID(m.ID, h)) {
+				heldFrom[m.Key] = m.ID
+			}
+		}
+	}
+	if len(outside) == 0 && len(blocked) == 0 && len(heldFrom) == 0 {
+		return picked, nil
 	}
 	// A candidate that does not join (its group is blocked, or its row
 	// could not be locked) holds its key like a message in flight: no

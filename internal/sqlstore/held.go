@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"database/sql/driver"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -142,6 +143,21 @@ func (f *inFlight) remove(msgs []Picked) {
 // transaction's context, whose end rolls it back (the rows are free again).
 // A claim of no message holds nothing.
 func (h *HeldClaims) Claim(ctx, work context.Context, opts core.ClaimOptions) (*HeldClaim, error) {
+	return h.claim(ctx, work, opts, false, nil)
+}
+
+// ClaimWhole is Claim for exactly-once mode: the claim holds whole
+// transaction groups (see completeGroups), and leaves out, with their
+// groups and the later messages of their keys, the rows that excluded
+// names among those it locked: rows of an earlier claim whose broker
+// transaction is not settled yet, free since its transaction ended.
+// excluded runs once every row of the claim is locked, so that it sees
+// every claim that locked one of them before.
+func (h *HeldClaims) ClaimWhole(ctx, work context.Context, opts core.ClaimOptions, excluded func([]uuid.UUID) (map[uuid.UUID]bool, error)) (*HeldClaim, error) {
+	return h.claim(ctx, work, opts, true, excluded)
+}
+
+func (h *HeldClaims) claim(ctx, work context.Context, opts core.ClaimOptions, whole bool, excluded func([]uuid.UUID) (map[uuid.UUID]bool, error)) (*HeldClaim, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -166,7 +182,12 @@ func (h *HeldClaims) Claim(ctx, work context.Context, opts core.ClaimOptions) (*
 		if err != nil {
 			return err
 		}
-		if len(locked) < len(c.msgs) {
+		if whole && len(locked) > 0 {
+			if locked, err = h.store.completeGroups(c.tx, now, locked, excluded); err != nil {
+				return err
+			}
+		}
+		if whole || len(locked) < len(c.msgs) {
 			h.flying.remove(c.msgs)
 			h.flying.add(locked)
 		}
@@ -287,7 +308,23 @@ func (c *HeldClaim) Messages() []*core.OutboxMessage {
 // Record records the results in the claim's transaction and commits it;
 // the released messages, left as they were, are due again.
 func (c *HeldClaim) Record(_ context.Context, published []uuid.UUID, failures []core.Failure, _ []uuid.UUID) error {
-	return c.finish(published, failures)
+	return c.finish(published, failures, nil)
+}
+
+// RecordWith is Record that also runs also in the claim's transaction,
+// which commits even if no result is to be written.
+func (c *HeldClaim) RecordWith(published []uuid.UUID, failures []core.Failure, also func(tx *gorm.DB) error) error {
+	return c.finish(published, failures, also)
+}
+
+// Alive checks that the claim's transaction is still open, its rows still
+// locked: the database ends the transaction of a connection it lost, and
+// of one that stayed idle past the lease.
+func (c *HeldClaim) Alive() error {
+	if c == nil || c.done || c.tx == nil {
+		return errors.New("outbox: the claim's transaction has ended")
+	}
+	return c.tx.Exec("SELECT 1").Error
 }
 
 // GiveBack rolls the claim back: every message is due again.
@@ -301,11 +338,11 @@ func (c *HeldClaim) End() { c.abandon() }
 
 // finish records the sends' results in the claim's transaction and
 // commits it; the messages not among them are left as they were, due.
-func (c *HeldClaim) finish(published []uuid.UUID, failures []core.Failure) error {
+func (c *HeldClaim) finish(published []uuid.UUID, failures []core.Failure, also func(tx *gorm.DB) error) error {
 	if c == nil || c.done {
 		return nil
 	}
-	if len(published) == 0 && len(failures) == 0 {
+	if len(published) == 0 && len(failures) == 0 && also == nil {
 		c.abandon()
 		return nil
 	}
@@ -314,6 +351,9 @@ func (c *HeldClaim) finish(published []uuid.UUID, failures []core.Failure) error
 	err := c.markPublished(published)
 	if err == nil {
 		err = c.h.store.MarkFailedOn(c.tx, nil, failures)
+	}
+	if err == nil && also != nil {
+		err = also(c.tx)
 	}
 	if err != nil {
 		c.tx.Rollback()
@@ -373,7 +413,7 @@ func PickedIDs(picked []Picked) []uuid.UUID {
 // the messages not among them are left as they were, due. Abandon rolls it
 // back. Tx is the claim's transaction. For the database packages' tests.
 func (c *HeldClaim) Finish(published []uuid.UUID, failures []core.Failure) error {
-	return c.finish(published, failures)
+	return c.finish(published, failures, nil)
 }
 func (c *HeldClaim) Abandon()     { c.abandon() }
 func (c *HeldClaim) Tx() *gorm.DB { return c.tx }

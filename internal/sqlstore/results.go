@@ -134,3 +134,14 @@ func (s *Store) ResolveToken(tx *gorm.DB, token string, published bool) error {
 	}
 	return nil
 }
+
+// PublishPending records as published the rows among ids still pending:
+// the rows of an exactly-once held claim whose broker transaction
+// committed while its own transaction did not.
+func (s *Store) PublishPending(tx *gorm.DB, ids []uuid.UUID) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	in, arg := s.dialect.InIDs(s.Quote("id"), ids)
+	return s.MarkPublishedWhere(tx, len(ids), in+" AND "+s.Quote("state")+" = 'pending'", arg)
+}

@@ -130,6 +130,18 @@ func (s *Store) ClaimBatch(ctx, work context.Context, opts core.ClaimOptions) (B
 	return &LeaseBatch{Store: s, Token: token, Msgs: msgs}, nil
 }
 
+// WholeClaimer is a dialect whose held claims can hold whole transaction
+// groups (HeldClaims.ClaimWhole): exactly-once mode claims through it.
+type WholeClaimer interface {
+	ClaimWhole(ctx, work context.Context, opts core.ClaimOptions, excluded func([]uuid.UUID) (map[uuid.UUID]bool, error)) (*HeldClaim, error)
+}
+
+// WholeClaimer is the dialect's, if its claims are held (nil otherwise).
+func (s *Store) WholeClaimer() WholeClaimer {
+	w, _ := s.dialect.(WholeClaimer)
+	return w
+}
+
 // Listens reports whether the database can tell publishers of other
 // processes' enqueues.
 func (s *Store) Listens() bool {
