@@ -708,7 +708,11 @@ func (p *Publisher) sendTxn(work context.Context, h *slotHolder, token string, m
 			// Nothing was committed: the batch was not safe to commit.
 			// The producer may still have the transaction open, so the
 			// slot is opened again before it sends anything else.
-			p.tel.recordBatch(work, span, started, now, msgs, make([]error, len(msgs)), nil)
+			errs := make([]error, len(msgs))
+			for i := range errs {
+				errs[i] = ErrHeldBack // handed back unsent, as a stop does
+			}
+			p.tel.recordBatch(work, span, started, now, msgs, errs, nil)
 			h.closeProducer()
 			if errors.Is(err, errSlotLost) {
 				h.drop()

@@ -419,6 +419,40 @@ func TestExactlyOnceSettlesAClaimWhoseCommitLooksFailed(t *testing.T) {
 	})
 }
 
+// A slots table made before the slots named their claim's rows gets the
+// column at the mode's first start.
+func TestExactlyOnceAddsTheClaimsRowsColumnToAnOlderSlotsTable(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		_, addrs := outboxtest.Kafka(t, 3, "eo")
+		slots := outbox.SlotTableName(outbox.DefaultTableName)
+		ts := "timestamp"
+		if db.Dialector.Name() == "mysql" {
+			ts = "datetime(3)"
+		}
+		err := db.Exec("CREATE TABLE " + slots + " (transactional_id varchar(255) PRIMARY KEY, owner varchar(128), lease_until " + ts + " NOT NULL," +
+			" pending varchar(36), commits bigint NOT NULL DEFAULT 0, aborts bigint NOT NULL DEFAULT 0, takeovers bigint NOT NULL DEFAULT 0," +
+			" last_error varchar(1000) NOT NULL DEFAULT '', updated_at " + ts + " NOT NULL)").Error
+		if err != nil {
+			t.Fatal(err)
+		}
+		payloads := enqueueTxnEvents(t, db, "eo", 30, 3)
+		pub, err := outbox.NewPublisher(db, transactionalSender(t, addrs, "eo-"+uuid.NewString()[:8], kafka.WithSlots(1)), outbox.WithWorkers(1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range 3 {
+			if _, err := pub.PublishOnce(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if !db.Migrator().HasColumn(slots, "pending_ids") {
+			t.Fatal("the slots table has no pending_ids column")
+		}
+		waitUntilPublished(t, db, 5*time.Second)
+		checkExactlyOnce(t, addrs, "eo", payloads)
+	})
+}
+
 // The index of transaction groups is read by exactly-once claims only. On
 // MariaDB and MySQL, without partial indexes, it would hold an entry for
 // every row, so the plugin's table lacks it and exactly-once mode creates
