@@ -311,10 +311,10 @@ func (c *HeldClaim) Record(_ context.Context, published []uuid.UUID, failures []
 	return c.finish(published, failures, nil)
 }
 
-// RecordWith is Record that also runs also in the claim's transaction,
-// which commits even if no result is to be written.
-func (c *HeldClaim) RecordWith(published []uuid.UUID, failures []core.Failure, also func(tx *gorm.DB) error) error {
-	return c.finish(published, failures, also)
+// RecordWith is Record that also runs fn in the claim's transaction,
+// which then commits even if no result is to be written.
+func (c *HeldClaim) RecordWith(published []uuid.UUID, failures []core.Failure, fn func(tx *gorm.DB) error) error {
+	return c.finish(published, failures, fn)
 }
 
 // Alive checks that the claim's transaction is still open, its rows still
