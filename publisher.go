@@ -214,6 +214,9 @@ func NewPublisher(db *gorm.DB, sender Sender, opts ...PublisherOption) (*Publish
 		if err != nil {
 			return nil, err
 		}
+		if err := m.checkPool(cfg.workers); err != nil {
+			return nil, err
+		}
 		p.txn = m
 	}
 	return p, nil

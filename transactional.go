@@ -131,6 +131,25 @@ func newTxnMode(sender TransactionalSender, store Store, lease time.Duration, te
 		lease: lease, host: fmt.Sprintf("%s/%d", host, os.Getpid()), tel: tel}, nil
 }
 
+// checkPool refuses a pool too small for workers held claims: each holds
+// one connection for its claim and takes a second to name the claim in
+// its slot, and with every connection held by a claim none could.
+func (m *txnMode) checkPool(workers int) error {
+	if m.store.engine.WholeClaimer() == nil {
+		return nil
+	}
+	sqlDB, err := m.store.engine.SQLDB()
+	if err != nil {
+		return fmt.Errorf("outbox: exactly-once mode: reading the connection pool: %w", err)
+	}
+	need := 2*workers + 1 // and one for the wake-ups' listener
+	if limit := sqlDB.Stats().MaxOpenConnections; limit > 0 && limit < need {
+		return fmt.Errorf("outbox: exactly-once mode needs two database connections a worker (one holds the claim, one names it in its slot) and one more: "+
+			"the pool allows %d (SetMaxOpenConns) for %d workers; allow at least %d, or use fewer workers (WithWorkers)", limit, workers, need)
+	}
+	return nil
+}
+
 // migrate creates the slots table and its rows, and the index of the
 // outbox table's transaction groups where its schema has none, once, when
 // the database first answers.
@@ -144,7 +163,8 @@ func (m *txnMode) migrate(ctx context.Context) error {
 		return err
 	}
 	db := m.db.WithContext(ctx)
-	// Created if missing, never altered: GORM's column reads of an existing
+	// Created if missing, and given the column a table made before it
+	// lacks; never altered otherwise: GORM's column reads of an existing
 	// table fail through lib/pq. A CREATE that fails because another
 	// process created the table at the same moment is no failure.
 	if !db.Migrator().HasTable(m.table) {
@@ -209,7 +229,7 @@ func (h *slotHolder) acquire(ctx context.Context) (bool, error) {
 	db := h.m.db.WithContext(ctx)
 	now := time.Now().UTC()
 	var free []slotRow
-	err := db.Table(h.m.table).Select("transactional_id", "owner").Where("lease_until < ?", now).
+	err := db.Table(h.m.table).Select("transactional_id", "owner").Where("lease_until < ? AND transactional_id IN ?", now, h.m.slotIDs()).
 		Order("CASE WHEN pending IS NULL THEN 1 ELSE 0 END, transactional_id").Limit(8).Find(&free).Error
 	if err != nil {
 		return false, err
@@ -238,6 +258,15 @@ func (h *slotHolder) acquire(ctx context.Context) (bool, error) {
 		}
 	}
 	return false, nil
+}
+
+// slotIDs are the transactional ids of the sender's slots.
+func (m *txnMode) slotIDs() []string {
+	ids := make([]string, m.sender.Slots())
+	for i := range ids {
+		ids[i] = m.sender.TransactionalID(i)
+	}
+	return ids
 }
 
 func (h *slotHolder) slotOf(id string) int {
@@ -308,7 +337,7 @@ func (h *slotHolder) settle(ctx context.Context) error {
 		return err
 	}
 	h.m.tel.noteTransaction("settled_" + counter)
-	h.pending, h.committed = "", false
+	h.pending, h.committed, h.renewed = "", false, time.Now().UTC()
 	return nil
 }
 
@@ -369,12 +398,13 @@ func (h *slotHolder) settled(ctx context.Context, token string, published bool, 
 	if err != nil {
 		return err
 	}
-	h.pending, h.committed = "", false
+	h.pending, h.committed, h.renewed = "", false, time.Now().UTC()
 	return nil
 }
 
 // clearPending clears, on tx, the slot's pending claim token, counting it
-// committed or aborted, and renews the lease.
+// committed or aborted, and renews the lease (h.renewed is the caller's to
+// set once tx commits).
 func (h *slotHolder) clearPending(tx *gorm.DB, token string, committed bool) error {
 	counter := "aborts"
 	if committed {
@@ -382,12 +412,8 @@ func (h *slotHolder) clearPending(tx *gorm.DB, token string, committed bool) err
 	}
 	now := time.Now().UTC()
 	where, args := h.where()
-	err := tx.Table(h.m.table).Where(where+" AND pending = ?", append(args, token)...).
+	return tx.Table(h.m.table).Where(where+" AND pending = ?", append(args, token)...).
 		Updates(map[string]any{"pending": nil, "pending_ids": nil, counter: gorm.Expr(counter + " + 1"), "lease_until": now.Add(h.m.lease), "updated_at": now}).Error
-	if err == nil {
-		h.renewed = now
-	}
-	return err
 }
 
 // name names a held claim's rows as the slot's pending claim, in a
@@ -674,7 +700,9 @@ func (p *Publisher) publishHeldTxn(ctx, work context.Context, h *slotHolder, w s
 			// A claim whose transaction ended before its rows were named
 			// (a pause past the lease) may have lost them to another
 			// claim, which did not see them named.
-			naming.err = c.Alive()
+			if err := c.Alive(); err != nil {
+				naming.err = fmt.Errorf("outbox: the claim's transaction ended before its batch was named in slot %s; the batch is not sent: %w", h.id, err)
+			}
 		}
 	}()
 	ready := func() error {
@@ -688,9 +716,13 @@ func (p *Publisher) publishHeldTxn(ctx, work context.Context, h *slotHolder, w s
 		return nil
 	}
 	return p.sendTxn(work, h, token, msgs, res, ready, func(committed bool, o batchOutcomes) error {
-		return c.RecordWith(o.published, o.failures, func(tx *gorm.DB) error {
+		err := c.RecordWith(o.published, o.failures, func(tx *gorm.DB) error {
 			return h.clearPending(tx, token, committed)
 		})
+		if err == nil {
+			h.renewed = time.Now().UTC()
+		}
+		return err
 	})
 }
 
@@ -704,7 +736,12 @@ func (p *Publisher) sendTxn(work context.Context, h *slotHolder, token string, m
 	sendErr := h.producer.SendInTransaction(sendCtx, token, msgs, ready)
 	now := time.Now()
 	if ready != nil {
-		if err := ready(); err != nil {
+		if err := ready(); err != nil && sendErr == nil {
+			// A SlotProducer that commits without its permission: the
+			// batch is delivered, and recorded so as best can be.
+			p.cfg.logger.Error("outbox: the slot's producer committed a transaction that was not ready to commit (its SendInTransaction must call ready first): "+
+				"exactly-once delivery cannot hold; the batch is recorded as published", "transactional_id", h.id, "messages", len(msgs), "error", err)
+		} else if err != nil {
 			// Nothing was committed: the batch was not safe to commit.
 			// The producer may still have the transaction open, so the
 			// slot is opened again before it sends anything else.
@@ -713,6 +750,7 @@ func (p *Publisher) sendTxn(work context.Context, h *slotHolder, token string, m
 				errs[i] = ErrHeldBack // handed back unsent, as a stop does
 			}
 			p.tel.recordBatch(work, span, started, now, msgs, errs, nil)
+			res.Released = len(msgs)
 			h.closeProducer()
 			if errors.Is(err, errSlotLost) {
 				h.drop()
@@ -826,8 +864,15 @@ func (p *Publisher) sweepSlots(ctx context.Context) {
 		if err := p.txn.migrate(ctx); err != nil {
 			continue
 		}
+		var stranded []string
+		err := p.txn.db.WithContext(ctx).Table(p.txn.table).Where("pending IS NOT NULL AND lease_until < ? AND transactional_id NOT IN ?", time.Now().UTC(), p.txn.slotIDs()).
+			Pluck("transactional_id", &stranded).Error
+		if err == nil && len(stranded) > 0 {
+			p.cfg.logger.Error("outbox: slots that are not this publisher's (another transactional id, or more slots than WithSlots) hold a batch in flight; "+
+				"its messages, and the later messages of their keys, wait until a publisher with those slots settles them", "transactional_ids", stranded)
+		}
 		var stale int64
-		err := p.txn.db.WithContext(ctx).Table(p.txn.table).Where("pending IS NOT NULL AND lease_until < ?", time.Now().UTC()).Count(&stale).Error
+		err = p.txn.db.WithContext(ctx).Table(p.txn.table).Where("pending IS NOT NULL AND lease_until < ? AND transactional_id IN ?", time.Now().UTC(), p.txn.slotIDs()).Count(&stale).Error
 		if err != nil || stale == 0 {
 			continue
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -416,6 +417,33 @@ func TestExactlyOnceSettlesAClaimWhoseCommitLooksFailed(t *testing.T) {
 			t.Fatal(err)
 		}
 		checkExactlyOnce(t, addrs, "eo", payloads)
+	})
+}
+
+// Held claims take a second connection to name their rows in the slot:
+// a pool with too few for the workers would leave every worker waiting for
+// one, so the publisher refuses it and says what to change.
+func TestExactlyOnceRefusesAPoolTooSmallForItsWorkers(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		sqlDB, err := db.DB()
+		if err != nil {
+			t.Fatal(err)
+		}
+		sqlDB.SetMaxOpenConns(4)
+		_, addrs := outboxtest.Kafka(t, 1, "eo")
+		sender := transactionalSender(t, addrs, "eo-"+uuid.NewString()[:8])
+		_, err = outbox.NewPublisher(db, sender, outbox.WithWorkers(2))
+		held := db.Dialector.Name() != "sqlite"
+		if held && (err == nil || !strings.Contains(err.Error(), "SetMaxOpenConns")) {
+			t.Fatalf("4 connections for 2 workers: got %v, want an error naming SetMaxOpenConns", err)
+		}
+		if !held && err != nil {
+			t.Fatalf("SQLite's lease claims need one connection: got %v", err)
+		}
+		sqlDB.SetMaxOpenConns(5)
+		if _, err := outbox.NewPublisher(db, sender, outbox.WithWorkers(2)); err != nil {
+			t.Fatalf("5 connections for 2 workers: %v", err)
+		}
 	})
 }
 

@@ -136,9 +136,14 @@ type WholeClaimer interface {
 	ClaimWhole(ctx, work context.Context, opts core.ClaimOptions, excluded func([]uuid.UUID) (map[uuid.UUID]bool, error)) (*HeldClaim, error)
 }
 
-// WholeClaimer is the dialect's, if its claims are held (nil otherwise).
+// WholeClaimer is the dialect's, if its claims are held (nil otherwise,
+// and where the pool is not a *sql.DB, whose connections a held claim
+// needs to set up).
 func (s *Store) WholeClaimer() WholeClaimer {
 	w, _ := s.dialect.(WholeClaimer)
+	if _, err := s.SQLDB(); err != nil {
+		return nil
+	}
 	return w
 }
 
