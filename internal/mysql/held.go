@@ -64,7 +64,7 @@ func (d *dialect) LockHeld(tx *gorm.DB, conn *sql.Conn, now time.Time, picked []
 	}
 	if conn != nil {
 		secs := max(int64((lease+time.Second-1)/time.Second), 1)
-		if err := tx.Exec("SET @outbox_wait_timeout = @@SESSION.wait_timeout, SESSION wait_timeout = " + strconv.FormatInt(secs, 10)).Error; err != nil {
+		if err := tx.Exec(setWaitTimeout(secs)).Error; err != nil {
 			return nil, err
 		}
 	}
@@ -198,4 +198,33 @@ func (d *dialect) lockPicked(tx *gorm.DB, now time.Time, picked []sqlstore.Picke
 // ClaimWhole is the exactly-once claim: held, of whole transaction groups.
 func (d *dialect) ClaimWhole(ctx, work context.Context, opts core.ClaimOptions, excluded func([]uuid.UUID) (map[uuid.UUID]bool, error)) (*sqlstore.HeldClaim, error) {
 	return d.held.ClaimWhole(ctx, work, opts, excluded)
+}
+
+// setWaitTimeout sets the session's wait_timeout to secs, keeping its own
+// value, the first time, for AfterHeld to put back.
+func setWaitTimeout(secs int64) string {
+	return "SET @outbox_wait_timeout = COALESCE(@outbox_wait_timeout, @@SESSION.wait_timeout), SESSION wait_timeout = " + strconv.FormatInt(secs, 10)
+}
+
+// wholeTurnWait bounds the wait for the exactly-once claims' turn, in
+// seconds: its holder locks and completes one batch's groups.
+const wholeTurnWait = 30
+
+// TakeWholeTurn takes the exactly-once claims' turn as a named lock of the
+// claim's connection, given back before the transaction ends. The
+// connection's wait_timeout is set to the lease first, so that a publisher
+// frozen with the turn loses it with its connection.
+func (d *dialect) TakeWholeTurn(tx *gorm.DB, lease time.Duration) (func() error, error) {
+	if err := tx.Exec(setWaitTimeout(max(int64((lease+time.Second-1)/time.Second), 1))).Error; err != nil {
+		return nil, err
+	}
+	name := d.lockName(tx, d.store.LockKey(sqlstore.WholeClaimTurn))
+	var got sql.NullInt64
+	if err := tx.Raw("SELECT GET_LOCK(?, ?)", name, wholeTurnWait).Scan(&got).Error; err != nil {
+		return nil, err
+	}
+	if !got.Valid || got.Int64 != 1 {
+		return nil, fmt.Errorf("outbox: waited %ds for the exactly-once claims' turn (named lock %s)", wholeTurnWait, name)
+	}
+	return func() error { return tx.Exec("SELECT RELEASE_LOCK(?)", name).Error }, nil
 }

@@ -370,3 +370,17 @@ func TakesPgxPath(ctx context.Context, db *gorm.DB) (bool, error) {
 func (d *dialect) ClaimWhole(ctx, work context.Context, opts core.ClaimOptions, excluded func([]uuid.UUID) (map[uuid.UUID]bool, error)) (*sqlstore.HeldClaim, error) {
 	return d.held.ClaimWhole(ctx, work, opts, excluded)
 }
+
+// TakeWholeTurn takes the exactly-once claims' turn as a session advisory
+// lock, given back before the transaction ends; the same statement sets
+// the transaction's idle timeout, so that a publisher frozen with the turn
+// loses it with its transaction.
+func (d *dialect) TakeWholeTurn(tx *gorm.DB, lease time.Duration) (func() error, error) {
+	key := d.store.LockKey(sqlstore.WholeClaimTurn)
+	err := tx.Exec("SELECT set_config('idle_in_transaction_session_timeout', ?, true), pg_advisory_lock(?)",
+		strconv.FormatInt(max(lease.Milliseconds(), 1), 10), key).Error
+	if err != nil {
+		return nil, err
+	}
+	return func() error { return tx.Exec("SELECT pg_advisory_unlock(?)", key).Error }, nil
+}

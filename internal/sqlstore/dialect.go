@@ -77,6 +77,8 @@ const (
 	// whose commit must be on disk before it returns: an exactly-once
 	// claim, which a broker transaction may commit on the strength of.
 	DurableClaimTurn
+	// WholeClaimTurn is the turn of exactly-once held claims (WholeTurn).
+	WholeClaimTurn
 )
 
 // Notifier tells the publishers of other processes that an enqueue has

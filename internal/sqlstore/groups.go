@@ -83,8 +83,22 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked, excl
 		MessageKey    string
 		TxGroup       uuid.NullUUID
 		NextAttemptAt time.Time
+		State         string
 	}
-	cols := q("id") + ", " + q("message_key") + ", " + q("tx_group") + ", " + q("next_attempt_at")
+	cols := q("id") + ", " + q("message_key") + ", " + q("tx_group") + ", " + q("next_attempt_at") + ", " + q("state")
+	// The groups' members and leaders are read by tx_group and by id, and
+	// their state is checked here: with the state in the SQL, a planner
+	// whose statistics lag a fast-growing backlog may walk the whole
+	// pending index instead of the group index.
+	pendingOnly := func(rows []row) []row {
+		out := rows[:0]
+		for _, r := range rows {
+			if r.State == string(core.StatePending) {
+				out = append(out, r)
+			}
+		}
+		return out
+	}
 	var outside []Picked
 	blocked := map[uuid.UUID]bool{}
 	seen := map[uuid.UUID]bool{}
@@ -147,10 +161,11 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked, excl
 		// not in hand yet, is the row whose id it is.
 		gIn, gArg := s.dialect.InIDs(q("tx_group"), pending)
 		var members []row
-		err := tx.Raw("SELECT "+cols+" FROM "+s.QuotedTable()+" WHERE "+q("state")+" = 'pending' AND "+gIn, gArg).Scan(&members).Error
+		err := tx.Raw("SELECT "+cols+" FROM "+s.QuotedTable()+" WHERE "+gIn, gArg).Scan(&members).Error
 		if err != nil {
 			return nil, err
 		}
+		members = pendingOnly(members)
 		var leaders []uuid.UUID
 		for _, g := range pending {
 			if !seen[g] {
@@ -160,11 +175,11 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked, excl
 		if len(leaders) > 0 {
 			idIn, idArg := s.dialect.InIDs(q("id"), leaders)
 			var more []row
-			err = tx.Raw("SELECT "+cols+" FROM "+s.QuotedTable()+" WHERE "+q("state")+" = 'pending' AND "+idIn, idArg).Scan(&more).Error
+			err = tx.Raw("SELECT "+cols+" FROM "+s.QuotedTable()+" WHERE "+idIn, idArg).Scan(&more).Error
 			if err != nil {
 				return nil, err
 			}
-			members = append(members, more...)
+			members = append(members, pendingOnly(more)...)
 		}
 		before := len(outside)
 		next := add(members, nil)

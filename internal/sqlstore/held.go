@@ -69,6 +69,21 @@ type HeldClaim struct {
 	msgs   []Picked // with the addresses where the lock found them
 	done   bool
 	locked bool // LockHeld ran with rows to lock (see Holder.AfterHeld)
+	// turnKept: the claim could not give its turn back (WholeTurn), so its
+	// connection, which would keep it, is closed instead of pooled.
+	turnKept bool
+}
+
+// WholeTurn is a Holder whose exactly-once claims take turns across
+// processes from their lock to the end of their groups' completion. Two
+// claims that locked rows at once would each hold rows of the other's
+// groups, and each drop the groups it cannot complete, again and again.
+type WholeTurn interface {
+	// TakeWholeTurn takes the turn in the claim's transaction tx (a lock
+	// of its session), and also makes the database end that transaction
+	// if it stays idle for longer than lease; release gives the turn back
+	// while the transaction stays open.
+	TakeWholeTurn(tx *gorm.DB, lease time.Duration) (release func() error, err error)
 }
 
 // inFlight is the set of rows this process's held claims have locked, with
@@ -178,6 +193,17 @@ func (h *HeldClaims) claim(ctx, work context.Context, opts core.ClaimOptions, wh
 		// the walk left out of the rows (see walkKeys): walks take turns,
 		// locks do not.
 		c.locked = len(c.msgs) > 0
+		if t, ok := h.holder.(WholeTurn); whole && ok && c.locked {
+			release, err := t.TakeWholeTurn(c.tx, opts.Lease)
+			if err != nil {
+				return err
+			}
+			defer func() {
+				if release() != nil {
+					c.turnKept = true
+				}
+			}()
+		}
 		locked, err := h.holder.LockHeld(c.tx, c.conn, now, c.msgs, opts.Lease)
 		if err != nil {
 			return err
@@ -383,7 +409,7 @@ func (c *HeldClaim) abandon() {
 func (c *HeldClaim) release() {
 	c.h.flying.claims.Add(-1)
 	if c.conn != nil {
-		if err := c.afterHeld(); err != nil {
+		if err := c.afterHeld(); err != nil || c.turnKept {
 			_ = c.conn.Raw(func(any) error { return driver.ErrBadConn })
 		}
 		c.conn.Close()
