@@ -203,7 +203,9 @@ func (d *dialect) ClaimWhole(ctx, work context.Context, opts core.ClaimOptions, 
 // setWaitTimeout sets the session's wait_timeout to secs, keeping its own
 // value, the first time, for AfterHeld to put back.
 func setWaitTimeout(secs int64) string {
-	return "SET @outbox_wait_timeout = COALESCE(@outbox_wait_timeout, @@SESSION.wait_timeout), SESSION wait_timeout = " + strconv.FormatInt(secs, 10)
+	// A user variable never set is a NULL string: COALESCE would make the
+	// value a string, which wait_timeout refuses.
+	return "SET @outbox_wait_timeout = CAST(COALESCE(@outbox_wait_timeout, @@SESSION.wait_timeout) AS UNSIGNED), SESSION wait_timeout = " + strconv.FormatInt(secs, 10)
 }
 
 // wholeTurnWait bounds the wait for the exactly-once claims' turn, in
