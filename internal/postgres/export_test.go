@@ -89,3 +89,11 @@ func HeldWalkSQL(s *sqlstore.Store, limit int) (sql string, args []any, setup st
 	sql, args = s.WalkSQL(false, limit)
 	return sql, args, walkSetup
 }
+
+// ClaimWhole is the exactly-once publisher's claim, with nothing excluded.
+func ClaimWhole(ctx context.Context, s *sqlstore.Store, opts core.ClaimOptions) (*sqlstore.HeldClaim, error) {
+	return dialectOf(s).held.ClaimWhole(ctx, ctx, opts, nil)
+}
+
+// WholeTurnKey is the advisory lock key of the exactly-once claims' turn.
+func WholeTurnKey(s *sqlstore.Store) int64 { return s.LockKey(sqlstore.WholeClaimTurn) }

@@ -434,3 +434,92 @@ func TestHeldClaimWalksThePendingIndexWhateverTheStatistics(t *testing.T) {
 		}
 	})
 }
+
+// The exactly-once claims' turn keeps claims whose groups reach beyond
+// their batch from dropping each other's groups; it costs every claim a
+// wait, so a claim of one-message transactions does without it.
+func TestExactlyOnceClaimTakesTheTurnOnlyForGroupsBeyondItsBatch(t *testing.T) {
+	eachBackend(t, func(t *testing.T, db *gorm.DB) {
+		ctx := t.Context()
+		s := newStore(db, false)
+		sqlDB, err := db.DB()
+		if err != nil {
+			t.Fatal(err)
+		}
+		other, err := sqlDB.Conn(ctx) // another process, in its turn
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer other.Close()
+		if _, err := other.ExecContext(ctx, "SELECT pg_advisory_lock($1)", postgres.WholeTurnKey(s)); err != nil {
+			t.Fatal(err)
+		}
+		released := false
+		release := func() {
+			if !released {
+				released = true
+				if _, err := other.ExecContext(ctx, "SELECT pg_advisory_unlock($1)", postgres.WholeTurnKey(s)); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		defer release()
+		claimed := func(opts outbox.ClaimOptions) chan []*outbox.OutboxMessage {
+			out := make(chan []*outbox.OutboxMessage, 1)
+			go func() {
+				c, err := postgres.ClaimWhole(ctx, s, opts)
+				if err != nil {
+					t.Error(err)
+					close(out)
+					return
+				}
+				msgs := c.Messages()
+				ids := make([]uuid.UUID, len(msgs))
+				for i, m := range msgs {
+					ids[i] = m.ID
+				}
+				if err := c.Finish(ids, nil); err != nil {
+					t.Error(err)
+				}
+				out <- msgs
+			}()
+			return out
+		}
+		for _, p := range []string{"1", "2"} {
+			if err := db.Transaction(func(tx *gorm.DB) error {
+				return outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: "k" + p, Payload: p})
+			}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		select {
+		case got := <-claimed(outbox.ClaimOptions{Limit: 10, Lease: time.Minute}):
+			if len(got) != 2 {
+				t.Fatalf("claimed %d one-message transactions, want 2", len(got))
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("a claim of one-message transactions waited for the turn")
+		}
+		if err := db.Transaction(func(tx *gorm.DB) error {
+			return outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: "g", Payload: "1"},
+				outbox.Message{Topic: "t", Key: "g", Payload: "2"}, outbox.Message{Topic: "t", Key: "h", Payload: "3"})
+		}); err != nil {
+			t.Fatal(err)
+		}
+		out := claimed(outbox.ClaimOptions{Limit: 2, Lease: time.Minute})
+		select {
+		case got := <-out:
+			t.Fatalf("a claim whose group reaches beyond its batch claimed %d messages without the turn", len(got))
+		case <-time.After(500 * time.Millisecond):
+		}
+		release()
+		select {
+		case got := <-out:
+			if len(got) != 3 {
+				t.Fatalf("claimed %d messages of a three-message transaction, want all", len(got))
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the claim did not end once the turn was free")
+		}
+	})
+}

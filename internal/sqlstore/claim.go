@@ -106,7 +106,7 @@ func (s *Store) claim(tx *gorm.DB, token string, opts core.ClaimOptions, guard f
 		return nil, err
 	}
 	if guard != nil {
-		if picked, err = s.completeGroups(tx, now, picked, nil); err != nil || len(picked) == 0 {
+		if picked, err = s.completeGroups(tx, now, picked, nil, nil); err != nil || len(picked) == 0 {
 			return nil, err
 		}
 		if err := guard(tx); err != nil {

@@ -27,8 +27,10 @@ const maxGroupRounds = 64
 //
 // excluded, if not nil, is asked about every row of the batch once it is
 // locked (about the picked rows while the groups are read, from another
-// goroutine): those it names leave like a blocked group's.
-func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked, excluded func([]uuid.UUID) (map[uuid.UUID]bool, error)) ([]Picked, error) {
+// goroutine): those it names leave like a blocked group's. reaching, if
+// not nil, is called once the groups are found to reach beyond the batch,
+// before any row outside it is locked; its error ends the completion.
+func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked, excluded func([]uuid.UUID) (map[uuid.UUID]bool, error), reaching func() error) ([]Picked, error) {
 	if len(picked) == 0 {
 		return picked, nil
 	}
@@ -183,6 +185,11 @@ func (s *Store) completeGroups(tx *gorm.DB, now time.Time, picked []Picked, excl
 		}
 		before := len(outside)
 		next := add(members, nil)
+		if rounds == 0 && len(outside) > 0 && reaching != nil {
+			if err := reaching(); err != nil {
+				return nil, err
+			}
+		}
 		// Each joining message's key must have nothing older pending
 		// outside the batch: what it has joins too, or blocks.
 		newest := map[string]uuid.UUID{}

@@ -53,6 +53,11 @@ type HeldClaims struct {
 	store  *Store
 	holder Holder
 	flying inFlight // rows locked by this process's held claims
+
+	// turnUntil (Unix nanoseconds): until then, exactly-once claims take
+	// the WholeTurn before they lock, as the last claim whose groups
+	// reached beyond its batch found they had to.
+	turnUntil atomic.Int64
 }
 
 // NewHeldClaims returns the held claims of store's table through holder.
@@ -78,6 +83,14 @@ type HeldClaim struct {
 // processes from their lock to the end of their groups' completion. Two
 // claims that locked rows at once would each hold rows of the other's
 // groups, and each drop the groups it cannot complete, again and again.
+//
+// The turn is for liveness only, and costs every claim two statements and
+// a wait: a claim takes it only while its process's claims have lately
+// met groups reaching beyond their batch (turnStays). A claim without the
+// turn whose groups reach beyond its batch gives its rows back before it
+// locks another and claims again with the turn (errTurnNeeded); one whose
+// groups are whole in its batch (one-message transactions, or groups the
+// walk picked whole) contends with no other claim's groups.
 type WholeTurn interface {
 	// TakeWholeTurn takes the turn in the claim's transaction tx (a lock
 	// of its session), and also makes the database end that transaction
@@ -158,7 +171,7 @@ func (f *inFlight) remove(msgs []Picked) {
 // transaction's context, whose end rolls it back (the rows are free again).
 // A claim of no message holds nothing.
 func (h *HeldClaims) Claim(ctx, work context.Context, opts core.ClaimOptions) (*HeldClaim, error) {
-	return h.claim(ctx, work, opts, false, nil)
+	return h.claim(ctx, work, opts, false, false, nil)
 }
 
 // ClaimWhole is Claim for exactly-once mode: the claim holds whole
@@ -169,10 +182,34 @@ func (h *HeldClaims) Claim(ctx, work context.Context, opts core.ClaimOptions) (*
 // excluded runs once every row of the claim is locked, so that it sees
 // every claim that locked one of them before.
 func (h *HeldClaims) ClaimWhole(ctx, work context.Context, opts core.ClaimOptions, excluded func([]uuid.UUID) (map[uuid.UUID]bool, error)) (*HeldClaim, error) {
-	return h.claim(ctx, work, opts, true, excluded)
+	_, turns := h.holder.(WholeTurn)
+	withTurn := turns && time.Now().UnixNano() < h.turnUntil.Load()
+	c, err := h.claim(ctx, work, opts, true, withTurn, excluded)
+	if errors.Is(err, errTurnNeeded) {
+		return h.claim(ctx, work, opts, true, true, excluded)
+	}
+	return c, err
 }
 
-func (h *HeldClaims) claim(ctx, work context.Context, opts core.ClaimOptions, whole bool, excluded func([]uuid.UUID) (map[uuid.UUID]bool, error)) (*HeldClaim, error) {
+// turnStays is how long a process's exactly-once claims keep taking the
+// WholeTurn once one met groups reaching beyond its batch: a backlog of
+// multi-message transactions keeps them in it, a quiet spell of
+// one-message transactions lets them out.
+const turnStays = time.Second
+
+// errTurnNeeded ends a claim made without the WholeTurn whose groups reach
+// beyond its batch: it claims again with the turn.
+var errTurnNeeded = errors.New("the claim's groups reach beyond its batch: claiming again with the exactly-once claims' turn")
+
+// keepTurn makes the next turnStays of exactly-once claims take the turn.
+func (h *HeldClaims) keepTurn() {
+	h.turnUntil.Store(time.Now().Add(turnStays).UnixNano())
+}
+
+// claim is a held claim; whole, of whole transaction groups, taking the
+// WholeTurn if withTurn, or else ending with errTurnNeeded if its groups
+// reach beyond its batch.
+func (h *HeldClaims) claim(ctx, work context.Context, opts core.ClaimOptions, whole, withTurn bool, excluded func([]uuid.UUID) (map[uuid.UUID]bool, error)) (*HeldClaim, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -193,7 +230,8 @@ func (h *HeldClaims) claim(ctx, work context.Context, opts core.ClaimOptions, wh
 		// the walk left out of the rows (see walkKeys): walks take turns,
 		// locks do not.
 		c.locked = len(c.msgs) > 0
-		if t, ok := h.holder.(WholeTurn); whole && ok && c.locked {
+		t, turns := h.holder.(WholeTurn)
+		if whole && turns && withTurn && c.locked {
 			release, err := t.TakeWholeTurn(c.tx, opts.Lease)
 			if err != nil {
 				return err
@@ -209,7 +247,14 @@ func (h *HeldClaims) claim(ctx, work context.Context, opts core.ClaimOptions, wh
 			return err
 		}
 		if whole && len(locked) > 0 {
-			if locked, err = h.store.completeGroups(c.tx, now, locked, excluded); err != nil {
+			reaching := func() error {
+				h.keepTurn()
+				if turns && !withTurn {
+					return errTurnNeeded
+				}
+				return nil
+			}
+			if locked, err = h.store.completeGroups(c.tx, now, locked, excluded, reaching); err != nil {
 				return err
 			}
 		}
