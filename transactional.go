@@ -657,7 +657,8 @@ func (p *Publisher) publishTxn(ctx, work context.Context, h *slotHolder) (BatchR
 // MariaDB/MySQL): the claim's rows stay locked in its transaction across
 // the send, unstamped, and the slot names them instead; the outcome and
 // the slot's cleared claim commit with that transaction. Each row is
-// written once, and claims do not take turns.
+// written once; claims take turns only to complete groups that reach
+// beyond their batch (sqlstore.WholeTurn).
 func (p *Publisher) publishHeldTxn(ctx, work context.Context, h *slotHolder, w sqlstore.WholeClaimer, token string) (BatchResult, error) {
 	var res BatchResult
 	m := p.txn

@@ -108,3 +108,59 @@ func TestAnAbandonedHeldClaimEndsAfterTheLease(t *testing.T) {
 	}
 	held.Abandon() // its connection is gone: nothing to roll back
 }
+
+// The exactly-once claims' turn (a named lock) is taken only by a claim
+// whose transaction groups reach beyond its batch.
+func TestExactlyOnceClaimTakesTheTurnOnlyForGroupsBeyondItsBatch(t *testing.T) {
+	db := setup(t, 2) // two one-message transactions
+	s := newStore(db)
+	sqlDB, err := db.DB()
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := sqlDB.Conn(t.Context()) // another process, in its turn
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	var got int
+	if err := other.QueryRowContext(t.Context(), "SELECT GET_LOCK(?, 0)", mysql.WholeTurnName(s)).Scan(&got); err != nil || got != 1 {
+		t.Fatalf("taking the turn: %d, %v", got, err)
+	}
+	c, err := mysql.ClaimWhole(t.Context(), s, outbox.ClaimOptions{Limit: 10, Lease: time.Minute})
+	if err != nil || len(c.Messages()) != 2 {
+		t.Fatalf("a claim of one-message transactions beside the turn's holder: %v", err)
+	}
+	c.Abandon()
+	if err := db.Transaction(func(tx *gorm.DB) error {
+		return outbox.Enqueue(tx, outbox.Message{Topic: "t", Key: "g", Payload: "1"}, outbox.Message{Topic: "t", Key: "g", Payload: "2"})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	type claimed struct {
+		n   int
+		err error
+	}
+	out := make(chan claimed, 1)
+	go func() {
+		// Limit 3: the two one-message transactions and half of the group.
+		c, err := mysql.ClaimWhole(t.Context(), s, outbox.ClaimOptions{Limit: 3, Lease: time.Minute})
+		if err != nil {
+			out <- claimed{err: err}
+			return
+		}
+		out <- claimed{n: len(c.Messages())}
+		c.Abandon()
+	}()
+	select {
+	case r := <-out:
+		t.Fatalf("a claim whose group reaches beyond its batch claimed %d messages without the turn: %v", r.n, r.err)
+	case <-time.After(500 * time.Millisecond):
+	}
+	if _, err := other.ExecContext(t.Context(), "SELECT RELEASE_LOCK(?)", mysql.WholeTurnName(s)); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-out; r.err != nil || r.n != 4 {
+		t.Fatalf("claimed %d messages once the turn was free, want all 4: %v", r.n, r.err)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"maps"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -464,13 +465,20 @@ func TestExactlyOnceClaimTakesTheTurnOnlyForGroupsBeyondItsBatch(t *testing.T) {
 			}
 		}
 		defer release()
-		claimed := func(opts outbox.ClaimOptions) chan []*outbox.OutboxMessage {
-			out := make(chan []*outbox.OutboxMessage, 1)
-			go func() {
+		// A claim runs beside the test, which waits for its messages or
+		// its error, at most for as long as the claim may take.
+		type claimed struct {
+			msgs []*outbox.OutboxMessage
+			err  error
+		}
+		var running sync.WaitGroup
+		defer running.Wait()
+		claim := func(opts outbox.ClaimOptions) chan claimed {
+			out := make(chan claimed, 1)
+			running.Go(func() {
 				c, err := postgres.ClaimWhole(ctx, s, opts)
 				if err != nil {
-					t.Error(err)
-					close(out)
+					out <- claimed{err: err}
 					return
 				}
 				msgs := c.Messages()
@@ -478,11 +486,8 @@ func TestExactlyOnceClaimTakesTheTurnOnlyForGroupsBeyondItsBatch(t *testing.T) {
 				for i, m := range msgs {
 					ids[i] = m.ID
 				}
-				if err := c.Finish(ids, nil); err != nil {
-					t.Error(err)
-				}
-				out <- msgs
-			}()
+				out <- claimed{msgs, c.Finish(ids, nil)}
+			})
 			return out
 		}
 		for _, p := range []string{"1", "2"} {
@@ -493,11 +498,12 @@ func TestExactlyOnceClaimTakesTheTurnOnlyForGroupsBeyondItsBatch(t *testing.T) {
 			}
 		}
 		select {
-		case got := <-claimed(outbox.ClaimOptions{Limit: 10, Lease: time.Minute}):
-			if len(got) != 2 {
-				t.Fatalf("claimed %d one-message transactions, want 2", len(got))
+		case got := <-claim(outbox.ClaimOptions{Limit: 10, Lease: time.Minute}):
+			if got.err != nil || len(got.msgs) != 2 {
+				t.Fatalf("claimed %d one-message transactions, want 2: %v", len(got.msgs), got.err)
 			}
 		case <-time.After(10 * time.Second):
+			release() // lets the claim end before the test does
 			t.Fatal("a claim of one-message transactions waited for the turn")
 		}
 		if err := db.Transaction(func(tx *gorm.DB) error {
@@ -506,20 +512,16 @@ func TestExactlyOnceClaimTakesTheTurnOnlyForGroupsBeyondItsBatch(t *testing.T) {
 		}); err != nil {
 			t.Fatal(err)
 		}
-		out := claimed(outbox.ClaimOptions{Limit: 2, Lease: time.Minute})
+		out := claim(outbox.ClaimOptions{Limit: 2, Lease: time.Minute})
 		select {
 		case got := <-out:
-			t.Fatalf("a claim whose group reaches beyond its batch claimed %d messages without the turn", len(got))
+			t.Fatalf("a claim whose group reaches beyond its batch claimed %d messages without the turn: %v", len(got.msgs), got.err)
 		case <-time.After(500 * time.Millisecond):
 		}
 		release()
-		select {
-		case got := <-out:
-			if len(got) != 3 {
-				t.Fatalf("claimed %d messages of a three-message transaction, want all", len(got))
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatal("the claim did not end once the turn was free")
+		got := <-out
+		if got.err != nil || len(got.msgs) != 3 {
+			t.Fatalf("claimed %d messages of a three-message transaction, want all: %v", len(got.msgs), got.err)
 		}
 	})
 }

@@ -54,15 +54,17 @@ type HeldClaims struct {
 	holder Holder
 	flying inFlight // rows locked by this process's held claims
 
-	// turnUntil (Unix nanoseconds): until then, exactly-once claims take
-	// the WholeTurn before they lock, as the last claim whose groups
-	// reached beyond its batch found they had to.
+	// turnUntil (nanoseconds since born, a monotonic reading): until
+	// then, exactly-once claims take the WholeTurn before they lock, as
+	// the last claim whose groups reached beyond its batch found they had
+	// to.
 	turnUntil atomic.Int64
+	born      time.Time
 }
 
 // NewHeldClaims returns the held claims of store's table through holder.
 func NewHeldClaims(store *Store, holder Holder) *HeldClaims {
-	return &HeldClaims{store: store, holder: holder}
+	return &HeldClaims{store: store, holder: holder, born: time.Now()}
 }
 
 // HeldClaim is one held claim: a Batch whose results are written in its
@@ -90,7 +92,7 @@ type HeldClaim struct {
 // turn whose groups reach beyond its batch gives its rows back before it
 // locks another and claims again with the turn (errTurnNeeded); one whose
 // groups are whole in its batch (one-message transactions, or groups the
-// walk picked whole) contends with no other claim's groups.
+// walk picked whole) has nothing to complete, so nothing to drop.
 type WholeTurn interface {
 	// TakeWholeTurn takes the turn in the claim's transaction tx (a lock
 	// of its session), and also makes the database end that transaction
@@ -183,7 +185,7 @@ func (h *HeldClaims) Claim(ctx, work context.Context, opts core.ClaimOptions) (*
 // every claim that locked one of them before.
 func (h *HeldClaims) ClaimWhole(ctx, work context.Context, opts core.ClaimOptions, excluded func([]uuid.UUID) (map[uuid.UUID]bool, error)) (*HeldClaim, error) {
 	_, turns := h.holder.(WholeTurn)
-	withTurn := turns && time.Now().UnixNano() < h.turnUntil.Load()
+	withTurn := turns && int64(time.Since(h.born)) < h.turnUntil.Load()
 	c, err := h.claim(ctx, work, opts, true, withTurn, excluded)
 	if errors.Is(err, errTurnNeeded) {
 		return h.claim(ctx, work, opts, true, true, excluded)
@@ -203,7 +205,7 @@ var errTurnNeeded = errors.New("the claim's groups reach beyond its batch: claim
 
 // keepTurn makes the next turnStays of exactly-once claims take the turn.
 func (h *HeldClaims) keepTurn() {
-	h.turnUntil.Store(time.Now().Add(turnStays).UnixNano())
+	h.turnUntil.Store(int64(time.Since(h.born) + turnStays))
 }
 
 // claim is a held claim; whole, of whole transaction groups, taking the
@@ -228,7 +230,7 @@ func (h *HeldClaims) claim(ctx, work context.Context, opts core.ClaimOptions, wh
 		// Outside the walk's turn: the picked rows are in flight already,
 		// so the other workers' walks leave them out. The lock reads what
 		// the walk left out of the rows (see walkKeys): walks take turns,
-		// locks do not.
+		// locks do not, unless they complete groups (WholeTurn).
 		c.locked = len(c.msgs) > 0
 		t, turns := h.holder.(WholeTurn)
 		if whole && turns && withTurn && c.locked {
