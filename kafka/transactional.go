@@ -327,10 +327,10 @@ func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs
 	// A broker refuses a record batch larger than its message.max.bytes
 	// (or the topic's max.message.bytes), which can be below the
 	// producer's Producer.MaxMessageBytes: then every record of the batch
-	// comes back "too large", though none may be. While a partition has
-	// more than one such record, the transaction is aborted and sent again
-	// in halved sends; a record refused alone in its partition is refused
-	// for itself.
+	// comes back "too large", though none may be. While a send has more
+	// than one such record, the transaction is aborted and sent again in
+	// halved sends; a record refused alone in its send is refused for
+	// itself.
 	for chunk := len(batch); ; chunk = (chunk + 1) / 2 {
 		if err := p.producer.BeginTxn(); err != nil {
 			return p.inDoubt("beginning a transaction", err)
@@ -389,15 +389,16 @@ func (p *slotProducer) SendInTransaction(ctx context.Context, token string, msgs
 	return nil
 }
 
-// batchTooLarge reports whether the broker refused a record batch of
-// several records as too large: more than one record of one partition
-// refused so.
+// batchTooLarge reports whether more than one record of a send came back
+// too large: then a record batch of several was refused, and not
+// necessarily for any one record. Counted across partitions: a refused
+// record batch's error can also come back on records of the same send that
+// another partition took.
 func batchTooLarge(errs sarama.ProducerErrors) bool {
-	refused := map[string]int{}
+	refused := 0
 	for _, pe := range errs {
 		if pe.Msg != nil && errors.Is(pe.Err, sarama.ErrMessageSizeTooLarge) {
-			at := fmt.Sprint(pe.Msg.Topic, "/", pe.Msg.Partition)
-			if refused[at]++; refused[at] > 1 {
+			if refused++; refused > 1 {
 				return true
 			}
 		}
