@@ -10,7 +10,6 @@ package kafka_test
 
 import (
 	"fmt"
-
 	"strings"
 	"testing"
 
@@ -30,17 +29,7 @@ import (
 // The transaction must be sent again in smaller record batches: delivered
 // once, no message charged an attempt.
 func TestTransactionalSenderSplitsARecordBatchTheBrokerFindsTooLarge(t *testing.T) {
-	db := outboxtest.Postgres(t, nil)
-	if err := db.Use(outbox.Plugin()); err != nil {
-		t.Fatal(err)
-	}
-	cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(2, "eo"),
-		kfake.BrokerConfigs(map[string]string{"message.max.bytes": "4096"}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cluster.Close)
-	addrs := cluster.ListenAddrs()
+	db, addrs := smallRecordBatches(t)
 	want := events(120, "event-%03d-"+strings.Repeat(uuid.NewString(), 6)) // about 30 KB, 15 KB a partition
 	enqueueInOneTransaction(t, db, "eo", want, 8)
 	pub, err := outbox.NewPublisher(db, newTransactional(t, addrs, "split-"+uuid.NewString()[:8]), outbox.WithBatchSize(40))
@@ -83,17 +72,7 @@ func TestARecordTheBrokerRefusesStaysInTheOutbox(t *testing.T) {
 }
 
 func testARecordTheBrokerRefuses(t *testing.T, sender func(addrs []string) outbox.Sender) {
-	db := outboxtest.Postgres(t, nil)
-	if err := db.Use(outbox.Plugin()); err != nil {
-		t.Fatal(err)
-	}
-	cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(2, "eo"),
-		kfake.BrokerConfigs(map[string]string{"message.max.bytes": "4096"}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cluster.Close)
-	addrs := cluster.ListenAddrs()
+	db, addrs := smallRecordBatches(t)
 	small := events(6, "event-%03d")
 	for i, p := range append(small[:3:3], append([]string{strings.Repeat("x", 8192)}, small[3:]...)...) {
 		if err := db.Transaction(func(tx *gorm.DB) error {
@@ -127,4 +106,22 @@ func describe(rows []outbox.OutboxMessage) string {
 		fmt.Fprintf(&b, "\n%s: %d bytes, %d attempts, %q", m.Key, len(m.Payload), m.Attempts, m.LastError)
 	}
 	return b.String()
+}
+
+// smallRecordBatches is an outbox on PostgreSQL, and a broker whose
+// message.max.bytes (4 KiB) is far below the producer's limit, with a
+// topic "eo" of two partitions.
+func smallRecordBatches(t *testing.T) (*gorm.DB, []string) {
+	t.Helper()
+	db := outboxtest.Postgres(t, nil)
+	if err := db.Use(outbox.Plugin()); err != nil {
+		t.Fatal(err)
+	}
+	cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(2, "eo"),
+		kfake.BrokerConfigs(map[string]string{"message.max.bytes": "4096"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cluster.Close)
+	return db, cluster.ListenAddrs()
 }
