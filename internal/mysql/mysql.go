@@ -121,6 +121,25 @@ func (d *dialect) NotInIDs(string, []uuid.UUID) (string, any) { return "", nil }
 // by hand.
 func (d *dialect) PendingHint() string { return " IGNORE INDEX (PRIMARY)" }
 
+// WalkFrom: where published rows are deleted, the walk reads the clustered
+// index. Along the pending index, InnoDB looks up each entry's row in the
+// clustered index (for the columns the index lacks, and for its version,
+// since the claims' writes keep the queue's front pages recent): a descent
+// per row, deeper as the table grows. With the published rows gone, the
+// clustered index holds few rows that are not pending, the dead ones; the
+// bounds, a descent of the pending index each, keep the walk off those
+// older or newer than every pending row. Where published rows are kept,
+// they lie between the pending rows, and the pending index is read.
+func (d *dialect) WalkFrom(table string, deletesPublished bool) string {
+	pending := " WHERE `state` = 'pending'"
+	if !deletesPublished {
+		return " FROM " + table + d.PendingHint() + pending
+	}
+	ends := " FROM " + table + d.PendingHint() + pending + ")"
+	return " FROM " + table + " FORCE INDEX (PRIMARY)" + pending +
+		" AND `id` BETWEEN (SELECT MIN(`id`)" + ends + " AND (SELECT MAX(`id`)" + ends
+}
+
 // DeleteOld deletes with LIMIT: MySQL cannot read the table it deletes
 // from in a subquery.
 func (d *dialect) DeleteOld(table, _, where string) string {

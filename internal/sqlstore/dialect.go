@@ -18,7 +18,8 @@ import (
 
 // Dialect is one database's part of the store: its SQL fragments, how it
 // takes turns, its transactions, its schema and its server check. A
-// database package may also implement BatchClaimer and Listener.
+// database package may also implement PendingWalker, BatchClaimer and
+// Listener.
 type Dialect interface {
 	// InIDs matches col against ids passed as one argument; NotInIDs
 	// excludes them, or returns "" where the walk is better to read them
@@ -36,7 +37,8 @@ type Dialect interface {
 	// InsertPrefix starts Save's INSERT.
 	InsertPrefix() string
 	// PendingHint follows the table's name in every read of the pending
-	// rows in id order (the claim's walk, Stats' oldest).
+	// rows in id order (the claim's walk unless PendingWalker, Stats'
+	// oldest).
 	PendingHint() string
 	// AddressColumn, if not empty, is read beside each row by the walk: the
 	// row's physical address (Picked.Ref).
@@ -112,6 +114,15 @@ type Batch interface {
 	GiveBack(work context.Context) error
 	// End frees what the claim holds once nothing more is recorded.
 	End()
+}
+
+// PendingWalker is a Dialect whose claims walk the pending rows another way
+// than the pending index: WalkFrom is the walk's FROM and WHERE, which
+// reads the pending rows of table (quoted), for a store that deletes its
+// published rows if deletesPublished. Pick adds its conditions after it
+// and orders by id.
+type PendingWalker interface {
+	WalkFrom(table string, deletesPublished bool) string
 }
 
 // BatchClaimer is a dialect whose publishers claim in a way of their own

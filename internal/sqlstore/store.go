@@ -64,6 +64,9 @@ func New(db *gorm.DB, cfg Config, d Dialect) *Store {
 		walk, keys = append(walk, ref), append(keys, ref)
 	}
 	from := " FROM " + s.QuotedTable() + d.PendingHint() + " WHERE " + s.Quote("state") + " = 'pending'"
+	if w, ok := d.(PendingWalker); ok {
+		from = w.WalkFrom(s.QuotedTable(), cfg.DeletePublished)
+	}
 	s.walk = "SELECT " + strings.Join(walk, ", ") + from
 	s.walkKeys = "SELECT " + strings.Join(keys, ", ") + from
 	ins := make([]string, len(insertColumns))
