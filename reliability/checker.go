@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -18,7 +19,7 @@ import (
 // Report compares what reached Kafka with what the database committed.
 type Report struct {
 	Scenario        string
-	Committed       int // messages in the outbox table: exactly the committed ones
+	Committed       int // committed messages (see committedMessages)
 	Delivered       int // of those, how many reached Kafka at least once
 	Lost            int // committed, not dead, and never delivered
 	Duplicates      int // records beyond the first of each message id
@@ -62,8 +63,8 @@ func (r Report) String() string {
 // table has exactly-once publishers' slots.
 func Check(ctx context.Context, db *gorm.DB, addrs []string, topic string) (Report, error) {
 	rep := Report{Takeovers: -1, PartialGroups: -1}
-	var rows []outbox.OutboxMessage
-	if err := db.WithContext(ctx).Table(outbox.DefaultTableName).Where("topic = ?", topic).Find(&rows).Error; err != nil {
+	rows, err := committedMessages(ctx, db, topic)
+	if err != nil {
 		return rep, err
 	}
 	if slots := outbox.SlotTableName(outbox.DefaultTableName); db.Migrator().HasTable(slots) {
@@ -199,6 +200,78 @@ func Check(ctx context.Context, db *gorm.DB, addrs []string, topic string) (Repo
 		}
 	}
 	return rep, nil
+}
+
+// CommittedTable holds a copy of every committed message, for publishers
+// that delete what they published (KeepCommitted).
+const CommittedTable = "outbox_committed"
+
+// KeepCommitted makes the database copy each message enqueued into
+// CommittedTable, in the enqueuing transaction: the outbox table of
+// publishers that delete what they published no longer shows what
+// committed.
+func KeepCommitted(db *gorm.DB) error {
+	table := outbox.DefaultTableName
+	if db.Dialector.Name() == "postgres" {
+		for _, stmt := range []string{
+			"CREATE TABLE " + CommittedTable + " (LIKE " + table + ")",
+			"CREATE FUNCTION keep_committed() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INTO " + CommittedTable + " SELECT NEW.*; RETURN NULL; END $$",
+			"CREATE TRIGGER keep_committed AFTER INSERT ON " + table + " FOR EACH ROW EXECUTE FUNCTION keep_committed()",
+		} {
+			if err := db.Exec(stmt).Error; err != nil {
+				return fmt.Errorf("%s: %w", stmt, err)
+			}
+		}
+		return nil
+	}
+	types, err := db.Migrator().ColumnTypes(table)
+	if err != nil {
+		return err
+	}
+	var cols, values []string
+	for _, c := range types {
+		cols, values = append(cols, "`"+c.Name()+"`"), append(values, "NEW.`"+c.Name()+"`")
+	}
+	for _, stmt := range []string{
+		"CREATE TABLE " + CommittedTable + " LIKE " + table,
+		"CREATE TRIGGER keep_committed AFTER INSERT ON " + table + " FOR EACH ROW INSERT INTO " + CommittedTable +
+			" (" + strings.Join(cols, ", ") + ") VALUES (" + strings.Join(values, ", ") + ")",
+	} {
+		if err := db.Exec(stmt).Error; err != nil {
+			return fmt.Errorf("%s: %w", stmt, err)
+		}
+	}
+	return nil
+}
+
+// committedMessages are topic's committed messages as they stand: the
+// outbox table's, or, where KeepCommitted copied them, the copies, with
+// the state of the rows still in the outbox table, and published for
+// those no longer in it.
+func committedMessages(ctx context.Context, db *gorm.DB, topic string) ([]outbox.OutboxMessage, error) {
+	var current []outbox.OutboxMessage
+	if err := db.WithContext(ctx).Table(outbox.DefaultTableName).Where("topic = ?", topic).Find(&current).Error; err != nil {
+		return nil, err
+	}
+	if !db.Migrator().HasTable(CommittedTable) {
+		return current, nil
+	}
+	var rows []outbox.OutboxMessage
+	if err := db.WithContext(ctx).Table(CommittedTable).Where("topic = ?", topic).Find(&rows).Error; err != nil {
+		return nil, err
+	}
+	now := make(map[string]outbox.OutboxMessage, len(current))
+	for _, m := range current {
+		now[m.ID.String()] = m
+	}
+	for i, m := range rows {
+		if c, ok := now[m.ID.String()]; ok {
+			rows[i] = c
+		} else {
+			rows[i].State = outbox.StatePublished
+		}
+	}
+	return rows, nil
 }
 
 // readCommitted reads topic from the start, as a consumer with

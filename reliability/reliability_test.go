@@ -79,7 +79,11 @@ func publisherProcess() int {
 		log.Error("open", "error", err)
 		return 2
 	}
-	if err := db.Use(outbox.Plugin(outbox.WithoutMigration())); err != nil {
+	opts := []outbox.PluginOption{outbox.WithoutMigration()}
+	if os.Getenv("OUTBOX_REL_DELETE") == "1" {
+		opts = append(opts, outbox.WithDeleteOnPublish())
+	}
+	if err := db.Use(outbox.Plugin(opts...)); err != nil {
 		log.Error("plugin", "error", err)
 		return 2
 	}
@@ -329,6 +333,9 @@ type scenario struct {
 	// brokerLatency delays each chunk through the broker's proxy, either
 	// way, while the faults run.
 	brokerLatency time.Duration
+	// deletes runs the publishers WithDeleteOnPublish; the check reads the
+	// committed events from the copy KeepCommitted makes of each.
+	deletes bool
 }
 
 // claimHolders are the pids of the publisher processes that hold a slot
@@ -367,6 +374,10 @@ func TestReliability(t *testing.T) {
 		{name: "postgres-restart", dialects: postgresOnly, publishers: 2, workers: 2, batch: 50, dbRestart: true},
 		{name: "poison", publishers: 2, workers: 2, batch: 50, poison: true},
 		{name: "late-commit", publishers: 2, workers: 2, batch: 50, lateCommit: true},
+		// Published rows deleted: on MariaDB the claims walk the primary
+		// key, past the dead messages the poison leaves among the pending.
+		{name: "delete-on-publish-kill-loop", publishers: 3, workers: 2, batch: 20, killEvery: 300 * time.Millisecond,
+			poison: true, deletes: true},
 		// The events' INSERTs sent with the COMMITs: a commit that fails
 		// (the restart) must take its events with it.
 		{name: "pipelined-enqueuers", dialects: postgresOnly, publishers: 2, workers: 2, batch: 50, pipelined: true},
@@ -469,6 +480,11 @@ func run(t *testing.T, sc scenario) {
 	if err := db.Use(outbox.Plugin()); err != nil {
 		t.Fatal(err)
 	}
+	if sc.deletes {
+		if err := KeepCommitted(db); err != nil {
+			t.Fatal(err)
+		}
+	}
 	writers := db
 	if sc.pipelined {
 		var err error
@@ -505,6 +521,9 @@ func run(t *testing.T, sc scenario) {
 	}}
 	if sc.lease > 0 {
 		f.env = append(f.env, "OUTBOX_REL_LEASE_MS="+strconv.FormatInt(sc.lease.Milliseconds(), 10))
+	}
+	if sc.deletes {
+		f.env = append(f.env, "OUTBOX_REL_DELETE=1")
 	}
 	if sc.exactlyOnce {
 		// A slot per worker and two more: a restarted process finds one
@@ -658,6 +677,13 @@ func run(t *testing.T, sc scenario) {
 	}
 	if sc.poison && poison == 0 {
 		t.Error("the poison scenario wrote no poison message")
+	}
+	if sc.deletes {
+		var kept int64
+		db.Table(outbox.DefaultTableName).Where("state <> ?", outbox.StateDead).Count(&kept)
+		if kept != 0 || rep.Delivered == 0 {
+			t.Errorf("the publishers that delete what they published left %d rows that are not dead, and delivered %d", kept, rep.Delivered)
+		}
 	}
 	if sc.outage {
 		var charged int64
