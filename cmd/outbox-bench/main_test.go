@@ -70,7 +70,8 @@ func TestBenchmarkRunsEveryPart(t *testing.T) {
 	expect(run("-only", "mariadb", "-mariadb-dsn", mariadbDSN, "-mariadb-n", "2000", "-rounds", "1", "-mariadb-depths", "1000,2000", "-markdown", markdown),
 		"5. MariaDB ", "innodb_buffer_pool_size", "MariaDB alone, delete, 4 workers:", "simplest relay, keep, 4 workers:",
 		"publisher, delete, 2 workers:", "publisher, keep, 4 workers:", "× the simplest relay (target: at least 0.7×)", "× MariaDB alone (target: at least 0.6×)",
-		"1000 pending (the base, medians of 5): publisher ", "; simplest relay ", "2000 pending: publisher ", "% of its 1k rate, ", "µs CPU/msg, ", "% of its 1k's (", "in this process); MariaDB alone ",
+		"1000 pending (the base, medians of 5): publisher ", "; simplest relay ", "2000 pending: publisher ", "% of its 1k rate, ", "µs CPU/msg, ", "% of its 1k's (", "in this process), history list ", "; MariaDB alone ",
+		"history list ", " at its end", "the publisher at ", "× MariaDB alone's rate at this depth",
 		"(target for the publisher: at least 80% of its rate)")
 	expect(readFile(t, markdown),
 		"| MariaDB drain, 2k pending | server | ", "| MariaDB drain, 2k pending | publisher, delete, 4 workers, ratios | ",

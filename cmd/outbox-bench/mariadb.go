@@ -197,7 +197,10 @@ func mariadbScaling(ctx context.Context, deleting, keep *gorm.DB, addrs []string
 	// Beside each rate, the machine's CPU a message over the whole drain
 	// (the server's included, its purge and page flushing too) and, of
 	// it, this process's: on a machine whose cores are all busy, a deep
-	// drain is slower by what it costs more.
+	// drain is slower by what it costs more. And InnoDB's history list as
+	// the drain ends: the transactions whose deleted rows the server has
+	// yet to purge, work a short drain leaves for after its end and a long
+	// one does as it goes.
 	base, baseCPU := make([]float64, len(lines)), make([]float64, len(lines))
 	for i, depth := range s.mariadbDepths {
 		runs := 1
@@ -205,7 +208,7 @@ func mariadbScaling(ctx context.Context, deleting, keep *gorm.DB, addrs []string
 			runs = baseRuns
 		}
 		rates := make([][]float64, len(lines))
-		machine, process := make([][]float64, len(lines)), make([][]float64, len(lines))
+		machine, process, unpurged := make([][]float64, len(lines)), make([][]float64, len(lines)), make([][]float64, len(lines))
 		for range runs {
 			for l, ln := range lines {
 				if err := fillMariaDB(keep, depth, s.keys, payload); err != nil {
@@ -215,6 +218,11 @@ func mariadbScaling(ctx context.Context, deleting, keep *gorm.DB, addrs []string
 				if err != nil {
 					return fmt.Errorf("%s, %d pending: %w", ln.name, depth, err)
 				}
+				var history float64
+				if err := keep.Raw("SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'INNODB_HISTORY_LIST_LENGTH'").Scan(&history).Error; err != nil {
+					return err
+				}
+				unpurged[l] = append(unpurged[l], history)
 				rates[l] = append(rates[l], rate)
 				machine[l] = append(machine[l], us(cpu.machine)/float64(depth))
 				process[l] = append(process[l], us(cpu.process)/float64(depth))
@@ -225,26 +233,31 @@ func mariadbScaling(ctx context.Context, deleting, keep *gorm.DB, addrs []string
 		}
 		var parts []string
 		for l, ln := range lines {
-			rate, cpu, here := median(rates[l]), median(machine[l]), median(process[l])
+			rate, cpu, here, history := median(rates[l]), median(machine[l]), median(process[l]), median(unpurged[l])
 			if i == 0 {
 				base[l], baseCPU[l] = rate, cpu
-				parts = append(parts, fmt.Sprintf("%s %.0f msg/s, %.1f µs CPU/msg (%.1f in this process)", ln.name, rate, cpu, here))
+				parts = append(parts, fmt.Sprintf("%s %.0f msg/s, %.1f µs CPU/msg (%.1f in this process), history list %.0f at its end",
+					ln.name, rate, cpu, here, history))
 				continue
 			}
-			parts = append(parts, fmt.Sprintf("%s %.0f msg/s, %.0f%% of its %s rate, %.1f µs CPU/msg, %.0f%% of its %s's (%.1f in this process)",
-				ln.name, rate, 100*rate/base[l], baseName, cpu, 100*cpu/baseCPU[l], baseName, here))
+			parts = append(parts, fmt.Sprintf("%s %.0f msg/s, %.0f%% of its %s rate, %.1f µs CPU/msg, %.0f%% of its %s's (%.1f in this process), history list %.0f at its end",
+				ln.name, rate, 100*rate/base[l], baseName, cpu, 100*cpu/baseCPU[l], baseName, here, history))
+		}
+		if i > 0 {
+			parts = append(parts, fmt.Sprintf("the publisher at %.2f× MariaDB alone's rate at this depth", median(rates[0])/median(rates[len(lines)-1])))
 		}
 		if i == 0 {
 			fmt.Printf("   delete, %d workers, %7d pending (the base, medians of %d): %s\n", s.workers, depth, runs, strings.Join(parts, "; "))
 			record("MariaDB scaling", baseName+" pending (the base)",
 				fmt.Sprintf("steady drain rates (the publisher's from its first send to its last acknowledgement), medians of %d; "+
-					"the machine's CPU a message over each whole drain, the server's included, and of it this process's (the Go side and the in-process broker)", runs),
+					"the machine's CPU a message over each whole drain, the server's included, and of it this process's (the Go side and the in-process broker); "+
+					"InnoDB's history list as the drain ends (transactions whose deleted rows the server has yet to purge, after the drain)", runs),
 				"%s", strings.Join(parts, "; "))
 			continue
 		}
 		fmt.Printf("   delete, %d workers, %7d pending: %s (target for the publisher: at least 80%% of its rate)\n", s.workers, depth, strings.Join(parts, "; "))
 		record("MariaDB scaling", count(depth)+" pending",
-			"each drain's rate and CPU a message beside its own base's (target for the publisher's rate: at least 80%)", "%s", strings.Join(parts, "; "))
+			"each drain's rate and CPU a message beside its own base's (target for the publisher's rate: at least 80%), its history list as it ends; then the publisher's rate against MariaDB alone's at this depth", "%s", strings.Join(parts, "; "))
 	}
 	return nil
 }
