@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -854,6 +855,7 @@ func (e *SlotError) Unwrap() error { return e.Err }
 func (p *Publisher) sweepSlots(ctx context.Context) {
 	ticker := time.NewTicker(p.cfg.lease)
 	defer ticker.Stop()
+	var reported []string // the stranded slots last logged: said again only when they change
 	for {
 		select {
 		case <-ctx.Done():
@@ -865,10 +867,15 @@ func (p *Publisher) sweepSlots(ctx context.Context) {
 		}
 		var stranded []string
 		err := p.txn.db.WithContext(ctx).Table(p.txn.table).Where("pending IS NOT NULL AND lease_until < ? AND transactional_id NOT IN ?", time.Now().UTC(), p.txn.slotIDs()).
-			Pluck("transactional_id", &stranded).Error
-		if err == nil && len(stranded) > 0 {
-			p.cfg.logger.Error("outbox: slots that are not this publisher's (another transactional id, or more slots than WithSlots) hold a batch in flight; "+
-				"its messages, and the later messages of their keys, wait until a publisher with those slots settles them", "transactional_ids", stranded)
+			Order("transactional_id").Pluck("transactional_id", &stranded).Error
+		if err == nil && !slices.Equal(stranded, reported) {
+			if len(stranded) > 0 {
+				p.cfg.logger.Error("outbox: slots that are not this publisher's (another transactional id, or more slots than WithSlots) hold a batch in flight; "+
+					"its messages, and the later messages of their keys, wait until a publisher with those slots settles them", "transactional_ids", stranded)
+			} else {
+				p.cfg.logger.Info("outbox: no slot that is not this publisher's holds a batch in flight any more")
+			}
+			reported = stranded
 		}
 		var stale int64
 		err = p.txn.db.WithContext(ctx).Table(p.txn.table).Where("pending IS NOT NULL AND lease_until < ? AND transactional_id IN ?", time.Now().UTC(), p.txn.slotIDs()).Count(&stale).Error

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -774,6 +775,50 @@ func TestExactlyOnceKeepsKeyOrderBehindAMessageInFlight(t *testing.T) {
 		}
 		if byKey["k1"] != "ab" {
 			t.Errorf("k1 delivered %q, want ab", byKey["k1"])
+		}
+	})
+}
+
+// A slot of another transactional id left with a batch in flight is a
+// stuck state that needs someone, so the sweeper logs it at error level;
+// once, not at every lease, until the stranded slots change.
+func TestExactlyOnceLogsASlotStrandedByAnotherPublisherOnce(t *testing.T) {
+	eachDB(t, func(t *testing.T, db *gorm.DB) {
+		_, addrs := outboxtest.Kafka(t, 1, "eo")
+		var logs syncBuffer
+		pub, err := outbox.NewPublisher(db, transactionalSender(t, addrs, "eo-"+uuid.NewString()[:8], kafka.WithSlots(1)),
+			outbox.WithWorkers(1), outbox.WithLease(100*time.Millisecond),
+			outbox.WithLogger(slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelError}))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := pub.Start(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = pub.Stop(t.Context()) }()
+		slots := outbox.SlotTableName(outbox.DefaultTableName)
+		for deadline := time.Now().Add(10 * time.Second); !db.Migrator().HasTable(slots); time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("the publisher created no slots table")
+			}
+		}
+		past := time.Now().Add(-time.Hour).UTC()
+		err = db.Table(slots).Create(map[string]any{"transactional_id": "another-0", "lease_until": past, "pending": uuid.NewString(), "updated_at": past}).Error
+		if err != nil {
+			t.Fatal(err)
+		}
+		const stranded = "slots that are not this publisher's"
+		for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs.String(), stranded); time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("no error about the stranded slot in 10 s; logged: %s", logs.String())
+			}
+		}
+		time.Sleep(time.Second) // ten leases
+		if err := pub.Stop(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		if n := strings.Count(logs.String(), stranded); n != 1 {
+			t.Fatalf("the stranded slot was logged %d times, want once:\n%s", n, logs.String())
 		}
 	})
 }
