@@ -680,7 +680,9 @@ func run(t *testing.T, sc scenario) {
 	}
 	if sc.deletes {
 		var kept int64
-		db.Table(outbox.DefaultTableName).Where("state <> ?", outbox.StateDead).Count(&kept)
+		if err := db.Table(outbox.DefaultTableName).Where("state <> ?", outbox.StateDead).Count(&kept).Error; err != nil {
+			t.Fatal(err)
+		}
 		if kept != 0 || rep.Delivered == 0 {
 			t.Errorf("the publishers that delete what they published left %d rows that are not dead, and delivered %d", kept, rep.Delivered)
 		}

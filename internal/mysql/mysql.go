@@ -98,6 +98,8 @@ type dialect struct {
 	// database is the connection's database, which names the named locks
 	// (lockName); read once.
 	database atomic.Pointer[string]
+	// mariadb: CheckServer found MariaDB (see FirstWalkFrom).
+	mariadb atomic.Bool
 }
 
 // readCommitted are the options of the claim's transaction and of the one
@@ -121,20 +123,22 @@ func (d *dialect) NotInIDs(string, []uuid.UUID) (string, any) { return "", nil }
 // by hand.
 func (d *dialect) PendingHint() string { return " IGNORE INDEX (PRIMARY)" }
 
-// WalkFrom: where published rows are deleted, the walk reads the clustered
-// index. Along the pending index, InnoDB looks up each entry's row in the
-// clustered index (for the columns the index lacks, and for its version,
-// since the claims' writes keep the queue's front pages recent): a descent
-// per row, deeper as the table grows. With the published rows gone, the
-// clustered index holds few rows that are not pending, the dead ones; the
-// bounds, a descent of the pending index each, keep the walk off those
-// older or newer than every pending row. Where published rows are kept,
-// they lie between the pending rows, and the pending index is read.
-func (d *dialect) WalkFrom(table string, deletesPublished bool) string {
-	pending := " WHERE `state` = 'pending'"
-	if !deletesPublished {
-		return " FROM " + table + d.PendingHint() + pending
+// FirstWalkFrom: on MariaDB, where published rows are deleted, a walk
+// begins on the clustered index. Along the pending index, InnoDB looks up
+// each entry's row in the clustered index (for the columns the index
+// lacks, and for its version, since the claims' writes keep the queue's
+// front pages recent): a descent per row, deeper as the table grows. With
+// the published rows gone, the clustered index holds few rows that are not
+// pending, the dead ones; the bounds, a descent of the pending index each,
+// keep the walk off those older or newer than every pending row. Where
+// published rows are kept, they lie between the pending rows. MySQL's use
+// of the bounds is untested, and without them each walk would read every
+// dead row: it keeps the pending index.
+func (d *dialect) FirstWalkFrom(table string, deletesPublished bool) string {
+	if !deletesPublished || !d.mariadb.Load() {
+		return ""
 	}
+	pending := " WHERE `state` = 'pending'"
 	ends := " FROM " + table + d.PendingHint() + pending + ")"
 	return " FROM " + table + " FORCE INDEX (PRIMARY)" + pending +
 		" AND `id` BETWEEN (SELECT MIN(`id`)" + ends + " AND (SELECT MAX(`id`)" + ends
@@ -241,7 +245,8 @@ func migrationLockName(table string) string {
 // before 10.6.
 //
 // It also refuses a table whose id column is MariaDB's UUID type on a
-// MariaDB that stores UUIDv7 values byte-swapped (see swapsUUIDv7).
+// MariaDB that stores UUIDv7 values byte-swapped (see swapsUUIDv7), and
+// notes whether the server is MariaDB (see FirstWalkFrom).
 func (d *dialect) CheckServer(_ context.Context, db *gorm.DB) error {
 	var v string
 	if err := db.Raw("SELECT VERSION()").Scan(&v).Error; err != nil {
@@ -250,6 +255,7 @@ func (d *dialect) CheckServer(_ context.Context, db *gorm.DB) error {
 	if err := CheckVersion(v); err != nil {
 		return err
 	}
+	d.mariadb.Store(strings.Contains(strings.ToLower(v), "mariadb"))
 	if !swapsUUIDv7(v) {
 		return nil
 	}

@@ -303,6 +303,7 @@ func (s *Store) Pick(read WalkReader, whole bool, now time.Time, opts core.Claim
 	var skip map[uuid.UUID]bool // rows in flight that the SQL does not leave out
 	walked := 0
 	defer func() { s.lastWalk.Store(int64(walked)) }()
+	first := s.firstWalk(whole)
 	for window := s.claimWindow(opts.Limit); ; window *= 2 {
 		query, args := s.walkKeys, make([]any, 0, len(walkIfDue)+2)
 		if whole {
@@ -310,6 +311,9 @@ func (s *Store) Pick(read WalkReader, whole bool, now time.Time, opts core.Claim
 			for range walkIfDue {
 				args = append(args, now)
 			}
+		}
+		if after == nil && first != "" {
+			query = first
 		}
 		if len(inFlight) > 0 && skip == nil {
 			if notIn, arg := s.dialect.NotInIDs(q("id"), inFlight); notIn != "" {
@@ -369,6 +373,25 @@ func (s *Store) Pick(read WalkReader, whole bool, now time.Time, opts core.Claim
 // out in SQL; past it, they are read and skipped in Go.
 const maxSkippedKeys = 1000
 
+// firstWalk is the walk's first read where the dialect has one of its own
+// (PendingWalker), or "". The reads after it, which can leave busy keys
+// out in SQL (see Pick), stay on the pending index.
+func (s *Store) firstWalk(whole bool) string {
+	w, ok := s.dialect.(PendingWalker)
+	if !ok {
+		return ""
+	}
+	from := w.FirstWalkFrom(s.QuotedTable(), s.cfg.DeletePublished)
+	switch {
+	case from == "":
+		return ""
+	case whole:
+		return s.walkSelect + from
+	default:
+		return s.walkKeysSelect + from
+	}
+}
+
 // WalkSQL is the walk's first read of up to limit rows, as a claim runs
 // it: whole, or of keys only.
 func (s *Store) WalkSQL(whole bool, limit int) (string, []any) {
@@ -379,6 +402,9 @@ func (s *Store) WalkSQL(whole bool, limit int) (string, []any) {
 		for range walkIfDue {
 			args = append(args, now)
 		}
+	}
+	if first := s.firstWalk(whole); first != "" {
+		query = first
 	}
 	return query + " ORDER BY " + s.Quote("id") + " LIMIT ?", append(args, limit)
 }

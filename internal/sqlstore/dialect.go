@@ -37,8 +37,8 @@ type Dialect interface {
 	// InsertPrefix starts Save's INSERT.
 	InsertPrefix() string
 	// PendingHint follows the table's name in every read of the pending
-	// rows in id order (the claim's walk unless PendingWalker, Stats'
-	// oldest).
+	// rows in id order (the claim's walk, unless PendingWalker says
+	// otherwise, and Stats' oldest).
 	PendingHint() string
 	// AddressColumn, if not empty, is read beside each row by the walk: the
 	// row's physical address (Picked.Ref).
@@ -116,13 +116,13 @@ type Batch interface {
 	End()
 }
 
-// PendingWalker is a Dialect whose claims walk the pending rows another way
-// than the pending index: WalkFrom is the walk's FROM and WHERE, which
-// reads the pending rows of table (quoted), for a store that deletes its
-// published rows if deletesPublished. Pick adds its conditions after it
-// and orders by id.
+// PendingWalker is a Dialect whose walks may begin another way than along
+// the pending index: FirstWalkFrom returns the FROM and WHERE of a walk's
+// first read of the pending rows of table (quoted), for a store that
+// deletes its published rows if deletesPublished, or "" for the pending
+// index. Pick adds its conditions after it and orders by id.
 type PendingWalker interface {
-	WalkFrom(table string, deletesPublished bool) string
+	FirstWalkFrom(table string, deletesPublished bool) string
 }
 
 // BatchClaimer is a dialect whose publishers claim in a way of their own

@@ -30,12 +30,14 @@ type Store struct {
 	cfg     Config
 	dialect Dialect
 	columns string // every column, quoted, in readMessages' order
-	walk    string // the claim's read of the pending rows (see Pick)
-	// walkKeys is a walk that reads no row whole, only what Pick needs.
-	walkKeys string
-	insert   string // Save's INSERT up to VALUES
-	single   string // Save's whole INSERT of one message, the common case
-	grouped  string // Save's INSERT up to VALUES, with tx_group
+	// walk is the claim's read of the pending rows (see Pick), walkKeys a
+	// walk that reads no row whole, only what Pick needs; each from the
+	// pending index, after its SELECT part (walkSelect, walkKeysSelect).
+	walk, walkKeys             string
+	walkSelect, walkKeysSelect string
+	insert                     string // Save's INSERT up to VALUES
+	single                     string // Save's whole INSERT of one message, the common case
+	grouped                    string // Save's INSERT up to VALUES, with tx_group
 	// lastWalk is how many pending rows the last claim read to find its
 	// messages (see claimWindow).
 	lastWalk atomic.Int64
@@ -64,11 +66,8 @@ func New(db *gorm.DB, cfg Config, d Dialect) *Store {
 		walk, keys = append(walk, ref), append(keys, ref)
 	}
 	from := " FROM " + s.QuotedTable() + d.PendingHint() + " WHERE " + s.Quote("state") + " = 'pending'"
-	if w, ok := d.(PendingWalker); ok {
-		from = w.WalkFrom(s.QuotedTable(), cfg.DeletePublished)
-	}
-	s.walk = "SELECT " + strings.Join(walk, ", ") + from
-	s.walkKeys = "SELECT " + strings.Join(keys, ", ") + from
+	s.walkSelect, s.walkKeysSelect = "SELECT "+strings.Join(walk, ", "), "SELECT "+strings.Join(keys, ", ")
+	s.walk, s.walkKeys = s.walkSelect+from, s.walkKeysSelect+from
 	ins := make([]string, len(insertColumns))
 	for i, c := range insertColumns {
 		ins[i] = s.Quote(c)
