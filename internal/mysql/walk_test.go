@@ -52,10 +52,10 @@ func claimedIDs(t *testing.T, s *sqlstore.Store, limit int) []uuid.UUID {
 }
 
 // A publisher that deletes what it published begins its walks on the
-// primary key (see FirstWalkFrom); it must pick what the walk of the pending index picks: the due
-// messages of keys that hold nothing, past dead messages older than the
-// queue and between its rows, and behind a key whose oldest message waits
-// for its retry.
+// primary key (see FirstWalkFrom); it must pick what the walk of the
+// pending index picks: the due messages of keys that hold nothing, past
+// dead messages older than the queue and between its rows, and behind a
+// key whose oldest message waits for its retry.
 func TestADeletingPublishersWalkPicksWhatThePendingIndexWalkPicks(t *testing.T) {
 	db := setup(t, 0)
 	ids := queue(t, db, 40, "a", "b", "c", "d")
